@@ -1,0 +1,142 @@
+"""Caption metrics exactly as pycocoevalcap computes them, without its offline-fatal SPICE set-up.
+
+``COCOEvalCap.evaluate()`` builds ``Spice()`` in its scorer list, whose constructor downloads Stanford
+CoreNLP 3.6.0; offline that raises and the whole evaluation is lost. Here the same steps run directly:
+PTB tokenization (Java, CoreNLP 3.4.1 shipped in the wheel), then Bleu(4), Meteor, Rouge and Cider on the
+tokenized text. SPICE runs only when the user gives a folder with ``stanford-corenlp-3.6.0.jar`` and
+``stanford-corenlp-3.6.0-models.jar``; otherwise it is reported as ``None`` with one logged reason.
+
+All values are fractions as pycocoevalcap returns them (CIDEr may exceed 1); papers print them x100.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+METRIC_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
+
+
+def ptb_tokenize(captions: Mapping[object, List[str]]) -> Dict[object, List[str]]:
+    """PTB-tokenize ``{id: [caption, ...]}`` (lower-cased, punctuation removed) with pycocoevalcap's tokenizer."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
+
+
+def spice_unavailable_reason(spice_jars: Optional[os.PathLike | str]) -> Optional[str]:
+    """Why SPICE cannot run with ``spice_jars`` (``None`` when it can)."""
+    if not spice_jars:
+        return ("SPICE needs Stanford CoreNLP 3.6.0, which pycocoevalcap downloads at first use (not possible "
+                "offline); pass --spice-jars DIR holding " + " and ".join(CORENLP_JARS))
+    folder = Path(spice_jars)
+    missing = [j for j in CORENLP_JARS if not (folder / j).is_file()]
+    if missing:
+        return f"--spice-jars {folder}: missing {', '.join(missing)}"
+    if shutil.which("java") is None:
+        return "SPICE needs java on PATH"
+    return None
+
+
+def _spice_layout(spice_jars: Path, where: Path) -> Path:
+    """Lay out spice-1.0.jar + lib/ (the wheel's jars and the user's CoreNLP jars) under ``where``.
+
+    spice-1.0.jar finds its dependencies through its manifest's relative ``lib/`` class path, so symlinks in
+    a private folder give it a complete class path without writing into the installed package.
+    """
+    import pycocoevalcap
+
+    pkg_spice = Path(list(pycocoevalcap.__path__)[0]) / "spice"
+    (where / "lib").mkdir(parents=True)
+    (where / "spice-1.0.jar").symlink_to(pkg_spice / "spice-1.0.jar")
+    for jar in (pkg_spice / "lib").glob("*.jar"):
+        (where / "lib" / jar.name).symlink_to(jar)
+    for name in CORENLP_JARS:
+        (where / "lib" / name).symlink_to((spice_jars / name).resolve())
+    return where / "spice-1.0.jar"
+
+
+def spice_score(gts: Mapping[object, List[str]], res: Mapping[object, List[str]], spice_jars: os.PathLike | str) -> float:
+    """SPICE as ``pycocoevalcap.spice.Spice.compute_score`` computes it (mean of per-sample F; NaN propagates).
+
+    ``gts``/``res`` are PTB-tokenized ``{id: [str]}``. The ``-cache`` option is left out: its LMDB cache is
+    known to fail on Java > 8 and does not change scores.
+    """
+    ids = sorted(gts.keys())
+    data = [{"image_id": i, "test": res[i][0], "refs": gts[i]} for i in ids]
+    with tempfile.TemporaryDirectory(prefix="spice_") as tmp:
+        tmp = Path(tmp)
+        jar = _spice_layout(Path(spice_jars), tmp / "spice")
+        in_file, out_file = tmp / "in.json", tmp / "out.json"
+        in_file.write_text(json.dumps(data))
+        cmd = ["java", "-jar", "-Xmx8G", str(jar), str(in_file), "-out", str(out_file), "-subset", "-silent"]
+        subprocess.run(cmd, check=True, cwd=jar.parent)
+        results = json.loads(out_file.read_text())
+
+    def as_float(v):
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return np.nan
+
+    return float(np.mean(np.array([as_float(item["scores"]["All"]["f"]) for item in results])))
+
+
+def score_captions(references: Mapping[object, List[str]], predictions: Mapping[object, str],
+                   spice_jars: Optional[os.PathLike | str] = None) -> Tuple[Dict[str, Optional[float]], Optional[str]]:
+    """Score ``predictions`` ``{id: caption}`` against ``references`` ``{id: [caption, ...]}``.
+
+    Both must cover the same ids (as COCOEvalCap requires). Returns ``(metrics, spice_note)``: metrics has
+    exactly :data:`METRIC_KEYS` (fractions; ``SPICE`` ``None`` when it cannot run) and ``spice_note`` says
+    why SPICE is missing (``None`` when it ran).
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    if set(references) != set(predictions):
+        missing = sorted(set(references) - set(predictions), key=str)[:5]
+        extra = sorted(set(predictions) - set(references), key=str)[:5]
+        raise ValueError(f"predictions and references cover different ids (missing e.g. {missing}, extra e.g. {extra})")
+    if not references:
+        raise ValueError("nothing to score: no predictions")
+    gts = ptb_tokenize(references)
+    res = ptb_tokenize({k: [v] for k, v in predictions.items()})
+
+    metrics: Dict[str, Optional[float]] = {}
+    bleu, _ = Bleu(4).compute_score(gts, res)
+    for n, value in enumerate(bleu, start=1):
+        metrics[f"Bleu_{n}"] = float(value)
+    for name, scorer in (("METEOR", Meteor), ("ROUGE_L", Rouge), ("CIDEr", Cider)):
+        value, _ = scorer().compute_score(gts, res)
+        metrics[name] = float(value)
+
+    note = spice_unavailable_reason(spice_jars)
+    if note is None:
+        try:
+            metrics["SPICE"] = spice_score(gts, res, spice_jars)
+        except (subprocess.CalledProcessError, OSError, ValueError, KeyError) as exc:
+            note = f"SPICE failed: {exc}"
+    if note is not None:
+        metrics["SPICE"] = None
+        logger.warning("SPICE: null (%s)", note)
+    return {k: metrics[k] for k in METRIC_KEYS}, note
+
+
+def format_metrics_table(metrics: Mapping[str, Optional[float]]) -> str:
+    """The x100 table papers print, one metric per column (``-`` for a metric that could not run)."""
+    header = " | ".join(f"{k:>7}" for k in METRIC_KEYS)
+    values = " | ".join(f"{'-' if metrics.get(k) is None else f'{100 * metrics[k]:.1f}':>7}" for k in METRIC_KEYS)
+    return f"{header}\n{values}\n"
