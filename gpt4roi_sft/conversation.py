@@ -1,0 +1,234 @@
+"""Conversation templates, prompt rendering, and tokenization with the training label mask.
+
+A conversation is the record's list of ``{"from": "human"|"gpt", "value": str}`` messages. Each template
+renders it to one string made of *segments*, each marked trained or not; the string is tokenized once and
+each token takes its label from the characters it covers (via the tokenizer's offset mapping). Tokenizing
+turns one by one and adding up their lengths is what puts LLaVA-style masks off by one at turn boundaries
+(a BOS per piece, separators that merge with their neighbours in context); mapping character spans of the
+whole text cannot drift.
+
+Templates:
+
+- ``gpt4roi_v0``: GPT4RoI's training format (``conv_v1_2`` system, ``_add_speaker_and_signal``):
+  ``{system}\\n\\n### Human: {x}\\n### Assistant: {y}\\n ... ### ``. As in GPT4RoI the whole assistant
+  turn is trained, its ``### Assistant:`` header included, and so is the ``###`` that follows it (the
+  start of the next human turn, or the closing ``### ``), which is what teaches the model to stop.
+  Unlike GPT4RoI the first human turn's ``###`` (right after the system text) is not trained: it follows
+  text the model never generates.
+- ``vicuna_v1``: LLaVA's ``conv_vicuna_v1``: ``{system} USER: {x} ASSISTANT: {y}</s>USER: ...``;
+  the answer and its ``</s>`` are trained.
+- ``chat_template``: the tokenizer's own Jinja chat template. Each assistant message's trained span is the
+  text between the prefix rendered with ``add_generation_prompt=True`` and the prefix that includes the
+  message (so whatever the template appends to an answer, e.g. an end-of-turn token, is trained too).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+from gpt4roi_sft.constants import IGNORE_INDEX
+from gpt4roi_sft.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+GPT4ROI_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+TEMPLATES = ("gpt4roi_v0", "vicuna_v1", "chat_template")
+ROLES = ("human", "gpt")
+
+# (text, trained) pieces whose concatenation is the rendered conversation.
+Segments = List[Tuple[str, bool]]
+
+
+@dataclass
+class TokenizedConversation:
+    """Token ids and labels of one conversation.
+
+    ``labels[t]`` is ``input_ids[t]`` where the loss is taken and ``IGNORE_INDEX`` elsewhere (labels are
+    not shifted; the model shifts). ``num_dropped_turns`` counts the trailing messages (human and gpt
+    each count one, so it is always even) removed to fit ``max_length``.
+    """
+
+    input_ids: List[int]
+    labels: List[int]
+    num_dropped_turns: int = 0
+
+
+def _check_template(template: str) -> None:
+    if template not in TEMPLATES:
+        raise ConfigError(f"unknown conversation template {template!r}; choose one of {', '.join(TEMPLATES)}")
+
+
+def validate_messages(messages: Sequence[dict], where: str = "conversations", require_answer: bool = True) -> None:
+    """Check that messages alternate human/gpt starting with human (and end with gpt if ``require_answer``)."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise DataError(f"{where}: must be a non-empty list of messages")
+    for k, msg in enumerate(messages):
+        if not isinstance(msg, dict) or "from" not in msg or "value" not in msg:
+            raise DataError(f"{where}[{k}]: each message needs 'from' and 'value'")
+        if not isinstance(msg["value"], str):
+            raise DataError(f"{where}[{k}].value: must be a string, got {type(msg['value']).__name__}")
+        expected = ROLES[k % 2]
+        if msg["from"] != expected:
+            raise DataError(
+                f"{where}[{k}].from: expected {expected!r} (turns must alternate human/gpt, starting with human), "
+                f"got {msg['from']!r}"
+            )
+    if require_answer and messages[-1]["from"] != "gpt":
+        raise DataError(f"{where}: the conversation must end with a 'gpt' message")
+
+
+def _to_chat_messages(messages: Sequence[dict]) -> List[dict]:
+    role = {"human": "user", "gpt": "assistant"}
+    return [{"role": role[m["from"]], "content": m["value"]} for m in messages]
+
+
+def _render_chat(tokenizer, chat: List[dict], add_generation_prompt: bool) -> str:
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("template 'chat_template' needs a tokenizer that has a chat_template")
+    return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def render_segments(template: str, messages: Sequence[dict], tokenizer=None) -> Segments:
+    """Render a complete conversation (ending with a gpt message) as ``(text, trained)`` segments."""
+    _check_template(template)
+    if template == "gpt4roi_v0":
+        segs: Segments = [(GPT4ROI_SYSTEM + "\n\n", False)]
+        for k, m in enumerate(messages):
+            if m["from"] == "human":
+                # The '###' opening a human turn that follows an answer is where the model must stop.
+                segs += [("###", k > 0), (f" Human: {m['value']}\n", False)]
+            else:
+                segs.append((f"### Assistant: {m['value']}\n", True))
+        segs += [("###", True), (" ", False)]
+        return segs
+    if template == "vicuna_v1":
+        segs = [(VICUNA_SYSTEM + " ", False)]
+        for m in messages:
+            if m["from"] == "human":
+                segs.append((f"USER: {m['value']} ASSISTANT: ", False))
+            else:
+                segs.append((m["value"] + "</s>", True))
+        return segs
+    chat = _to_chat_messages(messages)
+    segs = []
+    done = 0  # characters of the full rendering already covered by segments
+    for k, msg in enumerate(chat):
+        if msg["role"] != "assistant":
+            continue
+        before = _render_chat(tokenizer, chat[:k], add_generation_prompt=True)
+        after = _render_chat(tokenizer, chat[: k + 1], add_generation_prompt=False)
+        if not after.startswith(before) or len(before) < done:
+            raise ConfigError(
+                "the tokenizer's chat template does not render conversations prefix by prefix "
+                "(a shorter conversation is not a prefix of a longer one), so assistant spans cannot be found"
+            )
+        segs += [(before[done:], False), (after[len(before):], True)]
+        done = len(after)
+    full = _render_chat(tokenizer, chat, add_generation_prompt=False)
+    if not full.startswith("".join(t for t, _ in segs)):
+        raise ConfigError("the tokenizer's chat template renders the full conversation differently from its prefixes")
+    segs.append((full[done:], False))
+    return [s for s in segs if s[0]]
+
+
+def build_prompt(template: str, messages: Sequence[dict], tokenizer=None) -> str:
+    """Render ``messages`` (ending with a human message) followed by an open assistant turn, for generation.
+
+    The text matches the training rendering up to the point where the answer starts, so the model
+    continues as it learned to; cut the output at :func:`stop_strings`.
+    """
+    _check_template(template)
+    validate_messages(messages, where="prompt", require_answer=False)
+    if messages[-1]["from"] != "human":
+        raise DataError("prompt: the last message must be a 'human' message (the assistant turn is left open)")
+    if template == "chat_template":
+        return _render_chat(tokenizer, _to_chat_messages(messages), add_generation_prompt=True)
+    history = list(messages[:-1])
+    if template == "gpt4roi_v0":
+        text = "".join(t for t, _ in render_segments(template, history)[:-2]) if history else GPT4ROI_SYSTEM + "\n\n"
+        return text + f"### Human: {messages[-1]['value']}\n### Assistant:"
+    text = "".join(t for t, _ in render_segments(template, history)) if history else VICUNA_SYSTEM + " "
+    return text + f"USER: {messages[-1]['value']} ASSISTANT:"
+
+
+def stop_strings(template: str) -> List[str]:
+    """Strings at which a generated answer ends (beside the tokenizer's EOS)."""
+    _check_template(template)
+    return {"gpt4roi_v0": ["###"], "vicuna_v1": ["</s>"], "chat_template": []}[template]
+
+
+def _label_tokens(segments: Segments, offsets, input_ids: List[int]) -> List[int]:
+    """Label each token from the characters it covers.
+
+    A token is trained when any non-whitespace character it covers lies in a trained segment (a
+    whitespace-only token when all its characters do). Special tokens the tokenizer adds itself (BOS,
+    offsets ``(0, 0)``) cover nothing and are never trained.
+    """
+    text = "".join(t for t, _ in segments)
+    trained = bytearray(len(text))
+    pos = 0
+    for seg, is_trained in segments:
+        if is_trained:
+            trained[pos : pos + len(seg)] = b"\x01" * len(seg)
+        pos += len(seg)
+    labels = []
+    for tok, (a, b) in zip(input_ids, offsets):
+        chars = range(a, b)
+        solid = [i for i in chars if not text[i].isspace()]
+        if solid:
+            on = any(trained[i] for i in solid)
+        else:
+            on = b > a and all(trained[i] for i in chars)
+        labels.append(tok if on else IGNORE_INDEX)
+    return labels
+
+
+def _tokenize_segments(tokenizer, template: str, segments: Segments) -> Tuple[List[int], List[int]]:
+    text = "".join(t for t, _ in segments)
+    # The chat template writes its own BOS into the text; the others rely on the tokenizer adding it.
+    enc = tokenizer(
+        text,
+        add_special_tokens=(template != "chat_template"),
+        return_offsets_mapping=True,
+    )
+    ids = list(enc["input_ids"])
+    return ids, _label_tokens(segments, enc["offset_mapping"], ids)
+
+
+def tokenize_conversation(
+    tokenizer, messages: Sequence[dict], template: str = "gpt4roi_v0", max_length: Optional[int] = None
+) -> TokenizedConversation:
+    """Tokenize a complete conversation and build its label mask.
+
+    ``tokenizer`` must be a fast tokenizer (offset mapping). When the result is longer than ``max_length``
+    whole trailing human/gpt pairs are dropped (never part of a turn, so a ``<bbox>`` always keeps its
+    region); the caller drops the regions of the dropped turns. If even the first pair does not fit, a
+    :class:`DataError` is raised.
+    """
+    _check_template(template)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError("tokenize_conversation needs a fast tokenizer (it maps characters to tokens via offsets)")
+    validate_messages(messages)
+    num_pairs = len(messages) // 2
+    keep = num_pairs
+    ids, labels = _tokenize_segments(tokenizer, template, render_segments(template, messages, tokenizer))
+    while max_length is not None and len(ids) > max_length:
+        keep -= 1
+        if keep == 0:
+            raise DataError(
+                f"conversation too long: its first human/gpt pair alone is {len(ids)} tokens > max_length {max_length}"
+            )
+        kept = messages[: 2 * keep]
+        ids, labels = _tokenize_segments(tokenizer, template, render_segments(template, kept, tokenizer))
+    if not any(lab != IGNORE_INDEX for lab in labels):
+        logger.warning("conversation has no trained token (empty answers?)")
+    return TokenizedConversation(ids, labels, 2 * (num_pairs - keep))
