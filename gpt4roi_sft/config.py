@@ -1,0 +1,306 @@
+"""The training configuration: one typed schema, loaded from YAML and overridden by ``key=value``.
+
+Every key a recipe may set is a dataclass field below; an unknown key or a value of the wrong type fails at
+start-up with the key's dotted name, before any process spawns or any weight loads. ``validate_for_launch``
+adds the checks that need the file system (data files, model and DeepSpeed config exist) and the
+combinations that cannot work (QLoRA with ZeRO-3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import yaml
+
+from gpt4roi_sft.errors import ConfigError
+
+FREEZE_PRESETS = ("none", "stage1", "stage2", "llm")
+TEMPLATES = ("gpt4roi_v0", "vicuna_v1", "chat_template")
+PRECISIONS = ("bf16", "fp32")
+SCHEDULERS = ("cosine", "linear", "constant")
+
+
+@dataclass
+class ModelSection:
+    path: str = ""  # our saved dir, a llava-hf dir, an original-LLaVA dir, or an LLM dir (with vision_tower)
+    vision_tower: Optional[str] = None  # CLIP directory when `path` is a bare LLM
+    attn_implementation: Optional[str] = None  # None: flash_attention_2 if flash_attn imports, else sdpa
+    gradient_checkpointing: bool = False
+    freeze: str = "stage2"  # none: train all; stage1: region encoder only; stage2: all but the vision tower; llm: LLM frozen
+
+
+@dataclass
+class DataSection:
+    train: str = ""  # "a.jsonl" or "a.jsonl:0.7,b.jsonl:0.3" (mixing ratios)
+    image_root: str = ""  # image paths in the records are relative to it
+    template: str = "gpt4roi_v0"
+    max_length: int = 2048
+    packing: bool = False
+    group_by_length: bool = False
+    load_masks: bool = False
+    skip_bad_records: bool = False
+    validate_on_start: bool = True  # scan every record before training (fails fast on bad data)
+    num_workers: int = 0
+
+
+@dataclass
+class TrainSection:
+    output_dir: str = ""
+    max_steps: int = -1  # optimizer steps; -1: derived from num_epochs
+    num_epochs: float = 1.0
+    micro_batch_size: int = 1  # per process
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.0
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    precision: str = "bf16"
+    seed: int = 0
+    save_steps: int = 500
+    save_total_limit: int = 2
+    log_steps: int = 1
+    tensorboard: bool = True
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = False
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+    target_modules: str = "all-linear"  # "all-linear", or comma-separated module names / a regex, LLM only
+    modules_to_save: List[str] = field(default_factory=lambda: ["region_encoder", "multi_modal_projector"])
+    qlora: bool = False  # 4-bit (bitsandbytes NF4) frozen base
+
+
+@dataclass
+class DeepSpeedSection:
+    config: str = "ds_configs/zero2.json"
+
+
+@dataclass
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path) -> None:
+        from gpt4roi_sft.atomic import write_text_atomic
+
+        write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def data_sources(self) -> List[Tuple[str, float]]:
+        """``data.train`` as [(path, ratio)], ratios as written (1.0 where none is given)."""
+        return parse_data_sources(self.data.train)
+
+
+def parse_data_sources(spec: str) -> List[Tuple[str, float]]:
+    sources = []
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        path, ratio = part, 1.0
+        head, sep, tail = part.rpartition(":")
+        if sep and head:
+            try:
+                ratio = float(tail)
+                path = head
+            except ValueError:
+                path, ratio = part, 1.0
+        if ratio <= 0:
+            raise ConfigError(f"data.train: mixing ratio of {path!r} must be positive, got {ratio}")
+        sources.append((path, ratio))
+    return sources
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; allow int -> float and a comma string -> list."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin in (list, List):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {type(value).__name__} {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls, data: Dict[str, Any], prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"unknown config key {key!r} (known keys under {prefix or 'the top level'}: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value or {}, key)
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+    return cls(**kwargs)
+
+
+def _check_choices(cfg: Config) -> None:
+    for key, value, choices in (
+        ("model.freeze", cfg.model.freeze, FREEZE_PRESETS),
+        ("data.template", cfg.data.template, TEMPLATES),
+        ("train.precision", cfg.train.precision, PRECISIONS),
+        ("train.lr_scheduler", cfg.train.lr_scheduler, SCHEDULERS),
+    ):
+        if value not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {value!r}")
+    for key, value in (
+        ("train.micro_batch_size", cfg.train.micro_batch_size),
+        ("train.gradient_accumulation_steps", cfg.train.gradient_accumulation_steps),
+        ("train.save_steps", cfg.train.save_steps),
+        ("train.save_total_limit", cfg.train.save_total_limit),
+        ("data.max_length", cfg.data.max_length),
+        ("lora.r", cfg.lora.r),
+    ):
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if cfg.train.learning_rate <= 0:
+        raise ConfigError(f"train.learning_rate: must be positive, got {cfg.train.learning_rate}")
+    if not 0 <= cfg.train.warmup_ratio < 1:
+        raise ConfigError(f"train.warmup_ratio: must be in [0, 1), got {cfg.train.warmup_ratio}")
+    if cfg.lora.qlora and not cfg.lora.enabled:
+        raise ConfigError("lora.qlora: QLoRA trains LoRA adapters on a 4-bit base; set lora.enabled=true too")
+
+
+def parse_override(item: str) -> Tuple[List[str], Any]:
+    """``"train.max_steps=20"`` -> (["train", "max_steps"], 20); the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    # Paths such as "a.jsonl:0.7" must stay strings even if YAML reads them otherwise.
+    if isinstance(value, (dict,)):
+        value = raw
+    return parts, value
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
+    """Read a YAML recipe (or start from defaults), apply ``key=value`` overrides, and type-check it all."""
+    data: Dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides or []:
+        parts, value = parse_override(item)
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = value
+    cfg = _build(Config, data, "")
+    _check_choices(cfg)
+    return cfg
+
+
+def load_deepspeed_json(path: str) -> Dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"deepspeed.config: file not found: {path}")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"deepspeed.config: {path} is not valid JSON: {exc}") from None
+
+
+def zero_stage(ds_config: Dict[str, Any]) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def validate_for_launch(cfg: Config) -> None:
+    """Checks that need the file system and cross-section rules; all fail with the key's name."""
+    if not cfg.model.path:
+        raise ConfigError("model.path: required (a model directory)")
+    if not Path(cfg.model.path).is_dir():
+        raise ConfigError(f"model.path: directory not found: {cfg.model.path}")
+    if cfg.model.vision_tower and not Path(cfg.model.vision_tower).is_dir():
+        raise ConfigError(f"model.vision_tower: directory not found: {cfg.model.vision_tower}")
+    if not cfg.data.train:
+        raise ConfigError("data.train: required (one JSONL file or a comma-separated list)")
+    for path, _ in cfg.data_sources():
+        if not Path(path).is_file():
+            raise ConfigError(f"data.train: file not found: {path}")
+    if cfg.data.image_root and not Path(cfg.data.image_root).is_dir():
+        raise ConfigError(f"data.image_root: directory not found: {cfg.data.image_root}")
+    if not cfg.train.output_dir:
+        raise ConfigError("train.output_dir: required")
+    ds = load_deepspeed_json(cfg.deepspeed.config)
+    if cfg.lora.qlora and zero_stage(ds) == 3:
+        raise ConfigError(
+            f"lora.qlora with {cfg.deepspeed.config} (ZeRO-3): 4-bit bitsandbytes weights cannot be partitioned "
+            "by ZeRO-3; use ds_configs/zero2.json (or zero1) for QLoRA"
+        )
+    if cfg.train.max_steps < 1 and cfg.train.num_epochs <= 0:
+        raise ConfigError("train.max_steps or train.num_epochs must be positive")
+
+
+def describe_keys() -> List[Tuple[str, str, Any]]:
+    """(dotted key, type, default) for every key; used by the README and `train_sft.py --help-config`."""
+    rows = []
+    for section in dataclasses.fields(Config):
+        sec_cls = typing.get_type_hints(Config)[section.name]
+        hints = typing.get_type_hints(sec_cls)
+        default_obj = sec_cls()
+        for f in dataclasses.fields(sec_cls):
+            rows.append((f"{section.name}.{f.name}", _type_name(hints[f.name]), getattr(default_obj, f.name)))
+    return rows
+

@@ -1,0 +1,124 @@
+"""The training data as a resumable stream of micro-batches for one rank.
+
+The order of samples is a pure function of (seed, epoch, rank), so a run resumed after ``k`` micro-batches
+sees exactly the micro-batches an uninterrupted run would have seen from ``k`` on.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator, List, Sequence
+
+import torch
+from torch.utils.data import ConcatDataset, DataLoader
+
+from gpt4roi_sft.config import Config
+
+log = logging.getLogger(__name__)
+
+
+class MicroBatchStream:
+    """Yields collated micro-batches forever (epoch after epoch), starting at any micro-batch position."""
+
+    def __init__(self, dataset, sampler, collator, micro_batch_size: int, num_workers: int = 0):
+        self.dataset = dataset
+        self.sampler = sampler
+        self.collator = collator
+        self.micro_batch_size = micro_batch_size
+        self.num_workers = num_workers
+        self.micro_batches_per_epoch = len(sampler) // micro_batch_size
+        if self.micro_batches_per_epoch < 1:
+            raise ValueError(
+                f"each rank gets {len(sampler)} samples per epoch, fewer than one micro-batch of {micro_batch_size}"
+            )
+
+    def _epoch_indices(self, epoch: int) -> List[int]:
+        self.sampler.set_epoch(epoch)
+        indices = list(iter(self.sampler))
+        return indices[: self.micro_batches_per_epoch * self.micro_batch_size]
+
+    def iterate_from(self, consumed_micro_batches: int) -> Iterator[dict]:
+        epoch, offset = divmod(consumed_micro_batches, self.micro_batches_per_epoch)
+        while True:
+            indices = self._epoch_indices(epoch)[offset * self.micro_batch_size :]
+            loader = DataLoader(
+                self.dataset,
+                batch_size=self.micro_batch_size,
+                sampler=indices,
+                collate_fn=self.collator,
+                num_workers=self.num_workers,
+                drop_last=True,
+                persistent_workers=False,
+            )
+            yield from loader
+            epoch, offset = epoch + 1, 0
+
+
+def build_datasets(cfg: Config, processor, image_token_id: int) -> List:
+    from gpt4roi_sft.data.dataset import ConversationDataset
+
+    datasets = []
+    for path, _ in cfg.data_sources():
+        datasets.append(
+            ConversationDataset(
+                path,
+                image_root=cfg.data.image_root,
+                tokenizer=processor.tokenizer,
+                image_transform=processor.image_transform,
+                image_token_id=image_token_id,
+                num_image_tokens=processor.num_image_tokens,
+                template=cfg.data.template,
+                max_length=cfg.data.max_length,
+                load_masks=cfg.data.load_masks,
+                skip_bad_records=cfg.data.skip_bad_records,
+            )
+        )
+    return datasets
+
+
+def build_sampler(cfg: Config, datasets: Sequence, rank: int, world_size: int):
+    """Mixture sampling when several sources are given, else a shuffled (optionally length-grouped) sampler."""
+    from gpt4roi_sft.data import sampler as samplers
+
+    sources = cfg.data_sources()
+    if len(datasets) > 1:
+        return samplers.MixtureSampler(
+            [len(d) for d in datasets],
+            [ratio for _, ratio in sources],
+            seed=cfg.train.seed,
+            rank=rank,
+            world_size=world_size,
+        )
+    if cfg.data.group_by_length:
+        return samplers.LengthGroupedSampler(
+            datasets[0].lengths(),
+            batch_size=cfg.train.micro_batch_size,
+            seed=cfg.train.seed,
+            rank=rank,
+            world_size=world_size,
+        )
+    return torch.utils.data.DistributedSampler(
+        datasets[0], num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.train.seed, drop_last=True
+    )
+
+
+def build_collator(cfg: Config, pad_token_id: int):
+    from gpt4roi_sft.data.collator import PackingCollator, PaddingCollator
+
+    if cfg.data.packing:
+        return PackingCollator(max_length=cfg.data.max_length, pad_token_id=pad_token_id)
+    return PaddingCollator(pad_token_id=pad_token_id, padding_side="right")
+
+
+def build_stream(cfg: Config, processor, image_token_id: int, rank: int, world_size: int) -> MicroBatchStream:
+    datasets = build_datasets(cfg, processor, image_token_id)
+    if cfg.data.validate_on_start and rank == 0:
+        for d in datasets:
+            d.validate_all()
+    dataset = datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
+    sampler = build_sampler(cfg, datasets, rank, world_size)
+    pad_id = processor.tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = processor.tokenizer.eos_token_id
+    collator = build_collator(cfg, pad_id)
+    return MicroBatchStream(dataset, sampler, collator, cfg.train.micro_batch_size, cfg.data.num_workers)

@@ -1,0 +1,245 @@
+"""The training loop, top to bottom: set up DeepSpeed, resume if a checkpoint exists, step, log, save.
+
+One call of :func:`train` per process (the ``deepspeed`` / ``torchrun`` launcher starts one per device;
+on CPU, one per ``--num_gpus``/``--nproc_per_node`` over gloo).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from gpt4roi_sft.config import Config, load_deepspeed_json, zero_stage
+from gpt4roi_sft.errors import UserError
+from gpt4roi_sft.train import checkpoint as ckpt
+from gpt4roi_sft.train.deepspeed_config import fill_auto_values
+from gpt4roi_sft.train.modes import apply_training_mode, model_dtype, trainable_parameter_count, unwrap_base_model
+
+log = logging.getLogger(__name__)
+
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "boxes", "region_masks", "labels")
+
+
+class NonFiniteLossError(UserError):
+    """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_lambda_for(cfg: Config, total_steps: int):
+    """Warm-up then cosine / linear decay to 0, or constant; a function of the optimizer step."""
+    warmup = cfg.train.warmup_steps or int(round(cfg.train.warmup_ratio * total_steps))
+    kind = cfg.train.lr_scheduler
+
+    def factor(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if kind == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def move_to_device(batch: Dict[str, Any], device: torch.device, float_dtype: torch.dtype) -> Dict[str, Any]:
+    """Model inputs only, on ``device``; images and masks in the model's float dtype."""
+
+    def move(value, cast: bool):
+        if isinstance(value, torch.Tensor):
+            if cast and value.is_floating_point():
+                return value.to(device=device, dtype=float_dtype)
+            return value.to(device)
+        if isinstance(value, (list, tuple)):
+            return [move(v, cast) for v in value]
+        return value
+
+    return {k: move(batch[k], k in ("pixel_values", "region_masks")) for k in MODEL_INPUT_KEYS if batch.get(k) is not None}
+
+
+def _broadcast_error(message: Optional[str]) -> Optional[str]:
+    """Rank 0's start-up error (or None) on every rank, so all ranks stop together instead of hanging."""
+    obj = [message]
+    dist.broadcast_object_list(obj, src=0)
+    return obj[0]
+
+
+def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
+    """Run (or resume) the training described by ``cfg``; returns a summary dict on every rank."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    from gpt4roi_sft.model.loading import load_model
+    from gpt4roi_sft.train.data_stream import build_stream
+    from gpt4roi_sft.train.metrics_log import MetricsLog, plot_loss
+
+    accel = get_accelerator()
+    on_cpu = accel.device_name() == "cpu"
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else accel.communication_backend_name())
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cpu") if on_cpu else torch.device(accel.device_name(local_rank))
+    if not on_cpu:
+        accel.set_device(local_rank)
+    is_rank0 = rank == 0
+    out_dir = Path(cfg.train.output_dir)
+    root = ckpt.checkpoints_root(out_dir)
+    if is_rank0:
+        root.mkdir(parents=True, exist_ok=True)
+        cfg.save(out_dir / "config.yaml")
+    seed_everything(cfg.train.seed)
+
+    dtype = model_dtype(cfg.train.precision)
+    load_kwargs: Dict[str, Any] = {"torch_dtype": dtype, "attn_implementation": cfg.model.attn_implementation}
+    if cfg.model.vision_tower:
+        load_kwargs["vision_tower"] = cfg.model.vision_tower
+    if cfg.lora.qlora:
+        load_kwargs["quantization_config"] = qlora_quantization_config(dtype)
+    model, processor = load_model(cfg.model.path, **load_kwargs)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model = apply_training_mode(model, cfg)
+    counts = trainable_parameter_count(model)
+    if is_rank0:
+        log.info("parameters: %d total, %d trainable (%.2f%%)", counts["total"], counts["trainable"], 100 * counts["trainable"] / max(1, counts["total"]))
+
+    base = unwrap_base_model(model)
+    stream = None
+    error = None
+    try:
+        stream = build_stream(cfg, processor, base.config.image_token_id, rank, world)
+    except UserError as exc:
+        error = str(exc)
+    error = _broadcast_error(error if is_rank0 else None) or error
+    if error:
+        raise UserError(error)
+
+    gas = cfg.train.gradient_accumulation_steps
+    total_steps = cfg.train.max_steps
+    if total_steps < 1:
+        total_steps = max(1, math.ceil(cfg.train.num_epochs * stream.micro_batches_per_epoch / gas))
+    ds_config = fill_auto_values(load_deepspeed_json(cfg.deepspeed.config), cfg, world, base.config.text_config.hidden_size)
+    stage = zero_stage(ds_config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = None
+    if "optimizer" not in ds_config:
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay, fused=not on_cpu)
+        ds_config.setdefault("zero_allow_untested_optimizer", True)
+
+    def scheduler_factory(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda_for(cfg, total_steps))
+
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=scheduler_factory, config=ds_config
+    )
+
+    start_step, consumed = 0, 0
+    resume_dir = ckpt.find_latest(out_dir)
+    if resume_dir is not None:
+        engine.load_checkpoint(str(root), tag=resume_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True)
+        state = ckpt.read_client_state(resume_dir)
+        start_step, consumed = int(state["step"]), int(state["consumed_micro_batches"])
+        ckpt.load_rng_state(resume_dir, rank)
+        if is_rank0:
+            log.info("resumed from %s (step %d)", resume_dir, start_step)
+
+    metrics = MetricsLog(out_dir, resume_step=start_step, tensorboard=cfg.train.tensorboard) if is_rank0 else None
+    progress = None
+    if is_rank0:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def save(step: int) -> None:
+        step_dir = root / ckpt.step_tag(step)
+        client = {"step": step, "consumed_micro_batches": consumed, "world_size": world, "total_steps": total_steps}
+        engine.save_checkpoint(str(root), tag=step_dir.name, client_state=client, save_latest=False)
+        trainable = ckpt.gather_trainable_state_dict(engine.module, stage, is_rank0)
+        ckpt.save_rng_state(step_dir, rank)
+        if is_rank0:
+            ckpt.save_trainable(step_dir, trainable)
+            ckpt.write_client_state(step_dir, client)
+            cfg.save(step_dir / "config.yaml")
+        dist.barrier()
+        if is_rank0:
+            ckpt.mark_complete_and_publish(root, step_dir, cfg.train.save_total_limit)
+        dist.barrier()
+
+    batches = stream.iterate_from(consumed)
+    last_loss = float("nan")
+    step = start_step
+    engine.train()
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            tokens = 0
+            for _ in range(gas):
+                batch = next(batches)
+                consumed += 1
+                inputs = move_to_device(batch, device, dtype)
+                out = engine(**inputs)
+                engine.backward(out.loss)
+                engine.step()
+                loss_sum += out.loss.detach().double().cpu()
+                tokens += int(batch.get("num_tokens", inputs["input_ids"].numel()))
+            stats = torch.tensor([loss_sum.item() / gas, float(tokens)], dtype=torch.float64)
+            dist.all_reduce(stats)
+            loss = stats[0].item() / world
+            if not math.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"loss is {loss} at step {step}; stopping. The last good checkpoint is kept in {root}. "
+                    "Lower train.learning_rate, use bf16 rather than fp16, or check the data around this step."
+                )
+            last_loss = loss
+            elapsed = time.perf_counter() - t0
+            grad_norm = engine.get_global_grad_norm()
+            record = {
+                "step": step,
+                "loss": loss,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tokens_per_s": stats[1].item() / max(elapsed, 1e-9),
+                "step_time_s": elapsed,
+            }
+            if is_rank0:
+                metrics.log(record)
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}")
+            if step % cfg.train.save_steps == 0 or step == total_steps:
+                save(step)
+    finally:
+        if progress is not None:
+            progress.close()
+        if metrics is not None:
+            metrics.close()
+    if is_rank0:
+        plot_loss(out_dir)
+    return {"step": step, "loss": last_loss, "output_dir": str(out_dir)}
+
+
+def qlora_quantization_config(compute_dtype: torch.dtype):
+    """4-bit NF4 for the LLM's linear layers; the vision tower, region encoder, projector and head stay full."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=["vision_tower", "region_encoder", "multi_modal_projector", "lm_head"],
+    )
