@@ -1,0 +1,282 @@
+"""What every converter shares: JSON loading with user-facing errors, box conversion, region dialogues,
+statistics and the streaming atomic JSONL writer.
+
+A region dialogue is GPT4RoI's format: one human/gpt pair per region, the human turn a region-caption
+template with ``region{i} <bbox>`` (the i-th ``<bbox>`` is ``regions[i-1]``), the first human turn
+prefixed with ``The <image> provides an overview of the picture.\\n``, the gpt turn the caption.
+Unlike GPT4RoI (which keeps a random 15 and drops the rest), an image with more regions than
+``max_regions`` becomes several dialogues, so no caption is lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from data_converters.templates import TEMPLATE_SETS, region_question
+from gpt4roi_sft.atomic import atomic_open, write_json_atomic
+from gpt4roi_sft.constants import GPT4ROI_PREAMBLE
+from gpt4roi_sft.errors import BoxError, DataError, UserError
+
+log = logging.getLogger(__name__)
+
+
+def load_json(path: Path) -> Any:
+    """Parse a whole JSON file; a missing, truncated or invalid file is a :class:`DataError` naming it."""
+    try:
+        with open(path, "rb") as fh:
+            return json.loads(fh.read())
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno} (char {exc.pos}): {exc.msg}") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text at byte {exc.start}") from None
+
+
+def require_keys(obj: Any, keys: Sequence[str], where: str) -> None:
+    """Raise a :class:`DataError` naming ``where`` unless ``obj`` is a dict holding every key."""
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise DataError(f"{where}: missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+
+
+def xywh_to_xyxy(bbox: Any, width: float, height: float, where: str) -> list[float]:
+    """COCO ``[x, y, w, h]`` -> absolute ``[x1, y1, x2, y2]`` floats clipped to the ``width`` x ``height`` image.
+
+    A box crossing the border is clipped; a malformed box, or one with nothing left inside the image, is
+    a :class:`BoxError` naming ``where`` (e.g. ``"train.json: image 397133 segment 3"``).
+    """
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        raise BoxError(f"{where}: bbox {bbox!r} is not [x, y, w, h]") from None
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        raise BoxError(f"{where}: bbox {bbox!r} has a non-finite coordinate")
+    x1, y1 = max(x, 0.0), max(y, 0.0)
+    x2, y2 = min(x + w, float(width)), min(y + h, float(height))
+    if x2 <= x1 or y2 <= y1:
+        raise BoxError(f"{where}: bbox {list(bbox)} lies outside the {width}x{height} image")
+    return [x1, y1, x2, y2]
+
+
+def kept_box(ann: dict, *, where: str, width: float, height: float, skip_bad: bool,
+             stats: "ConversionStats") -> list[float] | None:
+    """The xyxy box of a COCO-style segment/annotation, or ``None`` when it is filtered out (and counted).
+
+    Filters (GPT4RoI / Pix2Cap SFT): crowd, ``area <= 0``, ``w < 1`` or ``h < 1``. A missing or malformed
+    box, or one outside the image, is an error naming ``where`` unless ``skip_bad`` (then counted).
+    """
+    if ann.get("iscrowd", 0):
+        stats.drop("crowd")
+        return None
+    if "bbox" not in ann:
+        if skip_bad:
+            stats.drop("missing_bbox")
+            return None
+        raise DataError(f"{where}: no bbox")
+    if ann.get("area", 1) <= 0:
+        stats.drop("zero_area")
+        return None
+    try:
+        bbox = ann["bbox"]
+        if len(bbox) == 4 and (float(bbox[2]) < 1 or float(bbox[3]) < 1):
+            stats.drop("box_under_1px")
+            return None
+        return xywh_to_xyxy(bbox, width, height, where)
+    except (BoxError, TypeError, ValueError) as exc:
+        if skip_bad:
+            stats.drop("bad_box")
+            return None
+        raise exc if isinstance(exc, BoxError) else BoxError(f"{where}: bbox {ann['bbox']!r} is not [x, y, w, h]")
+
+
+def kept_caption(ann: dict, key: str, *, where: str, stats: "ConversionStats") -> str | None:
+    """``ann[key]`` as a caption, or ``None`` when missing/empty (counted as ``missing_<key>``/``empty_<key>``).
+
+    The text is kept exactly (no stripping, unicode untouched); a non-string value is an error.
+    """
+    caption = ann.get(key)
+    if caption is None:
+        stats.drop(f"missing_{key}")
+        return None
+    if not isinstance(caption, str):
+        raise DataError(f"{where}: {key} is {type(caption).__name__}, expected a string")
+    if not caption.strip():
+        stats.drop(f"empty_{key}")
+        return None
+    return caption
+
+
+@dataclass
+class ConversionStats:
+    """Counts a converter reports with ``--stats``: what went in, what came out, what was dropped and why."""
+
+    input: str = ""
+    images: int = 0
+    images_without_regions: int = 0
+    records: int = 0
+    regions: int = 0
+    captions: int = 0
+    caption_words: int = 0
+    dropped: Counter = field(default_factory=Counter)
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        self.dropped[reason] += n
+
+    def add_caption(self, caption: str) -> None:
+        self.captions += 1
+        self.caption_words += len(caption.split())
+
+    def as_dict(self) -> dict:
+        return {
+            "input": self.input,
+            "images": self.images,
+            "images_without_regions": self.images_without_regions,
+            "records": self.records,
+            "regions": self.regions,
+            "captions": self.captions,
+            "words_per_caption_mean": round(self.caption_words / self.captions, 3) if self.captions else 0.0,
+            "dropped": dict(sorted(self.dropped.items())),
+            "dropped_total": sum(self.dropped.values()),
+        }
+
+    def summary(self) -> str:
+        d = self.as_dict()
+        dropped = ", ".join(f"{k}={v}" for k, v in d["dropped"].items()) or "none"
+        return (f"{d['images']} images -> {d['records']} records, {d['regions']} regions, "
+                f"{d['words_per_caption_mean']} words/caption; dropped: {dropped}")
+
+
+@dataclass
+class Region:
+    """One captioned region before it is placed in a dialogue. ``extra`` goes into the record's region."""
+
+    bbox: list[float]  # absolute xyxy
+    caption: str
+    extra: dict = field(default_factory=dict)
+
+    def record_region(self) -> dict:
+        return {"bbox": self.bbox, **self.extra}
+
+
+def split_dialogues(regions: Sequence[Region], max_regions: int, rng: random.Random) -> list[list[Region]]:
+    """Shuffle ``regions`` and cut them into the fewest dialogues of at most ``max_regions``, sizes balanced.
+
+    Every region lands in exactly one dialogue (balanced sizes avoid a trailing one-region dialogue).
+    """
+    if max_regions < 1:
+        raise UserError(f"--max-regions must be >= 1, got {max_regions}")
+    order = list(regions)
+    rng.shuffle(order)
+    n_chunks = max(1, math.ceil(len(order) / max_regions))
+    base, extra = divmod(len(order), n_chunks)
+    chunks, start = [], 0
+    for k in range(n_chunks):
+        size = base + (1 if k < extra else 0)
+        chunks.append(order[start:start + size])
+        start += size
+    return [c for c in chunks if c]
+
+
+def region_conversations(captions: Sequence[str], rng: random.Random, templates: Sequence[str]) -> list[dict]:
+    """GPT4RoI region dialogue: a random template per region, ``region{i} <bbox>``, preamble on turn one."""
+    turns = []
+    for i, caption in enumerate(captions, start=1):
+        question = region_question(rng.choice(templates), i)
+        if i == 1:
+            question = GPT4ROI_PREAMBLE + question
+        turns.append({"from": "human", "value": question})
+        turns.append({"from": "gpt", "value": caption})
+    return turns
+
+
+def region_records(regions: Sequence[Region], *, record_id: str, image: str, width: int, height: int,
+                   source: str, max_regions: int, rng: random.Random, templates: Sequence[str],
+                   stats: ConversionStats, numbered: bool = True) -> Iterator[dict]:
+    """Turn one image's regions into one or more conversation records ``<record_id>/d<k>``.
+
+    ``numbered=False`` (one dialogue per source entry, e.g. a referring expression) keeps ``record_id`` as is.
+    """
+    chunks = split_dialogues(regions, max_regions, rng)
+    if not numbered and len(chunks) > 1:
+        raise ValueError(f"{record_id}: {len(chunks)} dialogues need numbered ids")
+    for k, chunk in enumerate(chunks):
+        stats.records += 1
+        stats.regions += len(chunk)
+        for region in chunk:
+            stats.add_caption(region.caption)
+        yield {"id": f"{record_id}/d{k}" if numbered else record_id, "image": image, "width": width, "height": height,
+               "regions": [r.record_region() for r in chunk],
+               "conversations": region_conversations([r.caption for r in chunk], rng, templates),
+               "source": source}
+
+
+def image_rng(seed: int, key: Any) -> random.Random:
+    """A generator per image, so an image's dialogues do not depend on the order images are read in."""
+    return random.Random(f"{seed}/{key}")
+
+
+def infer_split(path: Path) -> str:
+    """``pix2cap_coco_train.json`` -> ``train``, ``finetune_refcocog_val.json`` -> ``val``; else the stem."""
+    parts = path.stem.split("_")
+    for split in ("train", "val", "test"):
+        if split in parts:
+            return split
+    return path.stem
+
+
+def join_image_path(prefix: str, file_name: str) -> str:
+    return f"{prefix.rstrip('/')}/{file_name}" if prefix else file_name
+
+
+def write_jsonl(path: Path, records: Iterable[dict]) -> int:
+    """Stream ``records`` to ``path`` as JSON lines (unicode kept) through a temp file renamed at the end.
+
+    If the iteration raises, nothing is left at ``path`` (an older file there stays as it was).
+    """
+    n = 0
+    with atomic_open(path, "w") as fh:
+        for record in records:
+            fh.write(json.dumps(record, ensure_ascii=False))
+            fh.write("\n")
+            n += 1
+    return n
+
+
+def templates_by_name(name: str) -> tuple[str, ...]:
+    if name not in TEMPLATE_SETS:
+        raise UserError(f"--templates: unknown template set {name!r} (known: {', '.join(TEMPLATE_SETS)})")
+    return TEMPLATE_SETS[name]
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, regions: bool = True) -> None:
+    """The options every converter takes: output, stats, seed, skip-bad (and the region-dialogue ones)."""
+    parser.add_argument("--out", required=True, type=Path, help="conversation JSONL to write")
+    parser.add_argument("--stats", type=Path, help="write conversion counts to this JSON file")
+    parser.add_argument("--seed", type=int, default=0, help="seed for region order and template choice")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="skip (and count) bad boxes and entries instead of stopping with an error")
+    parser.add_argument("--image-dir-prefix", default=None,
+                        help="prefix joined to each image file name in the records' 'image' field")
+    if regions:
+        parser.add_argument("--max-regions", type=int, default=15, help="regions per dialogue (more -> several dialogues)")
+        parser.add_argument("--templates", default="gpt4roi_vg", choices=sorted(TEMPLATE_SETS))
+
+
+def finish(args: argparse.Namespace, records: Iterable[dict], stats: ConversionStats) -> int:
+    """Write the records (and stats), print a one-line summary; shared tail of every converter's main."""
+    write_jsonl(args.out, records)
+    if args.stats:
+        write_json_atomic(args.stats, stats.as_dict())
+    print(f"{args.out}: {stats.summary()}")
+    return 0

@@ -1,0 +1,115 @@
+"""Pix2Cap-COCO (COCO-panoptic JSON with a ``description`` per segment) -> region-dialogue JSONL.
+
+Follows the Pix2Cap paper's GPT4RoI SFT: segment boxes (xywh -> xyxy, clipped to the image), things and
+stuff, non-crowd, area > 0, w and h >= 1, one human/gpt pair per region with GPT4RoI's VG templates.
+Beyond it, no caption is silently lost: images with more than ``--max-regions`` kept segments become
+several dialogues, and every dropped segment is counted by reason (``--stats``).
+
+Record ids are ``pix2cap/<split>/<image_id>/d<k>`` (k-th dialogue of the image); images are
+``<image-dir-prefix>/<file_name>`` (default ``<split>2017``) and masks ``<panoptic-dir>/<png>``
+(default ``panoptic_<split>2017``), both relative to the dataset root given at train time.
+
+    python -m data_converters.pix2cap --annotations pix2cap_coco_train.json --out train.jsonl --stats stats.json
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Iterator
+
+from data_converters.common import (ConversionStats, Region, add_output_arguments, finish, image_rng, infer_split,
+                                    join_image_path, kept_box, kept_caption, load_json, region_records, require_keys,
+                                    templates_by_name)
+from gpt4roi_sft.errors import DataError, run_cli
+
+SOURCE = "pix2cap_coco"
+
+
+def segment_regions(seg: dict, *, where: str, width: int, height: int, categories: dict, things_only: bool,
+                    skip_bad: bool, mask: str, stats: ConversionStats) -> Region | None:
+    """One ``segments_info`` entry -> a :class:`Region`, or ``None`` (counted in ``stats.dropped``)."""
+    category = categories.get(seg.get("category_id"))
+    if things_only and category is not None and not category.get("isthing", 1):
+        stats.drop("stuff_things_only")
+        return None
+    bbox = kept_box(seg, where=where, width=width, height=height, skip_bad=skip_bad, stats=stats)
+    if bbox is None:
+        return None
+    description = kept_caption(seg, "description", where=where, stats=stats)
+    if description is None:
+        return None
+    extra: dict = {"segment_id": seg["id"], "mask": mask} if "id" in seg else {"mask": mask}
+    if category is not None:
+        extra["category"] = category.get("name")
+    if isinstance(seg.get("attributes"), dict):
+        extra["attributes"] = seg["attributes"]
+    return Region(bbox=bbox, caption=description, extra=extra)
+
+
+def convert_pix2cap(data: dict, *, source_file: str, split: str, image_dir_prefix: str, panoptic_dir: str,
+                    max_regions: int = 15, seed: int = 0, things_only: bool = False, templates=(),
+                    skip_bad: bool = False, stats: ConversionStats | None = None) -> Iterator[dict]:
+    """Yield conversation records for a parsed Pix2Cap-COCO annotation dict, in annotation order."""
+    stats = stats if stats is not None else ConversionStats()
+    templates = templates or templates_by_name("gpt4roi_vg")
+    require_keys(data, ("images", "annotations"), source_file)
+    categories = {c.get("id"): c for c in data.get("categories", []) if isinstance(c, dict)}
+    images = {}
+    for k, img in enumerate(data["images"]):
+        require_keys(img, ("id", "file_name", "width", "height"), f"{source_file}: images[{k}]")
+        images[img["id"]] = img
+    for k, ann in enumerate(data["annotations"]):
+        require_keys(ann, ("image_id", "segments_info"), f"{source_file}: annotations[{k}]")
+        image_id = ann["image_id"]
+        img = images.get(image_id)
+        if img is None:
+            if skip_bad:
+                stats.drop("image_not_listed", len(ann["segments_info"]))
+                continue
+            raise DataError(f"{source_file}: annotations[{k}]: image {image_id} is not listed in images")
+        stats.images += 1
+        width, height = img["width"], img["height"]
+        png = ann.get("file_name") or str(Path(img["file_name"]).with_suffix(".png"))
+        mask = join_image_path(panoptic_dir, png)
+        regions = []
+        for seg in ann["segments_info"]:
+            where = f"{source_file}: image {image_id} segment {seg.get('id', '?') if isinstance(seg, dict) else '?'}"
+            if not isinstance(seg, dict):
+                raise DataError(f"{where}: expected a JSON object")
+            region = segment_regions(seg, where=where, width=width, height=height, categories=categories,
+                                     things_only=things_only, skip_bad=skip_bad, mask=mask, stats=stats)
+            if region is not None:
+                regions.append(region)
+        if not regions:
+            stats.images_without_regions += 1
+            continue
+        yield from region_records(regions, record_id=f"pix2cap/{split}/{image_id}",
+                                  image=join_image_path(image_dir_prefix, img["file_name"]), width=width,
+                                  height=height, source=SOURCE, max_regions=max_regions,
+                                  rng=image_rng(seed, image_id), templates=templates, stats=stats)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_converters.pix2cap", description=__doc__.splitlines()[0])
+    parser.add_argument("--annotations", required=True, type=Path, help="pix2cap_coco_{train,val}.json")
+    parser.add_argument("--split", help="split name used in record ids (default: from the file name)")
+    parser.add_argument("--panoptic-dir", help="folder of the panoptic PNGs in the records (default panoptic_<split>2017)")
+    parser.add_argument("--things-only", action="store_true", help="keep thing segments only (drop stuff)")
+    add_output_arguments(parser)
+    args = parser.parse_args(argv)
+    split = args.split or infer_split(args.annotations)
+    prefix = args.image_dir_prefix if args.image_dir_prefix is not None else f"{split}2017"
+    panoptic_dir = args.panoptic_dir if args.panoptic_dir is not None else f"panoptic_{split}2017"
+    templates = templates_by_name(args.templates)
+    data = load_json(args.annotations)
+    stats = ConversionStats(input=str(args.annotations))
+    records = convert_pix2cap(data, source_file=args.annotations.name, split=split, image_dir_prefix=prefix,
+                              panoptic_dir=panoptic_dir, max_regions=args.max_regions, seed=args.seed,
+                              things_only=args.things_only, templates=templates, skip_bad=args.skip_bad,
+                              stats=stats)
+    return finish(args, records, stats)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

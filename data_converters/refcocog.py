@@ -1,0 +1,79 @@
+"""RefCOCOg referring expressions (MDETR ``finetune_refcocog_*.json``) -> one-region dialogue JSONL.
+
+MDETR's files list one ``images`` entry per expression (``id, file_name, width, height, caption``) and
+the referred object's box in ``annotations`` (``image_id`` = that entry's id, ``bbox`` xywh). GPT4RoI's
+stage 2 asks for each expression with its VG region-caption templates (``region1 <bbox>``), so each
+expression becomes one record ``refcocog/<split>/<entry id>`` with one region. An entry with several
+boxes keeps the first (the others are counted as ``extra_box``).
+
+    python -m data_converters.refcocog --annotations finetune_refcocog_train.json --out refcocog.jsonl \
+        --image-dir-prefix coco/train2014
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterator
+
+from data_converters.common import (ConversionStats, Region, add_output_arguments, finish, image_rng, infer_split,
+                                    join_image_path, kept_box, kept_caption, load_json, region_records,
+                                    require_keys, templates_by_name)
+from gpt4roi_sft.errors import run_cli
+
+SOURCE = "refcocog"
+
+
+def convert_refcocog(data: dict, *, source_file: str, split: str = "train", image_dir_prefix: str = "",
+                     seed: int = 0, templates=(), skip_bad: bool = False,
+                     stats: ConversionStats | None = None) -> Iterator[dict]:
+    """Yield one single-region dialogue per expression of a parsed MDETR RefCOCOg dict."""
+    stats = stats if stats is not None else ConversionStats()
+    templates = templates or templates_by_name("gpt4roi_vg")
+    require_keys(data, ("images", "annotations"), source_file)
+    boxes: dict = defaultdict(list)
+    for k, ann in enumerate(data["annotations"]):
+        require_keys(ann, ("image_id",), f"{source_file}: annotations[{k}]")
+        boxes[ann["image_id"]].append(ann)
+    for k, img in enumerate(data["images"]):
+        require_keys(img, ("id", "file_name", "width", "height"), f"{source_file}: images[{k}]")
+        stats.images += 1
+        where = f"{source_file}: image {img['id']}"
+        anns = boxes.get(img["id"], [])
+        if not anns:
+            stats.drop("no_box")
+            stats.images_without_regions += 1
+            continue
+        if len(anns) > 1:
+            stats.drop("extra_box", len(anns) - 1)
+        bbox = kept_box(anns[0], where=f"{where} annotation {anns[0].get('id', 0)}", width=img["width"],
+                        height=img["height"], skip_bad=skip_bad, stats=stats)
+        caption = kept_caption(img, "caption", where=where, stats=stats) if bbox is not None else None
+        if bbox is None or caption is None:
+            stats.images_without_regions += 1
+            continue
+        yield from region_records([Region(bbox=bbox, caption=caption)], record_id=f"refcocog/{split}/{img['id']}",
+                                  image=join_image_path(image_dir_prefix, img["file_name"]), width=img["width"],
+                                  height=img["height"], source=SOURCE, max_regions=1,
+                                  rng=image_rng(seed, img["id"]), templates=templates, stats=stats, numbered=False)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_converters.refcocog", description=__doc__.splitlines()[0])
+    parser.add_argument("--annotations", required=True, type=Path, help="MDETR finetune_refcocog_<split>.json")
+    parser.add_argument("--split", help="split name used in record ids (default: from the file name)")
+    add_output_arguments(parser, regions=False)
+    parser.add_argument("--templates", default="gpt4roi_vg")
+    args = parser.parse_args(argv)
+    templates = templates_by_name(args.templates)
+    data = load_json(args.annotations)
+    stats = ConversionStats(input=str(args.annotations))
+    records = convert_refcocog(data, source_file=args.annotations.name, split=args.split or infer_split(args.annotations),
+                               image_dir_prefix=args.image_dir_prefix or "", seed=args.seed, templates=templates,
+                               skip_bad=args.skip_bad, stats=stats)
+    return finish(args, records, stats)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
