@@ -1,0 +1,134 @@
+"""Batch dataset items: pad to a rectangle, or pack several samples into each row.
+
+Both produce the model inputs of docs/architecture.md: ``pixel_values (I, 3, S, S)`` hold one image per
+``<image>`` run in the order the runs appear in the flattened (row-major) ``input_ids``, and ``boxes`` is
+the list of the I images' ``(N_i, 4)`` boxes in the same order.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from gpt4roi_sft.constants import IGNORE_INDEX
+
+
+def _vision_inputs(items: Sequence[dict]) -> dict:
+    """pixel_values / boxes / region_masks of the items that have an image, in the given item order."""
+    with_image = [it for it in items if it.get("pixel_values") is not None]
+    out = {
+        "pixel_values": torch.stack([it["pixel_values"] for it in with_image]) if with_image else None,
+        "boxes": [it["boxes"] for it in with_image],
+    }
+    if with_image and all("region_masks" in it for it in with_image):
+        out["region_masks"] = [it["region_masks"] for it in with_image]
+    return out
+
+
+class PaddingCollator:
+    """Pad items to the longest one: right padding for training, left for batched generation.
+
+    Returns ``input_ids``/``attention_mask``/``labels`` ``(B, L)`` (padding labelled ``IGNORE_INDEX``),
+    the vision inputs, ``num_tokens`` (non-pad tokens) and ``num_label_tokens`` (trained tokens).
+    """
+
+    def __init__(self, pad_token_id: int, padding_side: str = "right"):
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        self.pad_token_id = int(pad_token_id)
+        self.padding_side = padding_side
+
+    def __call__(self, items: Sequence[dict]) -> Dict[str, object]:
+        length = max(len(it["input_ids"]) for it in items)
+        ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(items), length), dtype=torch.long)
+        for b, it in enumerate(items):
+            n = len(it["input_ids"])
+            cols = slice(0, n) if self.padding_side == "right" else slice(length - n, length)
+            ids[b, cols] = it["input_ids"]
+            labels[b, cols] = it["labels"]
+            mask[b, cols] = 1
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, **_vision_inputs(items)}
+        batch["num_tokens"] = int(mask.sum())
+        batch["num_label_tokens"] = int((labels != IGNORE_INDEX).sum())
+        return batch
+
+
+def pack_sequences(lengths: Sequence[int], max_length: int) -> List[List[int]]:
+    """Greedy first-fit: assign sample indices (in order) to the first row with room; rows sum to <= max_length."""
+    rows: List[List[int]] = []
+    room: List[int] = []
+    for i, n in enumerate(lengths):
+        if n > max_length:
+            raise ValueError(f"sample {i} has {n} tokens, more than the packing length {max_length}")
+        for r, free in enumerate(room):
+            if n <= free:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(max_length - n)
+    return rows
+
+
+class PackingCollator:
+    """Pack the batch's samples into as few rows of ``<= max_length`` tokens as first-fit finds.
+
+    ``position_ids`` restart at 0 for every sample (and for the padding run at a row's end, which is a
+    sample of its own that nothing attends to); there is no ``attention_mask`` (None), so the model must
+    keep attention within samples (varlen flash-attn via :func:`cu_seqlens_from_position_ids`, or the
+    block-diagonal mask transformers builds from ``position_ids``). Each sample's first label is
+    ``IGNORE_INDEX`` so no loss predicts one sample from the previous one.
+    """
+
+    def __init__(self, max_length: int, pad_token_id: int):
+        self.max_length = int(max_length)
+        self.pad_token_id = int(pad_token_id)
+
+    def __call__(self, items: Sequence[dict]) -> Dict[str, object]:
+        rows = pack_sequences([len(it["input_ids"]) for it in items], self.max_length)
+        length = max(sum(len(items[i]["input_ids"]) for i in row) for row in rows)
+        ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+        positions = torch.zeros((len(rows), length), dtype=torch.long)
+        order = []
+        num_tokens = 0
+        for r, row in enumerate(rows):
+            col = 0
+            for i in row:
+                it = items[i]
+                n = len(it["input_ids"])
+                ids[r, col : col + n] = it["input_ids"]
+                labels[r, col : col + n] = it["labels"]
+                labels[r, col] = IGNORE_INDEX
+                positions[r, col : col + n] = torch.arange(n)
+                col += n
+                order.append(i)
+            num_tokens += col
+            positions[r, col:] = torch.arange(length - col)
+        batch = {
+            "input_ids": ids,
+            "attention_mask": None,
+            "position_ids": positions,
+            "labels": labels,
+            **_vision_inputs([items[i] for i in order]),
+            "num_tokens": num_tokens,
+            "num_label_tokens": int((labels != IGNORE_INDEX).sum()),
+        }
+        return batch
+
+
+def packed_sequence_lengths(position_ids: torch.Tensor) -> List[int]:
+    """Lengths of the sequences in packed ``position_ids (B, L)`` (row-major; a new one starts at each 0)."""
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0, as_tuple=False).flatten().tolist() + [flat.numel()]
+    return [b - a for a, b in zip(starts[:-1], starts[1:])]
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """``cu_seqlens (num_seqs + 1,)`` int32 of packed ``position_ids``, for varlen flash attention."""
+    lengths = torch.tensor([0] + packed_sequence_lengths(position_ids), dtype=torch.int32)
+    return torch.cumsum(lengths, dim=0, dtype=torch.int32)

@@ -1,0 +1,301 @@
+"""Conversation JSONL -> training items, read lazily through a byte-offset index.
+
+The index is one pass over the file reading lines as bytes (only the offsets are kept, never the
+records), so a multi-GB JSONL costs a few bytes per record of memory and each item costs one seek and
+one ``json.loads``. Every record is validated when read; errors name the file and line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from gpt4roi_sft.constants import BBOX_TOKEN, IGNORE_INDEX, IMAGE_TOKEN
+from gpt4roi_sft.conversation import tokenize_conversation, validate_messages
+from gpt4roi_sft.data.image_transform import ImageTransform, validate_boxes
+from gpt4roi_sft.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+# Rough bytes per token of English JSON text, for the cheap length estimate used by length grouping.
+BYTES_PER_TOKEN = 4.0
+
+
+@dataclass
+class LineIndex:
+    """Where each record of one JSONL file lies: byte ``offsets``, byte ``sizes``, 1-based ``line_numbers``."""
+
+    path: str
+    offsets: np.ndarray  # (R,) int64
+    sizes: np.ndarray  # (R,) int64
+    line_numbers: np.ndarray  # (R,) int64
+    has_image: np.ndarray  # (R,) bool, a cheap guess from the raw bytes
+
+
+def index_jsonl(path: str) -> LineIndex:
+    """Scan ``path`` once (line by line, as bytes) and record where each non-blank line starts."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: conversation file not found")
+    offsets, sizes, lines, images = [], [], [], []
+    pos = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if raw.strip():
+                offsets.append(pos)
+                sizes.append(len(raw))
+                lines.append(lineno)
+                images.append(b'"image"' in raw and b'"image": null' not in raw)
+            pos += len(raw)
+    return LineIndex(
+        path,
+        np.asarray(offsets, dtype=np.int64),
+        np.asarray(sizes, dtype=np.int64),
+        np.asarray(lines, dtype=np.int64),
+        np.asarray(images, dtype=bool),
+    )
+
+
+def panoptic_segment_mask(png_path: str, segment_id: int) -> np.ndarray:
+    """(H, W) bool mask of ``segment_id`` in a COCO-panoptic PNG (``id = R + 256*G + 256^2*B``)."""
+    rgb = np.asarray(Image.open(png_path).convert("RGB"), dtype=np.int64)
+    ids = rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
+    return ids == int(segment_id)
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """Records of one or more conversation JSONL files as training items.
+
+    ``dataset[i]`` is ``{"input_ids": (L,) long, "labels": (L,) long, "pixel_values": (3, S, S) float or
+    None, "boxes": (N, 4) float xyxy fractions of the square, "region_masks": (N, S, S) float (only with
+    ``load_masks``), "id": str, "num_dropped_turns": int}``. ``<image>`` is expanded to
+    ``num_image_tokens`` copies of ``image_token_id`` (never trained); each ``<bbox>`` stays one token
+    and ``boxes[k]`` belongs to the k-th. When truncation to ``max_length`` drops trailing turns, the
+    regions their ``<bbox>`` tokens referred to are dropped too.
+
+    Files are concatenated in the order given; :attr:`source_sizes` gives each file's record count (the
+    mixture sampler draws from these ranges).
+    """
+
+    def __init__(
+        self,
+        paths_or_path: Union[str, Sequence[str]],
+        image_root: Optional[str],
+        tokenizer,
+        image_transform: ImageTransform,
+        image_token_id: int,
+        num_image_tokens: int,
+        template: str = "gpt4roi_v0",
+        max_length: int = 2048,
+        load_masks: bool = False,
+        skip_bad_records: bool = False,
+    ):
+        paths = [paths_or_path] if isinstance(paths_or_path, (str, os.PathLike)) else list(paths_or_path)
+        if not paths:
+            raise ConfigError("ConversationDataset needs at least one JSONL path")
+        self.paths = [str(p) for p in paths]
+        self.image_root = image_root or ""
+        self.tokenizer = tokenizer
+        self.image_transform = image_transform
+        self.image_token_id = int(image_token_id)
+        self.num_image_tokens = int(num_image_tokens)
+        self.template = template
+        self.max_length = int(max_length)
+        self.load_masks = load_masks
+        self.skip_bad_records = skip_bad_records
+        self.num_skipped = 0
+        self._tokenizer_image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self._tokenizer_bbox_id = tokenizer.convert_tokens_to_ids(BBOX_TOKEN)
+        for tok, tid in ((IMAGE_TOKEN, self._tokenizer_image_id), (BBOX_TOKEN, self._tokenizer_bbox_id)):
+            if tid is None or tid == tokenizer.unk_token_id or tokenizer(tok, add_special_tokens=False)["input_ids"] != [tid]:
+                raise ConfigError(f"the tokenizer must hold {tok} as one added token (add it before building the dataset)")
+        self.indexes = [index_jsonl(p) for p in self.paths]
+        self.source_sizes = [len(ix.offsets) for ix in self.indexes]
+        self._starts = np.cumsum([0] + self.source_sizes)
+        logger.info("indexed %d records from %d file(s)", len(self), len(self.paths))
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    # ----------------------------------------------------------------------------------------- reading
+    def _locate(self, i: int):
+        if not 0 <= i < len(self):
+            raise IndexError(f"record {i} out of range for {len(self)} records")
+        f = int(np.searchsorted(self._starts, i, side="right") - 1)
+        return self.indexes[f], i - int(self._starts[f])
+
+    def where(self, i: int) -> str:
+        """``"file.jsonl line N"`` for record ``i``, as errors name it."""
+        ix, j = self._locate(i)
+        return f"{ix.path} line {int(ix.line_numbers[j])}"
+
+    def read_record(self, i: int) -> dict:
+        """Parse record ``i`` (one seek + one line); invalid JSON is a :class:`DataError` naming file and line."""
+        ix, j = self._locate(i)
+        with open(ix.path, "rb") as f:
+            f.seek(int(ix.offsets[j]))
+            raw = f.read(int(ix.sizes[j]))
+        try:
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(f"{self.where(i)}: invalid JSON ({exc})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{self.where(i)}: a record must be a JSON object, got {type(record).__name__}")
+        return record
+
+    def validate_record(self, record: dict, where: str, check_files: bool = True) -> None:
+        """Check the schema rules (see docs/architecture.md); raise :class:`DataError` naming ``where``."""
+        if "conversations" not in record:
+            raise DataError(f"{where}: missing field 'conversations'")
+        messages = record["conversations"]
+        validate_messages(messages, where=f"{where}: conversations")
+        regions = record.get("regions") or []
+        if not isinstance(regions, list):
+            raise DataError(f"{where}: 'regions' must be a list")
+        n_image = [m["value"].count(IMAGE_TOKEN) for m in messages]
+        image = record.get("image")
+        if image:
+            if sum(n_image) != 1 or n_image[0] != 1:
+                raise DataError(
+                    f"{where}: {IMAGE_TOKEN} must appear exactly once, in the first human turn "
+                    f"(found {sum(n_image)} time(s), {n_image[0]} in the first turn)"
+                )
+            for key in ("width", "height"):
+                if not isinstance(record.get(key), (int, float)) or record[key] <= 0:
+                    raise DataError(f"{where}: field '{key}' must be a positive number (got {record.get(key)!r})")
+            if check_files and not os.path.isfile(os.path.join(self.image_root, image)):
+                raise DataError(f"{where}: image file not found: {os.path.join(self.image_root, image)}")
+        elif sum(n_image):
+            raise DataError(f"{where}: the text has {IMAGE_TOKEN} but the record has no 'image'")
+        n_bbox = sum(m["value"].count(BBOX_TOKEN) for m in messages)
+        if n_bbox != len(regions):
+            raise DataError(f"{where}: the text has {n_bbox} {BBOX_TOKEN} token(s) but the record has {len(regions)} region(s)")
+        if regions and not image:
+            raise DataError(f"{where}: regions need an image, but the record has no 'image'")
+        for k, region in enumerate(regions):
+            if not isinstance(region, dict) or "bbox" not in region:
+                raise DataError(f"{where}: region {k} has no 'bbox'")
+            if self.load_masks and ("mask" not in region or "segment_id" not in region):
+                raise DataError(f"{where}: region {k} needs 'mask' and 'segment_id' when masks are loaded")
+        if regions:
+            validate_boxes([r["bbox"] for r in regions], record["width"], record["height"], where=where, clip=True)
+
+    def _expand_image(self, ids: List[int], labels: List[int]):
+        out_ids, out_labels = [], []
+        for tid, lab in zip(ids, labels):
+            if tid == self._tokenizer_image_id:
+                out_ids += [self.image_token_id] * self.num_image_tokens
+                out_labels += [IGNORE_INDEX] * self.num_image_tokens
+            else:
+                out_ids.append(tid)
+                out_labels.append(lab)
+        return out_ids, out_labels
+
+    def build_item(self, record: dict, where: str) -> dict:
+        """Validate, tokenize and transform one parsed record into a training item."""
+        self.validate_record(record, where)
+        messages = record["conversations"]
+        has_image = bool(record.get("image"))
+        budget = self.max_length - (self.num_image_tokens - 1 if has_image else 0)
+        try:
+            tok = tokenize_conversation(self.tokenizer, messages, self.template, max_length=budget)
+        except DataError as exc:
+            raise DataError(f"{where}: {exc}") from None
+        ids, labels = self._expand_image(tok.input_ids, tok.labels)
+        kept_messages = messages[: len(messages) - tok.num_dropped_turns]
+        num_regions = sum(m["value"].count(BBOX_TOKEN) for m in kept_messages)
+        regions = (record.get("regions") or [])[:num_regions]
+        if ids.count(self._tokenizer_bbox_id) != num_regions:
+            raise DataError(f"{where}: {ids.count(self._tokenizer_bbox_id)} {BBOX_TOKEN} tokens after tokenization for {num_regions} regions")
+        item = {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "pixel_values": None,
+            "boxes": torch.zeros((0, 4), dtype=torch.float32),
+            "id": str(record.get("id", where)),
+            "num_dropped_turns": tok.num_dropped_turns,
+        }
+        if has_image:
+            image_path = os.path.join(self.image_root, record["image"])
+            try:
+                image = Image.open(image_path)
+                image.load()
+            except OSError as exc:
+                raise DataError(f"{where}: cannot read image {image_path} ({exc})") from None
+            width, height = image.size
+            # Boxes are in the record's pixel frame; follow the file if it was resized since.
+            sx, sy = width / float(record["width"]), height / float(record["height"])
+            boxes = np.asarray([r["bbox"] for r in regions], dtype=np.float64).reshape(-1, 4) * [sx, sy, sx, sy]
+            masks = None
+            if self.load_masks:
+                masks = [self._region_mask(r, where, (height, width)) for r in regions]
+            out = self.image_transform(image, boxes, masks, where=where, clip=True)
+            item["pixel_values"] = out.pixel_values
+            item["boxes"] = out.boxes
+            if self.load_masks:
+                item["region_masks"] = out.masks
+        elif self.load_masks:
+            item["region_masks"] = torch.zeros((0, self.image_transform.size, self.image_transform.size))
+        return item
+
+    def _region_mask(self, region: dict, where: str, shape) -> np.ndarray:
+        png = os.path.join(self.image_root, region["mask"])
+        if not os.path.isfile(png):
+            raise DataError(f"{where}: mask file not found: {png}")
+        mask = panoptic_segment_mask(png, region["segment_id"])
+        if mask.shape != tuple(shape):
+            raise DataError(f"{where}: mask {png} is {mask.shape[1]}x{mask.shape[0]}, image is {shape[1]}x{shape[0]}")
+        if not mask.any():
+            raise DataError(f"{where}: segment {region['segment_id']} does not occur in {png}")
+        return mask
+
+    def __getitem__(self, i: int) -> dict:
+        if not self.skip_bad_records:
+            return self.build_item(self.read_record(i), self.where(i))
+        # A bad record is replaced by the next good one: deterministic, so resumed runs see the same data.
+        for step in range(min(len(self), 1000)):
+            j = (i + step) % len(self)
+            try:
+                return self.build_item(self.read_record(j), self.where(j))
+            except DataError as exc:
+                self.num_skipped += 1
+                logger.warning("skipping bad record (%d skipped so far): %s", self.num_skipped, exc)
+        raise DataError(f"no readable record found near record {i} of {self.paths}")
+
+    # ------------------------------------------------------------------------------------- whole-file
+    def lengths(self) -> np.ndarray:
+        """(R,) approximate token lengths from byte sizes (no parsing), image tokens included."""
+        sizes = np.concatenate([ix.sizes for ix in self.indexes]).astype(np.float64)
+        images = np.concatenate([ix.has_image for ix in self.indexes])
+        est = np.ceil(sizes / BYTES_PER_TOKEN) + images * self.num_image_tokens
+        return np.minimum(est, self.max_length).astype(np.int64)
+
+    def validate_all(self, raise_on_error: bool = True, tokenize: bool = False) -> List[str]:
+        """Check every record (JSON, schema, regions, boxes, image files) without loading images.
+
+        Returns the list of error messages; with ``raise_on_error`` a non-empty list raises one
+        :class:`DataError` that counts them and shows the first few. ``tokenize`` also checks that each
+        conversation's first pair fits ``max_length`` (slower).
+        """
+        errors = []
+        for i in range(len(self)):
+            where = self.where(i)
+            try:
+                record = self.read_record(i)
+                self.validate_record(record, where)
+                if tokenize:
+                    budget = self.max_length - (self.num_image_tokens - 1 if record.get("image") else 0)
+                    tokenize_conversation(self.tokenizer, record["conversations"], self.template, budget)
+            except DataError as exc:
+                msg = str(exc)
+                errors.append(msg if msg.startswith(where) else f"{where}: {msg}")
+        if errors and raise_on_error:
+            shown = "; ".join(errors[:5])
+            raise DataError(f"{len(errors)} bad record(s) in {', '.join(self.paths)}: {shown}" + (" ..." if len(errors) > 5 else ""))
+        return errors
