@@ -1,0 +1,200 @@
+"""eval.vg: validation before generation, resumable predictions, sharding, scoring and the CLI."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from eval import vg
+from eval.prediction_store import PredictionStore
+from gpt4roi_sft.errors import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+COLOURS = ["red", "blue", "red", "yellow", "red", "blue"]
+KINDS = ["circle", "square", "circle", "triangle", "square", "circle"]
+
+
+def write_test_file(tmp_path, n=6, mutate=None):
+    """A GLaMM-format test file with ``n`` samples over two images (file names repeat, as in GLaMM's)."""
+    images_dir = tmp_path / "images"
+    images_dir.mkdir(exist_ok=True)
+    for name in ("a.jpg", "b.jpg"):
+        Image.new("RGB", (64, 48), (10, 200, 30)).save(images_dir / name)
+    data = {"images": [], "annotations": []}
+    for i in range(1, n + 1):
+        data["images"].append({"id": i, "file_name": "a.jpg" if i % 2 else "b.jpg", "width": 64, "height": 48})
+        data["annotations"].append({"id": i, "image_id": i, "bbox": [2, 3, 20, 10],
+                                    "caption": f"a {COLOURS[i - 1]} {KINDS[i - 1]} on the grass",
+                                    "attributes": {"colour": COLOURS[i - 1], "kind": KINDS[i - 1]}})
+    if mutate:
+        mutate(data)
+    path = tmp_path / "test_caption.json"
+    path.write_text(json.dumps(data))
+    return path, images_dir
+
+
+class RecordingCaptioner:
+    """Stands in for the model: answers with the true colour for odd ids; can die after some batches."""
+
+    def __init__(self, die_after_batches=None):
+        self.asked = []
+        self.batches = 0
+        self.die_after_batches = die_after_batches
+
+    def __call__(self, requests):
+        if self.die_after_batches is not None and self.batches >= self.die_after_batches:
+            raise KeyboardInterrupt("killed")
+        self.batches += 1
+        self.asked.extend(requests)
+        return [f"a red circle number {len(self.asked) - len(requests) + k}" for k in range(len(requests))]
+
+
+def config(tmp_path, ann, images, **kw):
+    return vg.VGEvalConfig(annotations=ann, image_root=images, out=tmp_path / "out", batch_size=2, **kw)
+
+
+def test_valid_file_gives_one_sample_per_image_entry_with_xyxy_box(tmp_path):
+    ann, images = write_test_file(tmp_path)
+    samples, skipped = vg.load_vg_test(ann, images)
+    assert [s.sample_id for s in samples] == [1, 2, 3, 4, 5, 6] and skipped == []
+    assert samples[0].box == [2.0, 3.0, 22.0, 13.0]
+    assert samples[1].image_path == images / "b.jpg"
+
+
+def test_annotation_ids_not_matching_image_ids_is_an_error_naming_the_sample(tmp_path):
+    def shift(data):
+        data["annotations"][2]["id"] = 99
+    ann, images = write_test_file(tmp_path, mutate=shift)
+    with pytest.raises(DataError, match=r"sample 3: no annotation with id 3"):
+        vg.load_vg_test(ann, images)
+
+
+def test_missing_image_file_is_an_error_naming_the_sample(tmp_path):
+    def missing(data):
+        data["images"][4]["file_name"] = "gone.jpg"
+    ann, images = write_test_file(tmp_path, mutate=missing)
+    with pytest.raises(DataError, match=r"sample 5: image file .*gone.jpg not found"):
+        vg.load_vg_test(ann, images)
+
+
+def test_empty_reference_caption_is_an_error_naming_the_sample(tmp_path):
+    def empty(data):
+        data["annotations"][1]["caption"] = "  "
+    ann, images = write_test_file(tmp_path, mutate=empty)
+    with pytest.raises(DataError, match=r"sample 2: empty reference caption"):
+        vg.load_vg_test(ann, images)
+
+
+def test_skip_bad_counts_and_leaves_out_bad_samples(tmp_path):
+    def two_bad(data):
+        data["annotations"][1]["caption"] = ""
+        data["images"][4]["file_name"] = "gone.jpg"
+    ann, images = write_test_file(tmp_path, mutate=two_bad)
+    samples, skipped = vg.load_vg_test(ann, images, skip_bad=True)
+    assert [s.sample_id for s in samples] == [1, 3, 4, 6]
+    assert len(skipped) == 2
+
+
+def test_bad_input_fails_before_any_generation(tmp_path):
+    def empty(data):
+        data["annotations"][5]["caption"] = ""
+    ann, images = write_test_file(tmp_path, mutate=empty)
+    captioner = RecordingCaptioner()
+    with pytest.raises(DataError):
+        vg.evaluate(config(tmp_path, ann, images), captioner)
+    assert captioner.asked == []
+
+
+def test_killed_run_resumes_and_each_sample_is_predicted_once(tmp_path):
+    ann, images = write_test_file(tmp_path)
+    cfg = config(tmp_path, ann, images)
+    with pytest.raises(KeyboardInterrupt):
+        vg.evaluate(cfg, RecordingCaptioner(die_after_batches=2))
+    partial = cfg.out / vg.PARTIAL_NAME
+    with open(partial, "a") as fh:  # a kill in the middle of a write leaves half a line
+        fh.write('{"id": "5", "capt')
+    second = RecordingCaptioner()
+    vg.evaluate(cfg, second)
+    assert [r.boxes for r in second.asked] == [[[2.0, 3.0, 22.0, 13.0]]] * 2
+    assert [r.image for r in second.asked] == [images / "a.jpg", images / "b.jpg"]  # samples 5 and 6 only
+    preds = json.loads((cfg.out / "predictions.json").read_text())
+    assert [p["image_id"] for p in preds] == [1, 2, 3, 4, 5, 6]
+    lines = [json.loads(l) for l in partial.read_text().splitlines()]
+    assert sorted(r["id"] for r in lines) == ["1", "2", "3", "4", "5", "6"]
+
+
+def test_finished_run_rerun_asks_the_model_nothing(tmp_path):
+    ann, images = write_test_file(tmp_path, n=2)
+    cfg = config(tmp_path, ann, images)
+    vg.evaluate(cfg, RecordingCaptioner())
+    again = RecordingCaptioner()
+    vg.evaluate(cfg, again)
+    assert again.asked == []
+
+
+def test_prompt_has_the_gpt4roi_preamble_and_one_region():
+    assert vg.DEFAULT_PROMPT == ("The <image> provides an overview of the picture.\n"
+                                 "Can you give a description of the region mentioned by region1 <bbox>?")
+
+
+def test_metrics_files_and_attribute_accuracy_with_chance(tmp_path):
+    ann, images = write_test_file(tmp_path)
+    summary = vg.evaluate(config(tmp_path, ann, images), RecordingCaptioner())
+    out = tmp_path / "out"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics) == ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE"]
+    assert metrics["SPICE"] is None
+    # every answer says "red circle": right for samples 1 and 3 only; red+circle is also the modal pair (2 of 6)
+    assert summary["attribute_accuracy"]["accuracy"] == pytest.approx(2 / 6)
+    assert summary["attribute_accuracy"]["chance"] == pytest.approx(2 / 6)
+    assert "CIDEr" in (out / "metrics.txt").read_text()
+
+
+def test_attribute_match_needs_whole_words_for_both_colour_and_kind():
+    s = vg.VGSample(1, Path("x.jpg"), [0, 0, 1, 1], "ref", {"colour": "red", "kind": "square"})
+    t = vg.VGSample(2, Path("x.jpg"), [0, 0, 1, 1], "ref", {"colour": "red", "kind": "square"})
+    acc = vg.attribute_accuracy([s, t], {1: "A Red square.", 2: "a reddish squares"})
+    assert acc["accuracy"] == 0.5
+
+
+def test_shards_partition_samples_and_merge_scores_all(tmp_path):
+    ann, images = write_test_file(tmp_path)
+    seen = []
+    for i in range(3):
+        cap = RecordingCaptioner()
+        assert vg.evaluate(config(tmp_path, ann, images, shard_id=i, num_shards=3), cap) is None
+        seen.extend(r.image for r in cap.asked)
+    assert len(seen) == 6
+    rc = vg.main(["merge", "--annotations", str(ann), "--out", str(tmp_path / "out"), "--num-shards", "3"])
+    assert rc == 0
+    preds = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert sorted(p["image_id"] for p in preds) == [1, 2, 3, 4, 5, 6]
+
+
+def test_merge_with_a_missing_shard_names_it(tmp_path):
+    ann, images = write_test_file(tmp_path)
+    vg.evaluate(config(tmp_path, ann, images, shard_id=0, num_shards=2), RecordingCaptioner())
+    with pytest.raises(DataError, match="shard 1 of 2"):
+        vg.merge_shards(tmp_path / "out", 2)
+
+
+def test_prediction_store_never_duplicates_an_id(tmp_path):
+    store = PredictionStore(tmp_path / "p.jsonl")
+    store.append([("1", {"caption": "a"}), ("1", {"caption": "b"})])
+    store.append([("1", {"caption": "c"})])
+    assert PredictionStore(tmp_path / "p.jsonl").records["1"]["caption"] == "a"
+    assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 1
+
+
+def test_cli_bad_file_prints_one_line_and_exits_2(tmp_path):
+    def empty(data):
+        data["annotations"][0]["caption"] = ""
+    ann, images = write_test_file(tmp_path, mutate=empty)
+    proc = subprocess.run([sys.executable, "-m", "eval.vg", "--annotations", str(ann), "--image-root", str(images),
+                           "--out", str(tmp_path / "out"), "--model", str(tmp_path / "nomodel")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "sample 1" in proc.stderr
