@@ -7,7 +7,7 @@ the list of the I images' ``(N_i, 4)`` boxes in the same order.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 
