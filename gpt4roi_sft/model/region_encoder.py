@@ -35,6 +35,25 @@ from torchvision.ops import roi_align
 NUM_LEVELS = 4
 
 
+def pool_boxes(fmap: torch.Tensor, boxes: list[torch.Tensor], image_size: int, output_size: int) -> torch.Tensor:
+    """RoIAlign of xyxy-fraction ``boxes`` (I tensors (N_i, 4)) on ``fmap`` (I, C, H, W) -> (sum N_i, C, R, R).
+
+    mmcv semantics as in GPT4RoI: boxes in pixels of the ``image_size`` square, ``spatial_scale`` =
+    map side / image side, ``sampling_ratio=2``, ``aligned=True`` (pixel centres at +0.5).
+    """
+    rois = torch.cat(
+        [torch.cat([b.new_full((len(b), 1), float(i)), b * image_size], dim=1) for i, b in enumerate(boxes)]
+    ).float()
+    return roi_align(
+        fmap.float(),
+        rois,
+        output_size=output_size,
+        spatial_scale=fmap.shape[-1] / image_size,
+        sampling_ratio=2,
+        aligned=True,
+    ).to(fmap.dtype)
+
+
 class ConvGNReLU(nn.Module):
     """3x3 conv (no bias) + GroupNorm + ReLU; mmcv's ``ConvModule`` with a GN norm, same parameter names."""
 
@@ -157,20 +176,7 @@ class RegionEncoder(nn.Module):
         return self.mlvl_fuse(maps)
 
     def _box_features(self, maps: list[torch.Tensor], boxes: list[torch.Tensor]) -> torch.Tensor:
-        rois = torch.cat(
-            [torch.cat([b.new_full((len(b), 1), float(i)), b * self.image_size], dim=1) for i, b in enumerate(boxes)]
-        ).float()
-        pooled = []
-        for conv, fmap in zip(self.pconvs, maps):
-            feat = roi_align(
-                fmap.float(),
-                rois,
-                output_size=self.roi_output_size,
-                spatial_scale=fmap.shape[-1] / self.image_size,
-                sampling_ratio=2,
-                aligned=True,
-            ).to(fmap.dtype)
-            pooled.append(conv(feat))
+        pooled = [conv(pool_boxes(fmap, boxes, self.image_size, self.roi_output_size)) for conv, fmap in zip(self.pconvs, maps)]
         fused = F.relu(torch.stack(pooled).sum(0))
         return self.flatten_linear(fused.flatten(1))
 
@@ -216,4 +222,4 @@ class RegionEncoder(nn.Module):
         return self.to_llm(feats)
 
 
-__all__ = ["RegionEncoder", "MultiLevelFuse", "ConvGNReLU"]
+__all__ = ["RegionEncoder", "pool_boxes", "MultiLevelFuse", "ConvGNReLU"]

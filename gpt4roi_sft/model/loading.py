@@ -1,0 +1,272 @@
+"""``load_model(path) -> (model, processor)``: one entry point for every checkpoint layout we read.
+
+Layouts, told apart by ``config.json``:
+  (a) ``llava-hf`` LLaVA (``model_type: llava`` with ``text_config``): tower, ``multi_modal_projector``
+      (2-layer GELU MLP) and LLM are loaded; the region encoder starts fresh;
+  (b) this project's own directories (``model_type: gpt4roi``);
+  (c) an LLM directory plus ``vision_tower=<CLIP dir>``: projector and region encoder start fresh;
+  (d) original LLaVA (``LlavaLlamaForCausalLM`` with ``mm_vision_tower``, ``model.mm_projector.*``),
+      including GPT4RoI's merged checkpoint (``model.spi_module.*``, see :mod:`.convert_gpt4roi`).
+
+Every weight in the files must find a home and every weight of the model must be loaded, except the
+parts that start fresh in that layout; otherwise :class:`CheckpointError` names the weight. Missing
+``<image>`` / ``<bbox>`` tokens are added to the tokenizer, their embedding rows set to the mean row.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import re
+from typing import Optional
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, CLIPVisionConfig
+
+from gpt4roi_sft.constants import BBOX_TOKEN, IMAGE_TOKEN
+from gpt4roi_sft.data.image_transform import ImageTransform
+from gpt4roi_sft.errors import ConfigError, UserError
+from gpt4roi_sft.model.configuration import GPT4RoIConfig
+from gpt4roi_sft.model.convert_gpt4roi import convert_llava_original_state_dict, is_gpt4roi_state_dict
+from gpt4roi_sft.model.modeling import GPT4RoIForCausalLM, default_attn_implementation
+from gpt4roi_sft.model.processing import PROCESSOR_CONFIG_NAME, GPT4RoIProcessor
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint directory lacks a weight the model needs, or holds one it has no place for."""
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """All tensors of a directory's ``*.safetensors`` files (or ``pytorch_model*.bin`` when none)."""
+    from safetensors.torch import load_file
+
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    state = {}
+    if files:
+        for f in files:
+            state.update(load_file(f))
+        return state
+    files = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors or pytorch_model*.bin weight files")
+    for f in files:
+        state.update(torch.load(f, map_location="cpu", weights_only=True))
+    return state
+
+
+def _read_config(path: str) -> dict:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ConfigError(f"{path}: no config.json (not a model directory)")
+    with open(cfg_path) as f:
+        return json.load(f)
+
+
+def default_region_layers(num_layers: int) -> list[int]:
+    """GPT4RoI's choice for ViT-L (24 blocks -> outputs of blocks 14, 17, 20, 23), for any depth.
+
+    Shallow towers get evenly spread blocks from the first one on (a shallow level carries region identity).
+    """
+    if num_layers >= 11:
+        return [num_layers - 10, num_layers - 7, num_layers - 4, num_layers - 1]
+    return [max(1, round(num_layers * f)) for f in (0.25, 0.5, 0.75, 1.0)]
+
+
+def _vision_key(key: str) -> str:
+    return re.sub(r"^vision_tower\.(?:vision_model\.)?", "vision_tower.", key)
+
+
+def _llava_hf_key(key: str) -> str:
+    key = re.sub(r"^model\.", "", key) if key.startswith(("model.vision_tower", "model.multi_modal_projector", "model.language_model")) else key
+    key = re.sub(r"^language_model\.(?!model\.|lm_head\.)", "language_model.model.", key)
+    key = re.sub(r"^lm_head\.", "language_model.lm_head.", key)
+    return _vision_key(key)
+
+
+def _clip_state(path: str) -> dict:
+    out = {}
+    for k, v in read_state_dict(path).items():
+        if k.startswith(("text_model.", "text_projection", "visual_projection", "logit_scale")):
+            continue
+        out[_vision_key("vision_tower." + k)] = v
+    return out
+
+
+def _llm_state(path: str) -> dict:
+    out = {}
+    for k, v in read_state_dict(path).items():
+        out["language_model." + (k if k.startswith(("model.", "lm_head.")) else "model." + k)] = v
+    return out
+
+
+def _vision_config(path: Optional[str], what: str) -> CLIPVisionConfig:
+    if not path or not os.path.isdir(path):
+        raise ConfigError(f"{what}: vision tower directory {path!r} not found (pass vision_tower=<CLIP dir>)")
+    return CLIPVisionConfig.from_pretrained(path)
+
+
+def _ensure_tokens(model: GPT4RoIForCausalLM, tokenizer) -> None:
+    """Add ``<image>``/``<bbox>`` if missing; new embedding rows (input and output) = mean of the old rows."""
+    missing = [t for t in (IMAGE_TOKEN, BBOX_TOKEN) if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    vocab = len(tokenizer)
+    old = model.get_input_embeddings().weight.shape[0]
+    if vocab > old:
+        model.resize_token_embeddings(vocab, mean_resizing=False)
+        with torch.no_grad():
+            for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
+                if emb is not None:
+                    emb.weight[old:] = emb.weight[:old].mean(0, keepdim=True)
+    model.config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    model.config.bbox_token_id = tokenizer.convert_tokens_to_ids(BBOX_TOKEN)
+
+
+def _assemble(config: GPT4RoIConfig, state: dict, fresh_prefixes: tuple[str, ...], where: str) -> GPT4RoIForCausalLM:
+    """Build the model and load ``state``; unexpected or (outside ``fresh_prefixes``) missing weights raise."""
+    model = GPT4RoIForCausalLM(config)
+    expected = model.state_dict()
+    unexpected = sorted(k for k in state if k not in expected)
+    if unexpected:
+        raise CheckpointError(f"{where}: unexpected weight {unexpected[0]!r} ({len(unexpected)} in all) has no place in the model")
+    missing = sorted(k for k in expected if k not in state and not k.startswith(fresh_prefixes))
+    if missing:
+        raise CheckpointError(f"{where}: missing weight {missing[0]!r} ({len(missing)} in all)")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise CheckpointError(f"{where}: weight {k!r} has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}")
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def _load_own(path: str, attn: str, torch_dtype) -> tuple[GPT4RoIForCausalLM, GPT4RoIProcessor]:
+    config = GPT4RoIConfig.from_pretrained(path)
+    config._attn_implementation = attn
+    model = _assemble(config, read_state_dict(path), (), path)
+    return model, GPT4RoIProcessor.from_pretrained(path)
+
+
+def _processor(path: str, tokenizer, config: GPT4RoIConfig) -> GPT4RoIProcessor:
+    transform = ImageTransform(size=config.image_size, resize_mode=config.resize_mode)
+    return GPT4RoIProcessor(tokenizer, transform, config.num_image_tokens)
+
+
+def _load_llava_hf(path: str, raw: dict, attn: str):
+    from transformers import LlavaConfig
+
+    lc = LlavaConfig.from_pretrained(path)
+    if lc.vision_feature_select_strategy != "default" or not isinstance(lc.vision_feature_layer, int):
+        raise ConfigError(f"{path}: only vision_feature_select_strategy 'default' with one vision_feature_layer is supported")
+    if lc.projector_hidden_act != "gelu" or not lc.multimodal_projector_bias:
+        raise ConfigError(f"{path}: projector must be GELU with bias (got {lc.projector_hidden_act!r})")
+    vcfg = lc.vision_config.to_dict()
+    config = GPT4RoIConfig(
+        vision_config=vcfg,
+        text_config=lc.text_config.to_dict(),
+        projector_type="mlp2x_gelu",
+        vision_feature_layer=lc.vision_feature_layer,
+        region_feature_layers=default_region_layers(lc.vision_config.num_hidden_layers),
+        image_token_id=lc.image_token_index,
+        resize_mode="pad",
+    )
+    config._attn_implementation = attn
+    state = {_llava_hf_key(k): v for k, v in read_state_dict(path).items()}
+    model = _assemble(config, state, ("region_encoder.",), path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def _load_llava_original(path: str, raw: dict, vision_tower: Optional[str], attn: str):
+    text = {k: v for k, v in raw.items() if not k.startswith("mm_") and k not in ("architectures", "model_type", "auto_map")}
+    text["model_type"] = "llama"
+    vision_path = vision_tower or raw.get("mm_vision_tower")
+    vcfg = _vision_config(vision_path, path)
+    state = read_state_dict(path)
+    has_regions = is_gpt4roi_state_dict(state)
+    try:
+        state = convert_llava_original_state_dict(state)
+    except KeyError as exc:
+        raise CheckpointError(f"{path}: {exc.args[0]}") from None
+    projector = raw.get("mm_projector_type", "linear")
+    config = GPT4RoIConfig(
+        vision_config=vcfg.to_dict(),
+        text_config=text,
+        projector_type=projector,
+        vision_feature_layer=raw.get("mm_vision_select_layer", -2),
+        region_feature_layers=default_region_layers(vcfg.num_hidden_layers),
+    )
+    config._attn_implementation = attn
+    if not any(k.startswith("vision_tower.") for k in state):
+        state.update(_clip_state(vision_path))
+    model = _assemble(config, state, () if has_regions else ("region_encoder.",), path)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def _load_llm_plus_clip(path: str, vision_tower: str, attn: str, projector_type: str):
+    vcfg = _vision_config(vision_tower, path)
+    tcfg = AutoConfig.from_pretrained(path)
+    config = GPT4RoIConfig(
+        vision_config=vcfg.to_dict(),
+        text_config=tcfg.to_dict(),
+        projector_type=projector_type,
+        region_feature_layers=default_region_layers(vcfg.num_hidden_layers),
+    )
+    config._attn_implementation = attn
+    state = _llm_state(path)
+    state.update(_clip_state(vision_tower))
+    model = _assemble(config, state, ("region_encoder.", "multi_modal_projector."), path)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def load_model(
+    path: str,
+    vision_tower: Optional[str] = None,
+    torch_dtype: Optional[torch.dtype] = None,
+    attn_implementation: Optional[str] = None,
+    device=None,
+    projector_type: str = "mlp2x_gelu",
+):
+    """Open a checkpoint directory and return ``(model, processor)``; see the module docstring for layouts.
+
+    Args:
+        path: model directory (ours, llava-hf, original LLaVA / GPT4RoI, or a bare causal LM).
+        vision_tower: CLIP directory; required for a bare LLM, overrides ``mm_vision_tower`` otherwise.
+        torch_dtype: cast the model to this dtype (default: keep float32).
+        attn_implementation: ``sdpa``, ``flash_attention_2``, ``eager``...; default flash-attn when it imports.
+        device: move the model there.
+        projector_type: projector of a fresh LLM + CLIP pair (``mlp2x_gelu`` or ``linear``).
+    """
+    path = os.fspath(path)
+    raw = _read_config(path)
+    attn = attn_implementation or default_attn_implementation()
+    model_type = raw.get("model_type")
+    if model_type == "gpt4roi":
+        model, processor = _load_own(path, attn, torch_dtype)
+    else:
+        if model_type == "llava" and "text_config" in raw:
+            model, tokenizer = _load_llava_hf(path, raw, attn)
+        elif "mm_vision_tower" in raw or any("Llava" in a for a in raw.get("architectures") or []):
+            model, tokenizer = _load_llava_original(path, raw, vision_tower, attn)
+        elif vision_tower is not None:
+            model, tokenizer = _load_llm_plus_clip(path, vision_tower, attn, projector_type)
+        else:
+            raise ConfigError(
+                f"{path}: model_type {model_type!r} is not a multimodal checkpoint; pass vision_tower=<CLIP dir> "
+                "to pair this LLM with a CLIP tower"
+            )
+        _ensure_tokens(model, tokenizer)
+        processor = _processor(path, tokenizer, model.config)
+    if torch_dtype is not None:
+        model = model.to(torch_dtype)
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    logger.info("loaded %s (%s attention)", path, attn)
+    return model, processor
+
+
+__all__ = ["load_model", "CheckpointError", "read_state_dict", "default_region_layers"]
