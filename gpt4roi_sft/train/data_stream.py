@@ -7,10 +7,9 @@ sees exactly the micro-batches an uninterrupted run would have seen from ``k`` o
 from __future__ import annotations
 
 import logging
-from typing import Iterator, List, Sequence
+from typing import Iterator, List
 
-import torch
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import DataLoader
 
 from gpt4roi_sft.config import Config
 
@@ -54,51 +53,36 @@ class MicroBatchStream:
             epoch, offset = epoch + 1, 0
 
 
-def build_datasets(cfg: Config, processor, image_token_id: int) -> List:
+def build_dataset(cfg: Config, processor, image_token_id: int):
+    """One dataset over every ``data.train`` file (in order); the sampler mixes them by ratio."""
     from gpt4roi_sft.data.dataset import ConversationDataset
 
-    datasets = []
-    for path, _ in cfg.data_sources():
-        datasets.append(
-            ConversationDataset(
-                path,
-                image_root=cfg.data.image_root,
-                tokenizer=processor.tokenizer,
-                image_transform=processor.image_transform,
-                image_token_id=image_token_id,
-                num_image_tokens=processor.num_image_tokens,
-                template=cfg.data.template,
-                max_length=cfg.data.max_length,
-                load_masks=cfg.data.load_masks,
-                skip_bad_records=cfg.data.skip_bad_records,
-            )
-        )
-    return datasets
+    return ConversationDataset(
+        [path for path, _ in cfg.data_sources()],
+        image_root=cfg.data.image_root,
+        tokenizer=processor.tokenizer,
+        image_transform=processor.image_transform,
+        image_token_id=image_token_id,
+        num_image_tokens=processor.num_image_tokens,
+        template=cfg.data.template,
+        max_length=cfg.data.max_length,
+        load_masks=cfg.data.load_masks,
+        skip_bad_records=cfg.data.skip_bad_records,
+    )
 
 
-def build_sampler(cfg: Config, datasets: Sequence, rank: int, world_size: int):
+def build_sampler(cfg: Config, dataset, rank: int, world_size: int):
     """Mixture sampling when several sources are given, else a shuffled (optionally length-grouped) sampler."""
-    from gpt4roi_sft.data import sampler as samplers
+    from gpt4roi_sft.data.sampler import LengthGroupedSampler, MixtureSampler
 
     sources = cfg.data_sources()
-    if len(datasets) > 1:
-        return samplers.MixtureSampler(
-            [len(d) for d in datasets],
-            [ratio for _, ratio in sources],
-            seed=cfg.train.seed,
-            rank=rank,
-            world_size=world_size,
+    if len(sources) == 1 and cfg.data.group_by_length:
+        return LengthGroupedSampler(
+            dataset.lengths(), batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed, rank=rank, world_size=world_size
         )
-    if cfg.data.group_by_length:
-        return samplers.LengthGroupedSampler(
-            datasets[0].lengths(),
-            batch_size=cfg.train.micro_batch_size,
-            seed=cfg.train.seed,
-            rank=rank,
-            world_size=world_size,
-        )
-    return torch.utils.data.DistributedSampler(
-        datasets[0], num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.train.seed, drop_last=True
+    # One source with ratio 1 is a plain per-epoch shuffle.
+    return MixtureSampler(
+        dataset.source_sizes, [ratio for _, ratio in sources], seed=cfg.train.seed, rank=rank, world_size=world_size
     )
 
 
@@ -111,12 +95,10 @@ def build_collator(cfg: Config, pad_token_id: int):
 
 
 def build_stream(cfg: Config, processor, image_token_id: int, rank: int, world_size: int) -> MicroBatchStream:
-    datasets = build_datasets(cfg, processor, image_token_id)
+    dataset = build_dataset(cfg, processor, image_token_id)
     if cfg.data.validate_on_start and rank == 0:
-        for d in datasets:
-            d.validate_all()
-    dataset = datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
-    sampler = build_sampler(cfg, datasets, rank, world_size)
+        dataset.validate_all()
+    sampler = build_sampler(cfg, dataset, rank, world_size)
     pad_id = processor.tokenizer.pad_token_id
     if pad_id is None:
         pad_id = processor.tokenizer.eos_token_id

@@ -71,6 +71,39 @@ def move_to_device(batch: Dict[str, Any], device: torch.device, float_dtype: tor
     return {k: move(batch[k], k in ("pixel_values", "region_masks")) for k in MODEL_INPUT_KEYS if batch.get(k) is not None}
 
 
+def build_engine(model, cfg: Config, world_size: int, hidden_size: int, total_steps: int, on_cpu: bool):
+    """``deepspeed.initialize`` with the recipe's DeepSpeed JSON (``"auto"`` filled), AdamW and the LR schedule.
+
+    A DeepSpeed JSON without an ``optimizer`` section gets a client ``torch.optim.AdamW`` (fused on GPU), which
+    needs no compiled extension; one with it (e.g. zero3_offload: DeepSpeed's CPU Adam) is left to DeepSpeed.
+    Returns ``(engine, lr_scheduler, zero_stage)``.
+    """
+    import deepspeed
+
+    ds_config = fill_auto_values(load_deepspeed_json(cfg.deepspeed.config), cfg, world_size, hidden_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = None
+    if "optimizer" not in ds_config:
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay, fused=not on_cpu)
+        ds_config.setdefault("zero_allow_untested_optimizer", True)
+
+    def scheduler_factory(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda_for(cfg, total_steps))
+
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=scheduler_factory, config=ds_config
+    )
+    return engine, scheduler, zero_stage(ds_config)
+
+
+def micro_step(engine, batch: Dict[str, Any], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Forward, backward and (at accumulation boundaries) optimizer step of one micro-batch; returns the loss."""
+    out = engine(**move_to_device(batch, device, dtype))
+    engine.backward(out.loss)
+    engine.step()
+    return out.loss.detach()
+
+
 def _broadcast_error(message: Optional[str]) -> Optional[str]:
     """Rank 0's start-up error (or None) on every rank, so all ranks stop together instead of hanging."""
     obj = [message]
@@ -132,20 +165,7 @@ def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
     total_steps = cfg.train.max_steps
     if total_steps < 1:
         total_steps = max(1, math.ceil(cfg.train.num_epochs * stream.micro_batches_per_epoch / gas))
-    ds_config = fill_auto_values(load_deepspeed_json(cfg.deepspeed.config), cfg, world, base.config.text_config.hidden_size)
-    stage = zero_stage(ds_config)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = None
-    if "optimizer" not in ds_config:
-        optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay, fused=not on_cpu)
-        ds_config.setdefault("zero_allow_untested_optimizer", True)
-
-    def scheduler_factory(opt):
-        return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda_for(cfg, total_steps))
-
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=scheduler_factory, config=ds_config
-    )
+    engine, scheduler, stage = build_engine(model, cfg, world, base.config.text_config.hidden_size, total_steps, on_cpu)
 
     start_step, consumed = 0, 0
     resume_dir = ckpt.find_latest(out_dir)
@@ -186,17 +206,14 @@ def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
     try:
         for step in range(start_step + 1, total_steps + 1):
             t0 = time.perf_counter()
+            lr = scheduler.get_last_lr()[0]
             loss_sum = torch.zeros((), dtype=torch.float64)
             tokens = 0
             for _ in range(gas):
                 batch = next(batches)
                 consumed += 1
-                inputs = move_to_device(batch, device, dtype)
-                out = engine(**inputs)
-                engine.backward(out.loss)
-                engine.step()
-                loss_sum += out.loss.detach().double().cpu()
-                tokens += int(batch.get("num_tokens", inputs["input_ids"].numel()))
+                loss_sum += micro_step(engine, batch, device, dtype).double().cpu()
+                tokens += int(batch.get("num_tokens", batch["input_ids"].numel()))
             stats = torch.tensor([loss_sum.item() / gas, float(tokens)], dtype=torch.float64)
             dist.all_reduce(stats)
             loss = stats[0].item() / world
@@ -211,7 +228,7 @@ def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
             record = {
                 "step": step,
                 "loss": loss,
-                "lr": scheduler.get_last_lr()[0],
+                "lr": lr,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "tokens_per_s": stats[1].item() / max(elapsed, 1e-9),
                 "step_time_s": elapsed,

@@ -1,0 +1,127 @@
+"""The training config: YAML + key=value overrides, strict keys and types, launch-time checks."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gpt4roi_sft.config import Config, load_config, parse_data_sources, validate_for_launch
+from gpt4roi_sft.errors import ConfigError
+from gpt4roi_sft.train.deepspeed_config import fill_auto_values
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_recipe(tmp_path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def launchable_config(tmp_path, **sections) -> Config:
+    model = tmp_path / "model"
+    model.mkdir(exist_ok=True)
+    data = tmp_path / "train.jsonl"
+    data.write_text("{}\n")
+    overrides = [f"model.path={model}", f"data.train={data}", f"train.output_dir={tmp_path / 'out'}"]
+    overrides += [f"{k}={v}" for k, v in sections.items()]
+    return load_config(None, overrides)
+
+
+def test_yaml_values_are_overridden_by_key_value_pairs(tmp_path):
+    recipe = write_recipe(tmp_path, "train:\n  max_steps: 5\n  learning_rate: 0.001\nlora:\n  enabled: false\n")
+    cfg = load_config(str(recipe), ["train.max_steps=20", "lora.enabled=true"])
+    assert cfg.train.max_steps == 20
+    assert cfg.train.learning_rate == pytest.approx(1e-3)
+    assert cfg.lora.enabled is True
+
+
+def test_unknown_key_names_the_dotted_key(tmp_path):
+    recipe = write_recipe(tmp_path, "train:\n  max_stepz: 5\n")
+    with pytest.raises(ConfigError, match=r"train\.max_stepz"):
+        load_config(str(recipe))
+
+
+def test_unknown_override_section_is_rejected():
+    with pytest.raises(ConfigError, match="trainn"):
+        load_config(None, ["trainn.max_steps=3"])
+
+
+def test_wrong_type_names_key_and_value():
+    with pytest.raises(ConfigError, match=r"train\.max_steps: expected an integer, got str 'many'"):
+        load_config(None, ["train.max_steps=many"])
+    with pytest.raises(ConfigError, match=r"lora\.enabled: expected true or false"):
+        load_config(None, ["lora.enabled=3"])
+
+
+def test_integer_is_accepted_where_a_float_is_expected():
+    assert load_config(None, ["train.learning_rate=1"]).train.learning_rate == 1.0
+
+
+def test_choice_fields_list_the_allowed_values():
+    with pytest.raises(ConfigError, match="model.freeze: must be one of none, stage1, stage2, llm"):
+        load_config(None, ["model.freeze=everything"])
+
+
+def test_mixing_ratios_are_parsed_from_data_train():
+    assert parse_data_sources("a.jsonl:0.7, b.jsonl:0.3") == [("a.jsonl", 0.7), ("b.jsonl", 0.3)]
+    assert parse_data_sources("only.jsonl") == [("only.jsonl", 1.0)]
+    with pytest.raises(ConfigError, match="positive"):
+        parse_data_sources("a.jsonl:0")
+
+
+def test_missing_data_file_is_named(tmp_path):
+    cfg = launchable_config(tmp_path)
+    cfg.data.train = str(tmp_path / "nope.jsonl")
+    with pytest.raises(ConfigError, match=r"data\.train: file not found: .*nope\.jsonl"):
+        validate_for_launch(cfg)
+
+
+def test_qlora_with_zero3_is_rejected_with_the_reason(tmp_path):
+    cfg = launchable_config(
+        tmp_path, **{"lora.enabled": "true", "lora.qlora": "true", "deepspeed.config": str(REPO / "ds_configs/zero3.json")}
+    )
+    with pytest.raises(ConfigError, match="ZeRO-3"):
+        validate_for_launch(cfg)
+
+
+def test_qlora_with_zero2_is_accepted(tmp_path):
+    cfg = launchable_config(
+        tmp_path, **{"lora.enabled": "true", "lora.qlora": "true", "deepspeed.config": str(REPO / "ds_configs/zero2.json")}
+    )
+    validate_for_launch(cfg)
+
+
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero3_offload"])
+def test_every_deepspeed_config_has_its_auto_values_filled(tmp_path, name):
+    cfg = launchable_config(tmp_path, **{"train.micro_batch_size": 4, "train.gradient_accumulation_steps": 2})
+    ds = json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
+    filled = fill_auto_values(ds, cfg, world_size=2, hidden_size=64)
+    assert filled["train_batch_size"] == 16
+    assert filled["train_micro_batch_size_per_gpu"] == 4
+    assert filled["bf16"]["enabled"] is True
+    assert "auto" not in json.dumps(filled)
+
+
+def test_explicit_batch_size_that_disagrees_with_the_recipe_is_an_error(tmp_path):
+    cfg = launchable_config(tmp_path, **{"train.micro_batch_size": 4})
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=8 disagrees"):
+        fill_auto_values({"train_micro_batch_size_per_gpu": 8}, cfg, world_size=1, hidden_size=8)
+
+
+def test_bad_config_cli_prints_one_line_and_exits_2_before_loading_anything(tmp_path):
+    recipe = write_recipe(tmp_path, "train:\n  bogus: 1\n")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train_sft.py"), "--config", str(recipe)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "train.bogus" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_shipped_recipes_parse():
+    for recipe in sorted((REPO / "configs").glob("*.yaml")):
+        load_config(str(recipe))
