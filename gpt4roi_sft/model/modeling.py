@@ -206,6 +206,9 @@ class GPT4RoIForCausalLM(GPT4RoIPreTrainedModel, GenerationMixin):
             if input_ids is None:
                 raise ValueError("forward needs input_ids or inputs_embeds")
             inputs_embeds = self.embed_multimodal(input_ids, pixel_values, boxes, region_masks)
+        if attention_mask is None and position_ids is not None and past_key_values is None and not use_cache:
+            # Packed rows: transformers derives the block-diagonal mask from position_ids only without a cache.
+            use_cache = False
         if past_key_values is not None:
             kwargs["cache"] = past_key_values  # transformers >= 5.2x renamed the argument
         out = self.language_model(
