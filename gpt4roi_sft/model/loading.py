@@ -18,6 +18,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
 import os
 import re
 from typing import Optional
@@ -170,6 +171,7 @@ def _load_llava_hf(path: str, raw: dict, attn: str):
         projector_type="mlp2x_gelu",
         vision_feature_layer=lc.vision_feature_layer,
         region_feature_layers=default_region_layers(lc.vision_config.num_hidden_layers),
+        region_gn_groups=math.gcd(64, lc.vision_config.hidden_size),
         image_token_id=lc.image_token_index,
         resize_mode="pad",
     )
@@ -180,8 +182,15 @@ def _load_llava_hf(path: str, raw: dict, attn: str):
     return model, tokenizer
 
 
+REGION_FIELDS = ("region_feature_layers", "region_hidden_size", "roi_output_size", "region_fuse_rounds",
+                 "region_gn_groups", "region_mode")
+
+
 def _load_llava_original(path: str, raw: dict, vision_tower: Optional[str], attn: str):
-    text = {k: v for k, v in raw.items() if not k.startswith("mm_") and k not in ("architectures", "model_type", "auto_map")}
+    # GPT4RoI's own region-encoder sizes are the defaults; a config.json may override them by our field names.
+    region = {k: raw[k] for k in REGION_FIELDS if k in raw}
+    skip = ("architectures", "model_type", "auto_map") + REGION_FIELDS
+    text = {k: v for k, v in raw.items() if not k.startswith("mm_") and k not in skip}
     text["model_type"] = "llama"
     vision_path = vision_tower or raw.get("mm_vision_tower")
     vcfg = _vision_config(vision_path, path)
@@ -197,7 +206,11 @@ def _load_llava_original(path: str, raw: dict, vision_tower: Optional[str], attn
         text_config=text,
         projector_type=projector,
         vision_feature_layer=raw.get("mm_vision_select_layer", -2),
-        region_feature_layers=default_region_layers(vcfg.num_hidden_layers),
+        **{
+            "region_feature_layers": default_region_layers(vcfg.num_hidden_layers),
+            "region_gn_groups": math.gcd(64, vcfg.hidden_size),
+            **region,
+        },
     )
     config._attn_implementation = attn
     if not any(k.startswith("vision_tower.") for k in state):
@@ -214,6 +227,7 @@ def _load_llm_plus_clip(path: str, vision_tower: str, attn: str, projector_type:
         text_config=tcfg.to_dict(),
         projector_type=projector_type,
         region_feature_layers=default_region_layers(vcfg.num_hidden_layers),
+        region_gn_groups=math.gcd(64, vcfg.hidden_size),
     )
     config._attn_implementation = attn
     state = _llm_state(path)
