@@ -12,7 +12,6 @@ from eval.judge import (JUDGE_PROMPT, RETRY_SUFFIX, ChatCompletionsJudge, GradeC
                         JudgeSettings, build_query, grade, grade_all, parse_score, resolve_api_key)
 
 
-
 class ScriptedJudgeServer:
     """Answers each POST with the next scripted action, then with ``default``.
 

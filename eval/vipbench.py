@@ -1,0 +1,433 @@
+"""ViP-Bench (ViP-LLaVA's visual-prompt benchmark) for GPT4RoI-style models, graded by an LLM judge.
+
+Data layout (the official release)::
+
+    DATA/vip-bench-meta-data.json           {"v1_<question_id>": {image_source, image, question, answer, capability}}
+    DATA/{bbox,human}/questions.jsonl       {"question_id", "image", "text", "category"}
+    DATA/{bbox,human}/images/               the images with the visual prompts drawn in
+    DATA/source_image/                      plain images + labelme JSON (shapes: label obj/objN, rectangle|polygon)
+
+Two inference modes:
+
+- ``region`` (default; how the Pix2Cap paper ran GPT4RoI): the plain source image and the *meta* question,
+  each ``<objN>`` replaced by ``regionN <bbox>`` with the enclosing box of that labelme shape (a bare
+  ``<obj>`` is region1), prefixed by GPT4RoI's ``The <image> provides an overview of the picture.\\n``.
+- ``visual``: the split's drawn image and its ``questions.jsonl`` text, no boxes.
+
+Outputs under ``OUT``: ``predictions.jsonl`` (resumable), ``results.json`` (the official grader input
+``{"v1_<id>": answer}``), ``grades.json`` (judge cache), ``scores.json``, ``scores.csv``, ``report.md``.
+Aggregation is the official one: per capability, the mean score of the questions whose capability list
+contains it, x100; overall, the mean over all questions, x100; mean and (population) std over runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from eval.judge import ChatCompletionsJudge, GradeCache, JudgeItem, JudgeSettings, grade_all, resolve_api_key
+from eval.prediction_store import PredictionStore
+from gpt4roi_sft.atomic import write_json_atomic, write_text_atomic
+from gpt4roi_sft.constants import GPT4ROI_PREAMBLE
+from gpt4roi_sft.errors import ConfigError, DataError, run_cli
+from gpt4roi_sft.infer import Captioner, DecodeSettings, RegionRequest
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("bbox", "human")
+MODES = ("region", "visual")
+META_FILE = "vip-bench-meta-data.json"
+OBJ_PATTERN = re.compile(r"<obj(\d*)>")
+# The paper's columns and the capability strings that feed them (MM-Vet's names for the last two as aliases:
+# ViP-Bench's exact Rel/Lang strings are not documented; unknown strings get columns of their own).
+PAPER_COLUMNS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
+    ("Rec", ("rec",)), ("OCR", ("ocr",)), ("Know", ("know",)), ("Math", ("math",)),
+    ("Rel", ("rel", "spat")), ("Lang", ("lang", "gen")))
+
+
+@dataclass
+class VipQuestion:
+    """One benchmark question, with everything both modes and the judge need."""
+
+    qid: str  # "v1_<question_id>"
+    question_id: int
+    text: str  # the split's questions.jsonl text (names the drawn mark)
+    split_image: Path
+    meta_question: str  # with <obj>/<objN> placeholders
+    answer: str  # with <AND>/<OR>
+    capabilities: List[str]
+    source_image: Path
+    obj_boxes: Dict[str, List[float]] = field(default_factory=dict)  # labelme label -> enclosing xyxy
+
+
+# ---------------------------------------------------------------- data
+
+
+def enclosing_box(points: Sequence[Sequence[float]]) -> List[float]:
+    """xyxy box around a labelme shape's points (two corners for a rectangle, the vertices of a polygon)."""
+    xs = [float(p[0]) for p in points]
+    ys = [float(p[1]) for p in points]
+    return [min(xs), min(ys), max(xs), max(ys)]
+
+
+def labelme_boxes(path: Path) -> Dict[str, List[float]]:
+    """``{label: xyxy}`` from a labelme file; several shapes with one label give the box around all of them."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: labelme annotation not found") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    boxes: Dict[str, List[float]] = {}
+    for i, shape in enumerate(data.get("shapes") or []):
+        label, kind, points = shape.get("label"), shape.get("shape_type", "polygon"), shape.get("points")
+        need = 2 if kind == "rectangle" else 3
+        if kind not in ("rectangle", "polygon"):
+            raise DataError(f"{path}: shape {i} ({label}) has shape_type {kind!r}; expected rectangle or polygon")
+        if not isinstance(points, list) or len(points) < need or not all(isinstance(p, list) and len(p) == 2 for p in points):
+            raise DataError(f"{path}: shape {i} ({label}) needs at least {need} [x, y] points")
+        box = enclosing_box(points)
+        if box[2] <= box[0] or box[3] <= box[1]:
+            raise DataError(f"{path}: shape {i} ({label}) encloses no area: {box}")
+        if label in boxes:
+            old = boxes[label]
+            box = [min(old[0], box[0]), min(old[1], box[1]), max(old[2], box[2]), max(old[3], box[3])]
+        boxes[label] = box
+    return boxes
+
+
+def _box_for(label_digits: str, boxes: Dict[str, List[float]]) -> Optional[List[float]]:
+    # A bare <obj> is object 1; files label it "obj" or "obj1".
+    names = [f"obj{label_digits}"] + (["obj", "obj1"] if label_digits in ("", "1") else [])
+    for name in names:
+        if name in boxes:
+            return boxes[name]
+    return None
+
+
+def region_prompt(meta_question: str, boxes: Dict[str, List[float]], backticks: bool = False) -> Tuple[str, List[List[float]]]:
+    """GPT4RoI's prompt for a meta question: ``<objN>`` -> ``regionN <bbox>``, boxes in the order of the ``<bbox>`` tokens.
+
+    ``backticks=True`` writes ```regionN <bbox>``` as the Pix2Cap conversion script does.
+    """
+    ordered: List[List[float]] = []
+
+    def replace(match: re.Match) -> str:
+        digits = match.group(1)
+        box = _box_for(digits, boxes)
+        if box is None:
+            raise KeyError(f"obj{digits}")
+        ordered.append(box)
+        ref = f"region{digits or 1} <bbox>"
+        return f"`{ref}`" if backticks else ref
+
+    return GPT4ROI_PREAMBLE + OBJ_PATTERN.sub(replace, meta_question), ordered
+
+
+def load_vipbench(root: Path, split: str, mode: str = "region") -> List[VipQuestion]:
+    """Read and validate the split's questions, the meta data and (region mode) the labelme boxes.
+
+    Every problem across the whole set is collected first and reported in one :class:`DataError`
+    (with the first few named), so nothing is generated for a broken download.
+    """
+    root = Path(root)
+    if split not in SPLITS:
+        raise ConfigError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
+    meta_path, questions_path = root / META_FILE, root / split / "questions.jsonl"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{meta_path}: not found (is {root} a ViP-Bench folder?)") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{meta_path}: not valid JSON ({exc})") from None
+    if not questions_path.is_file():
+        raise DataError(f"{questions_path}: not found")
+
+    problems: List[str] = []
+    questions: List[VipQuestion] = []
+    labelme_cache: Dict[Path, Dict[str, List[float]]] = {}
+    for lineno, line in enumerate(questions_path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{questions_path} line {lineno}"
+        try:
+            q = json.loads(line)
+            qnum, image, text = int(q["question_id"]), q["image"], q["text"]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            problems.append(f"{where}: not a question record ({exc})")
+            continue
+        qid = f"v1_{qnum}"
+        m = meta.get(qid)
+        if not isinstance(m, dict) or not all(k in m for k in ("image_source", "question", "answer", "capability")):
+            problems.append(f"{where}: {qid} missing from {META_FILE} or lacks image_source/question/answer/capability")
+            continue
+        caps = m["capability"]
+        if not isinstance(caps, list) or not caps or not str(m["answer"]).strip():
+            problems.append(f"{qid}: empty answer or capability list in {META_FILE}")
+            continue
+        item = VipQuestion(qid, qnum, text, root / split / "images" / image, m["question"], m["answer"],
+                           [str(c) for c in caps], root / "source_image" / m["image_source"])
+        if mode == "visual":
+            if not item.split_image.is_file():
+                problems.append(f"{qid}: image {item.split_image} not found")
+                continue
+        else:
+            if not item.source_image.is_file():
+                problems.append(f"{qid}: source image {item.source_image} not found")
+                continue
+            labelme = item.source_image.with_suffix(".json")
+            try:
+                if labelme not in labelme_cache:
+                    labelme_cache[labelme] = labelme_boxes(labelme)
+            except DataError as exc:
+                problems.append(f"{qid}: {exc}")
+                continue
+            item.obj_boxes = labelme_cache[labelme]
+            try:
+                region_prompt(item.meta_question, item.obj_boxes)
+            except KeyError as exc:
+                problems.append(f"{qid}: question names <{exc.args[0]}> but {labelme} has no shape labelled so")
+                continue
+        questions.append(item)
+
+    seen = set()
+    for q in questions:
+        if q.qid in seen:
+            problems.append(f"{q.qid}: question id appears twice in {questions_path}")
+        seen.add(q.qid)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise DataError(f"{root}: {len(problems)} problem(s) in ViP-Bench {split}: {'; '.join(problems[:3])}{more}")
+    if not questions:
+        raise DataError(f"{questions_path}: no questions")
+    return questions
+
+
+def make_request(q: VipQuestion, mode: str, backticks: bool = False) -> RegionRequest:
+    """The generation request for one question in ``mode``."""
+    if mode == "region":
+        prompt, boxes = region_prompt(q.meta_question, q.obj_boxes, backticks)
+        return RegionRequest(q.source_image, prompt, boxes)
+    return RegionRequest(q.split_image, GPT4ROI_PREAMBLE + q.text, [])
+
+
+# ---------------------------------------------------------------- generation
+
+
+def generate_answers(questions: Sequence[VipQuestion], captioner: Captioner, store: PredictionStore, mode: str,
+                     batch_size: int = 4, backticks: bool = False) -> int:
+    """Answer every question not yet in ``store``; return how many were generated."""
+    from tqdm import tqdm
+
+    todo = [q for q in questions if q.qid not in store]
+    for start in tqdm(range(0, len(todo), batch_size), desc="ViP-Bench", unit="batch", disable=not todo):
+        batch = todo[start:start + batch_size]
+        requests = [make_request(q, mode, backticks) for q in batch]
+        answers = captioner(requests)
+        store.append((q.qid, {"question_id": q.question_id, "prompt": r.prompt, "boxes": r.boxes, "text": a})
+                     for q, r, a in zip(batch, requests, answers))
+    return len(todo)
+
+
+# ---------------------------------------------------------------- scores
+
+
+def aggregate(questions: Sequence[VipQuestion], scores: Dict[str, Dict[int, float]], runs: int) -> dict:
+    """The official aggregation over ``runs``; only graded questions count (``complete`` says if all were).
+
+    Returns ``{"overall", "std", "by_capability", "runs": [{"overall", "by_capability"}], "num_graded",
+    "complete"}``; numbers are x100 and unrounded (the official table rounds to one decimal). ``overall``
+    and ``by_capability`` are ``None`` when nothing is graded.
+    """
+    caps = sorted({c for q in questions for c in q.capabilities})
+    per_run = []
+    graded_any = set()
+    for run in range(runs):
+        graded = [q for q in questions if run in scores.get(q.qid, {})]
+        graded_any.update(q.qid for q in graded)
+        if not graded:
+            continue
+        by_cap = {}
+        for c in caps:
+            members = [scores[q.qid][run] for q in graded if c in q.capabilities]
+            by_cap[c] = 100.0 * sum(members) / len(members) if members else None
+        per_run.append({"overall": 100.0 * sum(scores[q.qid][run] for q in graded) / len(graded), "by_capability": by_cap})
+    complete = all(run in scores.get(q.qid, {}) for q in questions for run in range(runs))
+    if not per_run:
+        return {"overall": None, "std": None, "by_capability": {c: None for c in caps}, "runs": [],
+                "num_graded": 0, "complete": False}
+    totals = np.array([r["overall"] for r in per_run])
+    by_cap = {}
+    for c in caps:
+        vals = [r["by_capability"][c] for r in per_run if r["by_capability"][c] is not None]
+        by_cap[c] = float(np.mean(vals)) if vals else None
+    return {"overall": float(totals.mean()), "std": float(totals.std()), "by_capability": by_cap, "runs": per_run,
+            "num_graded": len(graded_any), "complete": complete}
+
+
+def paper_row(scores: dict) -> Dict[str, Optional[float]]:
+    """``{"Rec", "OCR", "Know", "Math", "Rel", "Lang", <other capabilities>, "All"}`` from :func:`aggregate`."""
+    by_cap = dict(scores["by_capability"])
+    row: Dict[str, Optional[float]] = {}
+    for column, aliases in PAPER_COLUMNS:
+        row[column] = next((by_cap.pop(a) for a in aliases if a in by_cap), None)
+    for c in sorted(by_cap):
+        row[c] = by_cap[c]
+    row["All"] = scores["overall"]
+    return row
+
+
+def _fmt(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def write_reports(out: Path, scores: dict, model_name: str) -> None:
+    """``scores.json`` (as given), ``scores.csv`` and ``report.md`` (the paper's table, one decimal)."""
+    write_json_atomic(out / "scores.json", scores)
+    row = paper_row(scores)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["model", *row, "std", "runs", "judge", "graded", "questions"])
+    writer.writerow([model_name, *(_fmt(v) for v in row.values()), _fmt(scores["std"]),
+                     " ".join(_fmt(r["overall"]) for r in scores["runs"]), scores["judge"] or "",
+                     scores["num_graded"], scores["num_questions"]])
+    write_text_atomic(out / "scores.csv", buf.getvalue())
+    lines = [f"# ViP-Bench ({scores['split']} split, {scores['mode']} mode)", "",
+             "| Model | " + " | ".join(row) + " |", "|---" * (len(row) + 1) + "|",
+             f"| {model_name} | " + " | ".join(_fmt(v) for v in row.values()) + " |", ""]
+    if scores["judge"] is None:
+        lines.append(f"**Ungraded**: no judge was configured, so the {scores['num_questions']} answers in "
+                     f"`results.json` are ungraded (not scored as 0). Rerun with --judge-base-url and --judge-model.")
+    else:
+        lines.append(f"Judge: `{scores['judge']}` ({scores['num_runs']} run(s); std of All over runs "
+                     f"{_fmt(scores['std'])}). Scores from judges other than GPT-4 are not comparable to published numbers.")
+        if not scores["complete"]:
+            lines.append(f"**Incomplete**: {scores['num_questions'] - scores['num_graded']} of {scores['num_questions']} "
+                         f"questions are ungraded ({scores.get('judge_error') or 'judge stopped'}); the scores cover "
+                         f"graded questions only. Rerun to grade the rest (cached grades are kept).")
+    write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class VipBenchConfig:
+    """Everything one ViP-Bench run needs (the CLI's flags, typed)."""
+
+    data: Path
+    split: str
+    out: Path
+    model: Optional[Path] = None
+    adapter: Optional[Path] = None
+    mode: str = "region"
+    template: str = "gpt4roi_v0"
+    batch_size: int = 4
+    decode: DecodeSettings = field(default_factory=lambda: DecodeSettings(max_new_tokens=256))
+    backticks: bool = False
+    judge: Optional[JudgeSettings] = None
+    runs: int = 1
+
+
+def run(config: VipBenchConfig, captioner: Optional[Captioner] = None, api_key: Optional[str] = None) -> dict:
+    """Generate (or resume), grade (if a judge is configured; cached) and score; return ``scores.json``'s content."""
+    if config.mode not in MODES:
+        raise ConfigError(f"--mode {config.mode!r}: expected one of {', '.join(MODES)}")
+    if config.runs < 1:
+        raise ConfigError("--runs must be at least 1")
+    out = Path(config.out)
+    questions = load_vipbench(config.data, config.split, config.mode)
+    store = PredictionStore(out / "predictions.jsonl")
+    if any(q.qid not in store for q in questions):
+        if captioner is None:
+            if config.model is None:
+                raise ConfigError("--model is required to generate answers")
+            from gpt4roi_sft.infer import load_captioner
+
+            captioner = load_captioner(str(config.model), config.template, config.decode,
+                                       adapter_dir=str(config.adapter) if config.adapter else None)
+        generate_answers(questions, captioner, store, config.mode, config.batch_size, config.backticks)
+    answers = {q.qid: store.records[q.qid]["text"] for q in questions}
+    write_json_atomic(out / "results.json", answers)
+
+    judge_id, judge_error, grades = None, None, {}
+    if config.judge is not None:
+        items = [JudgeItem(q.qid, q.text, q.meta_question, q.answer, answers[q.qid]) for q in questions]
+        outcome = grade_all(items, ChatCompletionsJudge(config.judge, api_key=api_key),
+                            GradeCache(out / "grades.json"), config.runs)
+        judge_id, judge_error, grades = outcome.judge_model, outcome.error, outcome.scores
+    else:
+        logger.warning("no judge configured: %d answers written ungraded to %s", len(questions), out / "results.json")
+    scores = aggregate(questions, grades, config.runs)
+    scores.update({"judge": judge_id, "judge_error": judge_error, "split": config.split, "mode": config.mode,
+                   "num_questions": len(questions), "num_runs": config.runs,
+                   "ungraded": [q.qid for q in questions if len(grades.get(q.qid, {})) < config.runs]})
+    write_reports(out, scores, Path(str(config.adapter or config.model or "model")).name)
+    return scores
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m eval.vipbench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, help="model directory (gpt4roi_sft.load_model)")
+    p.add_argument("--adapter", type=Path, help="LoRA adapter directory applied with peft")
+    p.add_argument("--data", type=Path, required=True, help="ViP-Bench folder (official layout)")
+    p.add_argument("--split", choices=SPLITS, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--mode", choices=MODES, default="region", help="region: source image + boxes (default); visual: drawn image")
+    p.add_argument("--backtick-regions", action="store_true", help="write `regionN <bbox>` with backticks as Pix2Cap's script")
+    p.add_argument("--template", default="gpt4roi_v0")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--do-sample", action="store_true", help="sample (GPT4RoI: temperature 0.2) instead of greedy")
+    p.add_argument("--temperature", type=float, default=0.2)
+    p.add_argument("--strip-prefix", action="store_true", help="keep the text after the first ': ' (GPT4RoI's eval)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--judge-base-url", help="OpenAI-compatible API base, e.g. http://127.0.0.1:8000/v1; "
+                                            "key from JUDGE_API_KEY, else OPENAI_API_KEY")
+    p.add_argument("--judge-model")
+    p.add_argument("--runs", type=int, default=1, help="independent judge runs (the paper used 5)")
+    p.add_argument("--judge-concurrency", type=int, default=4)
+    p.add_argument("--judge-timeout", type=float, default=60.0)
+    p.add_argument("--judge-max-retries", type=int, default=5, help="retries after an API error (then the item stays ungraded)")
+    p.add_argument("--judge-backoff", type=float, default=2.0, help="first backoff in seconds (doubles, max 60)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if bool(args.judge_base_url) != bool(args.judge_model):
+        raise ConfigError("--judge-base-url and --judge-model go together")
+    if args.batch_size < 1 or args.max_new_tokens < 1 or args.judge_concurrency < 1 or args.judge_max_retries < 0:
+        raise ConfigError("--batch-size, --max-new-tokens and --judge-concurrency must be >= 1, --judge-max-retries >= 0")
+    judge = None
+    if args.judge_base_url:
+        judge = JudgeSettings(base_url=args.judge_base_url, model=args.judge_model, timeout_s=args.judge_timeout,
+                              max_api_retries=args.judge_max_retries, backoff_s=args.judge_backoff,
+                              concurrency=args.judge_concurrency)
+    if args.do_sample:
+        import torch
+
+        torch.manual_seed(args.seed)
+    config = VipBenchConfig(
+        data=args.data, split=args.split, out=args.out, model=args.model, adapter=args.adapter, mode=args.mode,
+        template=args.template, batch_size=args.batch_size, backticks=args.backtick_regions, judge=judge, runs=args.runs,
+        decode=DecodeSettings(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                              temperature=args.temperature, strip_prefix=args.strip_prefix))
+    run(config, api_key=resolve_api_key(os.environ) if judge else None)
+    print((Path(args.out) / "report.md").read_text(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
