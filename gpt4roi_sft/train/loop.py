@@ -139,9 +139,11 @@ def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
     load_kwargs: Dict[str, Any] = {"torch_dtype": dtype, "attn_implementation": cfg.model.attn_implementation}
     if cfg.model.vision_tower:
         load_kwargs["vision_tower"] = cfg.model.vision_tower
-    if cfg.lora.qlora:
-        load_kwargs["quantization_config"] = qlora_quantization_config(dtype)
     model, processor = load_model(cfg.model.path, **load_kwargs)
+    if cfg.lora.qlora:
+        from gpt4roi_sft.train.qlora import quantize_language_model_4bit
+
+        model = quantize_language_model_4bit(model, dtype, device)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -248,15 +250,3 @@ def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
         plot_loss(out_dir)
     return {"step": step, "loss": last_loss, "output_dir": str(out_dir)}
 
-
-def qlora_quantization_config(compute_dtype: torch.dtype):
-    """4-bit NF4 for the LLM's linear layers; the vision tower, region encoder, projector and head stay full."""
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype,
-        llm_int8_skip_modules=["vision_tower", "region_encoder", "multi_modal_projector", "lm_head"],
-    )

@@ -43,7 +43,8 @@ def apply_freeze_preset(model: nn.Module, preset: str) -> None:
         "llm": {REGION_PREFIX, PROJECTOR_PREFIX},
     }[preset]
     for name, param in model.named_parameters():
-        param.requires_grad_(_part(name) in trainable)
+        # Quantized (integer) weights of a QLoRA base can never train.
+        param.requires_grad_(_part(name) in trainable and param.is_floating_point())
 
 
 def lora_target_regex(model: nn.Module, spec: str) -> str:

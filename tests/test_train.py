@@ -1,0 +1,218 @@
+"""The DeepSpeed trainer on CPU: real launcher runs (two gloo processes), export, exact resume, modes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, free_port
+from gpt4roi_sft.train import checkpoint as ckpt
+
+pytestmark = pytest.mark.slow
+
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+def recipe_args(model_dir, data, out_dir, *extra):
+    return [
+        "--config", str(REPO / "configs" / "quickstart.yaml"),
+        f"model.path={model_dir}", f"data.train={data['train']}", f"data.image_root={data['root']}",
+        f"train.output_dir={out_dir}", "train.micro_batch_size=2", "train.learning_rate=0.002",
+        "train.warmup_steps=0", "train.lr_scheduler=constant", "data.validate_on_start=false", *extra,
+    ]
+
+
+def launch(args, nproc=2, timeout=600, **popen):
+    cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(free_port()), str(REPO / "train_sft.py"), *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def run_training(args, nproc=2, timeout=600):
+    proc = launch(args, nproc)
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def losses(out_dir):
+    return {r["step"]: r["loss"] for r in map(json.loads, (Path(out_dir) / "train_log.jsonl").read_text().splitlines())}
+
+
+def tiny_batch(processor):
+    from PIL import Image
+
+    image = Image.new("RGB", (160, 120), (40, 120, 200))
+    text = "The <image> provides an overview of the picture.\nWhat is in region1 <bbox>?"
+    return processor(images=[image], texts=[text], boxes=[[[20, 20, 90, 100]]])
+
+
+@pytest.fixture(scope="module")
+def zero2_lora_run(tiny_model_dir, synthetic_pix2cap, tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero2_lora")
+    run_training(recipe_args(tiny_model_dir, synthetic_pix2cap, out, "train.max_steps=20", "train.save_steps=10",
+                             "lora.enabled=true", "lora.r=8", "lora.alpha=16", "model.freeze=stage2",
+                             "deepspeed.config=ds_configs/zero2.json"))
+    return out
+
+
+def test_zero2_lora_two_processes_loss_falls(zero2_lora_run):
+    log = losses(zero2_lora_run)
+    assert sorted(log) == list(range(1, 21))
+    first, last = sum(log[s] for s in (1, 2, 3)) / 3, sum(log[s] for s in (18, 19, 20)) / 3
+    assert last < first - 0.3, (first, last)
+
+
+def test_training_writes_log_fields_tensorboard_and_loss_plot(zero2_lora_run):
+    record = json.loads((zero2_lora_run / "train_log.jsonl").read_text().splitlines()[0])
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(record)
+    assert record["tokens_per_s"] > 0
+    assert any((zero2_lora_run / "tensorboard").iterdir())
+    assert (zero2_lora_run / "loss.png").stat().st_size > 1000
+
+
+def test_checkpoints_keep_the_last_k_and_latest_names_a_complete_one(zero2_lora_run):
+    root = zero2_lora_run / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step_20"
+    assert [s for s, _ in ckpt.complete_checkpoints(root)] == [10, 20]
+
+
+def test_exported_adapter_through_plain_peft_matches_the_merged_export(zero2_lora_run, tiny_model_dir, tmp_path):
+    from peft import PeftModel
+
+    from gpt4roi_sft import load_model
+
+    for merge in (False, True):
+        cmd = [sys.executable, "-m", "gpt4roi_sft.export", "--checkpoint", str(zero2_lora_run), "--out", str(tmp_path / f"m{merge}")]
+        subprocess.run(cmd + (["--merge"] if merge else []), check=True, cwd=REPO, env=ENV, capture_output=True)
+    adapter_dir = tmp_path / "mFalse"
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in adapter_dir.iterdir()}
+    base, processor = load_model(tiny_model_dir)
+    adapted = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    merged, _ = load_model(str(tmp_path / "mTrue"))
+    plain, _ = load_model(tiny_model_dir)
+    batch = tiny_batch(processor)
+    with torch.no_grad():
+        a, m, p = adapted(**batch).logits, merged.eval()(**batch).logits, plain.eval()(**batch).logits
+    torch.testing.assert_close(a, m, atol=1e-4, rtol=1e-4)
+    assert (a - p).abs().max() > 1e-2, "the adapter changes nothing"
+
+
+def test_zero3_full_finetune_two_processes_gathers_full_weights_and_exports(tiny_model_dir, synthetic_pix2cap, tmp_path):
+    from safetensors.torch import load_file
+
+    from gpt4roi_sft import load_model
+
+    out = tmp_path / "zero3"
+    run_training(recipe_args(tiny_model_dir, synthetic_pix2cap, out, "train.max_steps=20", "train.save_steps=20",
+                             "model.freeze=stage2", "deepspeed.config=ds_configs/zero3.json"))
+    log = losses(out)
+    assert sum(log[s] for s in (18, 19, 20)) < sum(log[s] for s in (1, 2, 3)) - 0.9
+    weights = load_file(str(out / "checkpoints" / "step_20" / ckpt.TRAINABLE_FILE))
+    base, processor = load_model(tiny_model_dir)
+    shapes = dict((n, p.shape) for n, p in base.named_parameters())
+    assert weights and all(t.numel() > 0 and t.shape == shapes[n] for n, t in weights.items())
+    assert not any(n.startswith("vision_tower.") for n in weights), "stage2 keeps the vision tower frozen"
+    export_dir = tmp_path / "full"
+    subprocess.run([sys.executable, "-m", "gpt4roi_sft.export", "--checkpoint", str(out), "--out", str(export_dir)],
+                   check=True, cwd=REPO, env=ENV, capture_output=True)
+    trained, _ = load_model(str(export_dir))
+    batch = tiny_batch(processor)
+    with torch.no_grad():
+        assert (trained.eval()(**batch).logits - base.eval()(**batch).logits).abs().max() > 1e-2
+
+
+def test_kill_9_after_a_checkpoint_then_rerun_gives_the_uninterrupted_losses(tiny_model_dir, synthetic_pix2cap, tmp_path):
+    # LoRA dropout > 0 makes the losses depend on the restored RNG state, not only on weights and data order.
+    common = ("train.max_steps=16", "train.save_steps=4", "lora.enabled=true", "lora.r=8", "lora.dropout=0.2",
+              "model.freeze=stage2", "deepspeed.config=ds_configs/zero2.json")
+    reference = tmp_path / "reference"
+    run_training(recipe_args(tiny_model_dir, synthetic_pix2cap, reference, *common))
+
+    crashed = tmp_path / "crashed"
+    args = recipe_args(tiny_model_dir, synthetic_pix2cap, crashed, *common)
+    proc = launch(args, start_new_session=True)
+    log_path = crashed / "train_log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log_path.is_file() and len(log_path.read_text().splitlines()) >= 6:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert ckpt.find_latest(crashed) is not None
+    assert max(losses(crashed)) < 16
+
+    run_training(args)
+    ref, resumed = losses(reference), losses(crashed)
+    assert sorted(resumed) == list(range(1, 17))
+    for step in range(1, 17):
+        assert resumed[step] == pytest.approx(ref[step], abs=1e-6), (step, resumed[step], ref[step])
+
+
+def test_qlora_trains_on_cpu_and_exports(tiny_model_dir, synthetic_pix2cap, tmp_path):
+    out = tmp_path / "qlora"
+    run_training(recipe_args(tiny_model_dir, synthetic_pix2cap, out, "train.max_steps=3", "train.save_steps=3",
+                             "lora.enabled=true", "lora.qlora=true", "lora.r=8", "model.freeze=stage2"), nproc=1)
+    assert len(losses(out)) == 3
+    subprocess.run([sys.executable, "-m", "gpt4roi_sft.export", "--checkpoint", str(out), "--out", str(tmp_path / "adapter")],
+                   check=True, cwd=REPO, env=ENV, capture_output=True)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_two_nodes_on_loopback_train_together(tiny_model_dir, synthetic_pix2cap, tmp_path):
+    out = tmp_path / "two_nodes"
+    port = str(free_port())
+    args = recipe_args(tiny_model_dir, synthetic_pix2cap, out, "train.max_steps=3", "train.save_steps=3")
+    nodes = []
+    for node_rank in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node_rank),
+               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port, str(REPO / "train_sft.py"), *args]
+        nodes.append(subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=600)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert len(losses(out)) == 3
+    saved = ckpt.read_client_state(out / "checkpoints" / "step_3")
+    assert saved["world_size"] == 2
+
+
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny_model_dir, synthetic_pix2cap, tmp_path):
+    out = tmp_path / "nan"
+    args = recipe_args(tiny_model_dir, synthetic_pix2cap, out, "train.max_steps=40", "train.save_steps=1",
+                       "train.learning_rate=1e12", "train.max_grad_norm=1e30")
+    proc = subprocess.run([sys.executable, str(REPO / "train_sft.py"), *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "loss is nan" in proc.stderr.lower() or "loss is inf" in proc.stderr.lower()
+    last_good = ckpt.find_latest(out)
+    assert last_good is not None and all(v == v for v in losses(out).values())
+
+
+def test_missing_data_file_is_reported_in_one_line_before_launch(tiny_model_dir, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train_sft.py"), "--config", str(REPO / "configs" / "quickstart.yaml"),
+         f"model.path={tiny_model_dir}", f"data.train={tmp_path / 'missing.jsonl'}", f"train.output_dir={tmp_path / 'o'}",
+         "data.image_root="],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: data.train: file not found: {tmp_path / 'missing.jsonl'}"
+
+
+def test_an_interrupted_save_never_becomes_the_resume_point(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step, complete in ((4, True), (8, False)):
+        d = root / f"step_{step}"
+        d.mkdir(parents=True)
+        if complete:
+            (d / ckpt.COMPLETE_MARKER).write_text("ok\n")
+    (root / "latest").write_text("step_8")
+    assert ckpt.find_latest(tmp_path) == root / "step_4"
+    (root / "latest").unlink()
+    assert ckpt.find_latest(tmp_path) == root / "step_4"
