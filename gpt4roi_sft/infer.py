@@ -121,18 +121,30 @@ class RegionCaptioner:
         texts = [self.render(r) for r in requests]
         images = [_open_rgb(r.image) for r in requests]
         boxes = [[list(map(float, b)) for b in r.boxes] for r in requests]
-        batch = self.processor(images=images, texts=texts, boxes=boxes, padding_side="left")
-        device = next(self.model.parameters()).device
-        batch = _to_device(batch, device)
+        # Boxes crossing the border by rounding are clipped, as GLaMM's evaluation effectively does.
+        batch = self.processor(images=images, texts=texts, boxes=boxes, padding_side="left", clip_boxes=True)
+        param = next(self.model.parameters())
+        batch = _to_device(batch, param.device)
+        if batch.get("pixel_values") is not None:
+            batch["pixel_values"] = batch["pixel_values"].to(param.dtype)
         with torch.inference_mode():
             out = self.model.generate(**batch, **self.generation_kwargs())
-        prompt_len = batch["input_ids"].shape[1]
-        new_tokens = out[:, prompt_len:]
+        new_tokens = _new_tokens(out, batch["input_ids"])
         decoded = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         answers = [cut_at_stop_strings(t, self._stops) for t in decoded]
         if self.settings.strip_prefix:
             answers = [strip_answer_prefix(a) for a in answers]
         return answers
+
+
+def _new_tokens(out, input_ids):
+    """The generated part of ``out`` (B, T): HF-style outputs repeat the prompt first, embeds-based ones do not."""
+    import torch
+
+    prompt_len = input_ids.shape[1]
+    if out.shape[1] >= prompt_len and torch.equal(out[:, :prompt_len].to(input_ids.device), input_ids):
+        return out[:, prompt_len:]
+    return out
 
 
 def _to_device(batch, device):

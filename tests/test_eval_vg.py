@@ -198,3 +198,39 @@ def test_cli_bad_file_prints_one_line_and_exits_2(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "sample 1" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """A random tiny model and a synthetic VG test file (the real producers, run as a user would)."""
+    pytest.importorskip("gpt4roi_sft.tiny", reason="the tiny-model factory is not in this checkout")
+    pytest.importorskip("data_converters.synthetic", reason="the synthetic data generator is not in this checkout")
+    base = tmp_path_factory.mktemp("tiny_vg")
+    for cmd in (["gpt4roi_sft.tiny", "--out", str(base / "model")],
+                ["data_converters.synthetic", "--out", str(base / "syn"), "--train-images", "1", "--val-images", "2"]):
+        subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    return base
+
+
+def run_cli(base, out):
+    return subprocess.run([sys.executable, "-m", "eval.vg", "--model", str(base / "model"),
+                           "--annotations", str(base / "syn" / "annotations" / "test_caption.json"),
+                           "--image-root", str(base / "syn"), "--out", str(out), "--batch-size", "2",
+                           "--max-new-tokens", "6"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_tiny_model_end_to_end_and_interrupted_rerun_gives_the_same_predictions(tiny_setup, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli(tiny_setup, out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "CIDEr" in proc.stdout and "attribute accuracy" in proc.stdout
+    full = json.loads((out / "predictions.json").read_text())
+    partial = out / vg.PARTIAL_NAME
+    kept = partial.read_text().splitlines()[:3]
+    partial.write_text("\n".join(kept) + '\n{"id": "4", "cap')  # as a kill during the 2nd batch's write leaves it
+    (out / "predictions.json").unlink()
+    proc = run_cli(tiny_setup, out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((out / "predictions.json").read_text()) == full
+    ids = [json.loads(l)["id"] for l in partial.read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == len(full)

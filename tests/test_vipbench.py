@@ -171,3 +171,20 @@ def test_fixture_cli_writes_the_official_layout(tmp_path):
     for rel in ("vip-bench-meta-data.json", "bbox/questions.jsonl", "human/questions.jsonl", "source_image/v1_0.json"):
         assert (tmp_path / "f" / rel).is_file()
     assert len(vipbench.load_vipbench(tmp_path / "f", "bbox")) == 4
+
+
+def test_tiny_model_region_mode_end_to_end_with_a_local_judge(tmp_path):
+    pytest.importorskip("gpt4roi_sft.tiny", reason="the tiny-model factory is not in this checkout")
+    from gpt4roi_sft.infer import DecodeSettings, load_captioner
+    from gpt4roi_sft.tiny import build_tiny_model
+
+    build_tiny_model(str(tmp_path / "model"))
+    build_fixture(tmp_path / "vip", num_questions=4, seed=2)
+    captioner = load_captioner(str(tmp_path / "model"), settings=DecodeSettings(max_new_tokens=5), device="cpu")
+    with ScriptedJudgeServer([("reply", "oops")], default=("reply", "0.0")) as server:
+        judge = JudgeSettings(base_url=server.base_url, model="local-judge", backoff_s=0.01)
+        scores = vipbench.run(vipbench.VipBenchConfig(data=tmp_path / "vip", split="bbox", out=tmp_path / "out",
+                                                      judge=judge), captioner)
+    assert len(server.requests) == 5  # one parse failure re-asked once
+    assert scores["overall"] == 0.0 and scores["complete"]
+    assert len(json.loads((tmp_path / "out" / "results.json").read_text())) == 4
