@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Iterator, List
 
+import torch
 from torch.utils.data import DataLoader
 
 from gpt4roi_sft.config import Config
@@ -48,6 +49,9 @@ class MicroBatchStream:
                 num_workers=self.num_workers,
                 drop_last=True,
                 persistent_workers=False,
+                # Its own generator: creating the loader must not draw from the global RNG, whose state
+                # a resumed run restores (dropout masks would shift otherwise).
+                generator=torch.Generator().manual_seed(epoch),
             )
             yield from loader
             epoch, offset = epoch + 1, 0
