@@ -1,0 +1,196 @@
+"""The benchmarks: FLOP accounting checked by hand and against the real modules, and the throughput CLI's CPU mode.
+
+Timings are never asserted (they depend on the machine); only that the script runs both arms and writes a
+well-formed result.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import REPO, free_port
+
+sys.path.insert(0, str(REPO))  # `bench` is a folder of scripts, not an installed package
+
+from bench.flops import FlopModel, LLMShape, RegionShape, VisionShape, mfu, peak_flops_for  # noqa: E402
+from bench.train_throughput import SampleShape, real_config, synthetic_sample, tiny_bench_config  # noqa: E402
+
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+# A shape small enough to count on paper.
+LLM = LLMShape(layers=2, hidden=8, heads=2, head_dim=4, kv_heads=2, intermediate=16, vocab=10)
+VISION = VisionShape(layers=1, hidden=4, intermediate=8, patch=2, image_size=4)
+REGION = RegionShape(vision_hidden=4, hidden=4, llm_hidden=8, grid=2, roi=2, fuse_rounds=1)
+
+
+def linear_weights(module: nn.Module) -> int:
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def test_llm_matmul_params_by_hand():
+    # per block: q, k, v, o 8x8 = 64 each; gate, up, down 8x16 = 128 each -> 640; two blocks + head 8x10
+    assert LLM.matmul_params() == 2 * 640 + 80
+
+
+def test_lora_params_by_hand():
+    # rank 2, per block: 4 x 2(8+8) + 3 x 2(8+16) = 128 + 144 = 272; two blocks
+    assert LLM.lora_params(2) == 544
+
+
+def test_vision_forward_flops_by_hand():
+    # grid 2 -> 5 tokens with CLS; N_v = 4*16 + 2*4*8 + 3*2*2*4 = 176; 2*176*5 + 4*1*4*5^2
+    assert VISION.tokens == 5
+    assert VISION.matmul_params() == 176
+    assert VISION.forward_flops() == 1760 + 400
+
+
+def test_region_encoder_forward_flops_by_hand():
+    # maps 16^2 + 8^2 + 4^2 + 2^2 = 340 pixels; 1x1 convs 6 -> 4, one round of 3x3 convs 4 -> 4
+    assert REGION.map_pixels() == 340
+    assert REGION.per_image_forward_flops() == 2 * 340 * 4 * 6 + 2 * 340 * 9 * 4 * 4
+    # per box: four 3x3 convs on 2x2, flatten 16 -> 4, box MLP 4 -> 4 -> 4, output 4 -> 8
+    assert REGION.per_region_forward_flops() == 4 * 2 * 4 * 9 * 16 + 2 * 16 * 4 + 2 * (16 + 16) + 2 * 4 * 8
+
+
+def test_sample_flops_lora_by_hand():
+    model = FlopModel(LLM, VISION, REGION, projector_params=32, llm_frozen=1360, llm_trained=544)
+    flops = model.sample_flops(seq_len=5, num_images=1, num_regions=2)
+    assert flops["llm_dense"] == 5 * (4 * 1360 + 6 * 544)
+    assert flops["llm_attention"] == 12 * 2 * 2 * 4 * 5 * 5
+    assert flops["vision_tower"] == 2160  # forward only: frozen, under no_grad
+    assert flops["projector"] == 6 * 32 * 4  # trained, one LLM token per patch
+    assert flops["region_encoder"] == 3 * (REGION.per_image_forward_flops() + 2 * REGION.per_region_forward_flops())
+    total = model.batch_flops([{"seq_len": 5, "num_images": 1, "num_regions": 2}] * 3)
+    assert total["total"] == pytest.approx(3 * sum(flops.values()))
+
+
+def test_attention_term_uses_each_packed_sample_length():
+    model = FlopModel(LLM, VISION, REGION, projector_params=32, llm_frozen=1360, llm_trained=0)
+    packed = model.batch_flops([{"seq_len": 3, "num_images": 0, "num_regions": 0}, {"seq_len": 7, "num_images": 0, "num_regions": 0}])
+    assert packed["llm_attention"] == 12 * 2 * 2 * 4 * (3 * 3 + 7 * 7)  # not (3 + 7)^2: no attention across samples
+
+
+def test_full_ft_counts_every_llm_weight_as_trained():
+    cfg = tiny_bench_config("sdpa")
+    full, lora = FlopModel.from_config(cfg, full_ft=True), FlopModel.from_config(cfg, lora_rank=8)
+    n = LLMShape.from_config(cfg.text_config).matmul_params()
+    assert (full.llm_frozen, full.llm_trained) == (0, n)
+    assert (lora.llm_frozen, lora.llm_trained) == (n, LLMShape.from_config(cfg.text_config).lora_params(8))
+
+
+def test_shapes_match_the_tiny_model_modules():
+    from peft import LoraConfig, get_peft_model
+
+    from gpt4roi_sft.model.modeling import GPT4RoIForCausalLM
+    from gpt4roi_sft.train.modes import lora_target_regex
+
+    cfg = tiny_bench_config("sdpa")
+    model = GPT4RoIForCausalLM(cfg)
+    assert linear_weights(model.language_model) == LLMShape.from_config(cfg.text_config).matmul_params()
+    vision = VisionShape.from_config(cfg.vision_config)
+    patch = sum(m.weight.numel() for m in model.vision_tower.modules() if isinstance(m, nn.Conv2d))
+    assert linear_weights(model.vision_tower) + patch == vision.matmul_params()
+    peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=lora_target_regex(model, "all-linear")))
+    lora = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
+    assert lora == LLMShape.from_config(cfg.text_config).lora_params(8)
+
+
+def test_region_encoder_flops_match_torch_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gpt4roi_sft.model.modeling import GPT4RoIForCausalLM
+
+    cfg = tiny_bench_config("sdpa")
+    encoder = GPT4RoIForCausalLM(cfg).region_encoder
+    grid, width = cfg.patch_grid, cfg.vision_config.hidden_size
+    feats = [torch.randn(2, grid * grid, width) for _ in range(4)]
+    boxes = [torch.tensor([[0.1, 0.1, 0.5, 0.6], [0.2, 0.3, 0.9, 0.8]]), torch.tensor([[0.0, 0.0, 1.0, 1.0]])]
+    with FlopCounterMode(display=False) as counter:
+        encoder(feats, boxes)
+    shape = RegionShape.from_config(cfg)
+    assert counter.get_total_flops() == 2 * shape.per_image_forward_flops() + 3 * shape.per_region_forward_flops()
+
+
+def test_real_shapes_match_vicuna_7b_and_clip_vit_l():
+    from gpt4roi_sft.model.modeling import GPT4RoIForCausalLM
+
+    cfg = real_config(336, "sdpa")
+    with torch.device("meta"):
+        model = GPT4RoIForCausalLM(cfg)
+    llm = LLMShape.from_config(cfg.text_config)
+    assert linear_weights(model.language_model) == llm.matmul_params() == 32 * (4 * 4096**2 + 3 * 4096 * 11008) + 4096 * 32000
+    vision = VisionShape.from_config(cfg.vision_config)
+    assert vision.tokens == 577
+    assert vision.forward_flops() == pytest.approx(0.38e12, rel=0.03)  # ViT-L/14-336, perf_anchors.md
+    assert VisionShape.from_config(real_config(224, "sdpa").vision_config).forward_flops() == pytest.approx(0.16e12, rel=0.05)
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12)])
+def test_peak_flops_by_device_name(name, peak):
+    assert peak_flops_for(name) == peak
+
+
+def test_mfu_is_null_without_a_peak():
+    assert peak_flops_for("CPU: Intel(R) Xeon(R)") is None
+    assert mfu(1e12, 1.0, None) is None
+    assert mfu(400e12, 1.0, 1000e12) == pytest.approx(0.4)
+
+
+def test_synthetic_sample_is_pix2cap_shaped():
+    import numpy as np
+
+    shape = SampleShape(num_image_tokens=64, image_size=112, vocab_size=1200, image_token_id=3, bbox_token_id=4,
+                        min_len=120, max_len=320)
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        item = synthetic_sample(shape, rng, i)
+        ids, labels = item["input_ids"], item["labels"]
+        assert 120 <= len(ids) <= 320
+        assert int((ids == 3).sum()) == 64
+        assert int((ids == 4).sum()) == len(item["boxes"]) >= 1
+        trained = labels != -100
+        assert torch.equal(labels[trained], ids[trained])
+        assert not trained[ids == 3].any() and not trained[ids == 4].any()
+        assert (item["boxes"][:, 2:] > item["boxes"][:, :2]).all() and item["boxes"].max() <= 1
+
+
+def run_bench(*args, timeout=240):
+    cmd = [sys.executable, str(REPO / "bench" / "train_throughput.py"), *args]
+    return subprocess.run(cmd, cwd=REPO, env={**ENV, "MASTER_PORT": str(free_port())}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_tiny_cpu_run_writes_both_arms(tmp_path):
+    out = tmp_path / "result.json"
+    proc = run_bench("--tiny", "--warmup", "2", "--steps", "2", "--eval-generation", "--out", str(out),
+                     "--port", str(free_port()))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    for key in ("device", "tokens_per_s", "mfu", "peak_mem_gb", "baseline_tokens_per_s", "speedup_vs_baseline", "settings",
+                "mfu_vs_matmul", "flops_per_token", "matmul_tflops", "arms", "generation"):
+        assert key in result, key
+    assert result["device"].startswith("CPU")
+    assert result["mfu"] is None and result["baseline_mfu"] is None  # no peak table entry for a CPU
+    assert result["tokens_per_s"] > 0 and result["baseline_tokens_per_s"] > 0
+    assert result["speedup_vs_baseline"] == pytest.approx(result["tokens_per_s"] / result["baseline_tokens_per_s"])
+    assert result["mfu_vs_matmul"] > 0
+    ours, base = result["arms"]["ours"], result["arms"]["baseline"]
+    assert ours["steps"] == base["steps"] == 2
+    assert ours["tokens"] == base["tokens"]  # same samples, real tokens only
+    assert ours["model_flops"] == pytest.approx(base["model_flops"])
+    assert result["generation"]["regions_per_s"] > 0
+    assert result["settings"]["tiny"] and result["settings"]["zero"] == "2"
+    assert "ours" in proc.stdout and "baseline" in proc.stdout and "speedup vs baseline" in proc.stdout
+
+
+def test_real_shape_mode_refuses_to_run_on_cpu(tmp_path):
+    proc = run_bench("--out", str(tmp_path / "x.json"), timeout=120)
+    assert proc.returncode != 0
+    assert "needs a CUDA GPU" in proc.stderr
+    assert not (tmp_path / "x.json").exists()
