@@ -620,6 +620,7 @@ def run(args) -> dict:
             "mean_regions": float(np.mean([len(it["boxes"]) for it in items])),
             "seed": args.seed,
         },
+        "load_average_1m_at_end": os.getloadavg()[0],  # other tenants of a shared machine show up here
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "versions": {"torch": torch.__version__, "python": platform.python_version(), "git_commit": git_commit()},
     }

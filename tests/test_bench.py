@@ -194,3 +194,15 @@ def test_real_shape_mode_refuses_to_run_on_cpu(tmp_path):
     assert proc.returncode != 0
     assert "needs a CUDA GPU" in proc.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_data_loading_bench_writes_samples_per_second(tmp_path):
+    out = tmp_path / "loading.json"
+    cmd = [sys.executable, str(REPO / "bench" / "data_loading.py"), "--images", "4", "--workers", "0", "--passes", "1",
+           "--micro-batch", "2", "--image-size", "224", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    (run,) = result["runs"]
+    assert run["workers"] == 0 and run["samples"] == result["settings"]["records"] >= 4
+    assert run["samples_per_s"] > 0
