@@ -153,6 +153,11 @@ def _coerce(value: Any, tp, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 2e-5 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
     if tp is str:
         if isinstance(value, str):

@@ -56,6 +56,12 @@ def test_wrong_type_names_key_and_value():
         load_config(None, ["lora.enabled=3"])
 
 
+def test_exponent_notation_learning_rate_is_a_number(tmp_path):
+    recipe = write_recipe(tmp_path, "train:\n  learning_rate: 2e-5\n")
+    assert load_config(str(recipe), ["train.weight_decay=1e-2"]).train.learning_rate == pytest.approx(2e-5)
+    assert load_config(str(recipe), ["train.weight_decay=1e-2"]).train.weight_decay == pytest.approx(0.01)
+
+
 def test_integer_is_accepted_where_a_float_is_expected():
     assert load_config(None, ["train.learning_rate=1"]).train.learning_rate == 1.0
 
