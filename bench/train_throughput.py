@@ -499,8 +499,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--port", type=int, default=29531, help="MASTER_PORT of the one-process group")
     p.add_argument("--tag", default="", help="suffix of the results file name (e.g. lora-z2-224)")
-    p.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/<date>_<device>[_<tag>].json)")
+    p.add_argument("--out", type=Path, default=None, help="results JSON (default <out-dir>/<date>_<device>[_<tag>].json)")
+    p.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--summarize", type=Path, nargs="+", metavar="JSON",
+                   help="print one table row per results file (several settings) and exit")
     args = p.parse_args(argv)
+    if args.summarize:
+        return args
     tiny = args.tiny
     for name, real, small in (("micro_batch", 4, 2), ("steps", 10, 2), ("warmup", 3, 2), ("lora_r", 128, 8),
                               ("min_len", 600, 120), ("max_len", 1500, 320), ("gen_batch", 16, 2), ("gen_new_tokens", 32, 4),
@@ -632,11 +637,33 @@ def results_path(args, result: dict) -> Path:
         return args.out
     kind = "cpu" if result["device"].startswith("CPU") else slug(result["device"])
     name = f"{_dt.date.today().isoformat()}_{kind}{'_' + slug(args.tag) if args.tag else ''}.json"
-    return ROOT / "bench" / "results" / name
+    return args.out_dir / name
+
+
+def summary_table(results: List[dict]) -> str:
+    """One row per results file: the figures the issue's targets are stated in."""
+
+    def num(x, fmt):
+        return "n/a" if x is None else format(x, fmt)
+
+    rows = [("setting", "tokens/s", "baseline tok/s", "speedup", "MFU", "MFU(matmul)", "peak GB", "steps/s", "regions/s", "max mb")]
+    for r in results:
+        gen, search = r.get("generation") or {}, r.get("max_micro_batch") or {}
+        rows.append((r["settings"]["label"], num(r["tokens_per_s"], ".1f"), num(r["baseline_tokens_per_s"], ".1f"),
+                     num(r["speedup_vs_baseline"], ".2f"), num(r["mfu"], ".3f"), num(r["mfu_vs_matmul"], ".3f"),
+                     num(r["peak_mem_gb"], ".1f"), num(r["steps_per_s"], ".3f"), num(gen.get("regions_per_s"), ".1f"),
+                     num(search.get("max_micro_batch"), "d")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    devices = sorted({r["device"] for r in results})
+    return "\n".join([f"device: {', '.join(devices)}"] + ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                                                  for i, (c, w) in enumerate(zip(row, widths))) for row in rows])
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.summarize:
+        print(summary_table([json.loads(path.read_text()) for path in args.summarize]))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

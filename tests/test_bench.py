@@ -18,7 +18,7 @@ from conftest import REPO, free_port
 sys.path.insert(0, str(REPO))  # `bench` is a folder of scripts, not an installed package
 
 from bench.flops import FlopModel, LLMShape, RegionShape, VisionShape, mfu, peak_flops_for  # noqa: E402
-from bench.train_throughput import SampleShape, real_config, synthetic_sample, tiny_bench_config  # noqa: E402
+from bench.train_throughput import SampleShape, real_config, summary_table, synthetic_sample, tiny_bench_config  # noqa: E402
 
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
@@ -187,6 +187,8 @@ def test_tiny_cpu_run_writes_both_arms(tmp_path):
     assert result["generation"]["regions_per_s"] > 0
     assert result["settings"]["tiny"] and result["settings"]["zero"] == "2"
     assert "ours" in proc.stdout and "baseline" in proc.stdout and "speedup vs baseline" in proc.stdout
+    table = summary_table([result]).splitlines()
+    assert len(table) == 3 and result["settings"]["label"] in table[2]
 
 
 def test_real_shape_mode_refuses_to_run_on_cpu(tmp_path):
