@@ -22,6 +22,7 @@ writes ``bench/results/<date>_<device>[_<tag>].json`` and prints a table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -237,7 +238,7 @@ def deepspeed_config_path(args, workdir: Path) -> str:
 def prepare_engine(model, args, on_cpu: bool, workdir: Path):
     """``apply_training_mode`` then ``build_engine``: exactly the objects ``train_sft.py`` trains."""
     from gpt4roi_sft.train.loop import build_engine
-    from gpt4roi_sft.train.modes import apply_training_mode, trainable_parameter_count
+    from gpt4roi_sft.train.modes import apply_training_mode, trainable_parameter_count, unwrap_base_model
 
     cfg = training_config(args, deepspeed_config_path(args, workdir))
     if cfg.model.gradient_checkpointing:
@@ -246,12 +247,37 @@ def prepare_engine(model, args, on_cpu: bool, workdir: Path):
     model = apply_training_mode(model, cfg)
     counts = trainable_parameter_count(model)
     log.info("parameters: %d total, %d trainable", counts["total"], counts["trainable"])
-    hidden = model.config.text_config.hidden_size if hasattr(model.config, "text_config") else 4096
+    hidden = unwrap_base_model(model).config.text_config.hidden_size
     engine, _, stage = build_engine(model, cfg, 1, hidden, args.warmup + args.steps + 64, on_cpu)
     return engine, stage, counts
 
 
 # ------------------------------------------------------------------------------------------------ timing
+@contextlib.contextmanager
+def attention_implementation(model, name: Optional[str]):
+    """Run the LLM (and tower) with attention ``name`` inside the block; ``None`` leaves the model as it is.
+
+    transformers reads ``config._attn_implementation`` at every forward (kernel and mask alike), so one
+    engine can time two arms with different attention kernels, step by step.
+    """
+    if name is None:
+        yield
+        return
+    configs = {id(c): c for m in model.modules() for c in [getattr(m, "config", None)] if c is not None}
+    for c in list(configs.values()):
+        for sub in ("text_config", "vision_config"):
+            if getattr(c, sub, None) is not None:
+                configs[id(getattr(c, sub))] = getattr(c, sub)
+    saved = {k: c._attn_implementation for k, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._attn_implementation = name
+        yield
+    finally:
+        for k, c in configs.items():
+            c._attn_implementation = saved[k]
+
+
 class Clock:
     """Wall time of device work: synchronises the device before reading the host clock."""
 
@@ -285,20 +311,28 @@ def collate_steps(items: List[dict], micro_batch: int, collator) -> List[dict]:
 
 
 def time_arms(engine, arms: Dict[str, List[dict]], stats: List[List[dict]], warmup: int, device, dtype,
-              flop_model: FlopModel, peak: Optional[float], matmul_rate: float) -> Dict[str, dict]:
+              flop_model: FlopModel, peak: Optional[float], matmul_rate: float,
+              attn: Optional[Dict[str, Optional[str]]] = None) -> Dict[str, dict]:
     """Warm up every arm, then run their timed optimizer steps interleaved (A B, B A, A B, ...).
 
     Interleaving puts both arms under the same machine state (clocks, temperature, other tenants of a shared
     CPU), so their ratio is fairer than two back-to-back blocks. Step ``i`` of every arm holds the same
     samples; tokens/s counts real tokens only, and model FLOPs come from the samples, never the padding.
+    ``attn`` maps an arm to the attention implementation its steps run with (None: the model's own).
     """
     from gpt4roi_sft.train.loop import micro_step
 
     clock = Clock(device)
+    attn = attn or {}
     engine.train()
-    for batches in arms.values():
+
+    def step(name: str, batch: dict) -> torch.Tensor:
+        with attention_implementation(engine.module, attn.get(name)):
+            return micro_step(engine, batch, device, dtype)
+
+    for name, batches in arms.items():
         for batch in batches[:warmup]:
-            micro_step(engine, batch, device, dtype)
+            step(name, batch)
     acc = {name: {"times": [], "losses": [], "tokens": 0, "padded": 0, "flops": 0.0, "samples": 0, "peak": 0.0} for name in arms}
     names = list(arms)
     for i in range(warmup, len(stats)):
@@ -306,7 +340,7 @@ def time_arms(engine, arms: Dict[str, List[dict]], stats: List[List[dict]], warm
             batch, a = arms[name][i], acc[name]
             reset_peak_memory(device)
             t0 = clock.now()
-            loss = micro_step(engine, batch, device, dtype)
+            loss = step(name, batch)
             a["times"].append(clock.now() - t0)
             a["peak"] = max(a["peak"], peak_memory_gb(device))
             a["losses"].append(float(loss))
@@ -401,17 +435,20 @@ def find_max_micro_batch(engine, make_items, pack_len_per_sample: int, device, d
             torch.cuda.synchronize(device)
             return True
         except torch.cuda.OutOfMemoryError:
-            engine.zero_grad() if hasattr(engine, "zero_grad") else None
             torch.cuda.empty_cache()
             return False
 
     good, bad, n = 0, None, 1
-    while n <= limit and fits(n):
-        good, n = n, n * 2
-    bad = n if n <= limit else None
-    while bad is not None and bad - good > 1:
-        mid = (good + bad) // 2
-        good, bad = (mid, bad) if fits(mid) else (good, mid)
+    try:
+        while n <= limit and fits(n):
+            good, n = n, n * 2
+        bad = n if n <= limit else None
+        while bad is not None and bad - good > 1:
+            mid = (good + bad) // 2
+            good, bad = (mid, bad) if fits(mid) else (good, mid)
+    except Exception as exc:  # an engine left inconsistent by an earlier OOM: keep the lower bound found so far
+        log.warning("micro-batch search stopped after %d fit: %s", good, exc)
+        return {"max_micro_batch": good, "first_oom": bad, "limit": limit, "stopped_by": repr(exc)[:300]}
     return {"max_micro_batch": good, "first_oom": bad, "limit": limit}
 
 
@@ -484,7 +521,10 @@ def parse_args(argv=None):
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--precision", choices=("bf16", "fp32"), default=None,
                    help="default bf16; tiny fp32 (CPUs without bf16 matrix units run bf16 far slower)")
-    p.add_argument("--attn", default=None, help="attention implementation of both arms (default: sdpa)")
+    p.add_argument("--attn", default=None, help="attention implementation the model is built with (default: sdpa)")
+    p.add_argument("--ours-attn", default=None,
+                   help="attention for the packed arm only, e.g. flex_attention (block-sparse packed masks; "
+                        "CUDA only: no flex backward on CPU); default: as --attn")
     p.add_argument("--pack-length", type=int, default=None,
                    help="tokens per packed row (default: micro-batch x --max-len, i.e. one row per micro-batch)")
     p.add_argument("--min-len", type=int, default=None, help="shortest sample in tokens (default 600; tiny 120)")
@@ -561,7 +601,8 @@ def run(args) -> dict:
         arms = {"ours": collate_steps(items, args.micro_batch, PackingCollator(pack_len, PAD_ID))}
         if not args.skip_baseline:
             arms["baseline"] = collate_steps(items, args.micro_batch, PaddingCollator(PAD_ID))
-        arms = time_arms(engine, arms, stats, args.warmup, device, dtype, flop_model, peak, matmul_rate)
+        arms = time_arms(engine, arms, stats, args.warmup, device, dtype, flop_model, peak, matmul_rate,
+                         attn={"ours": args.ours_attn})
         generation = None
         if args.eval_generation:
             if stage == 3:
@@ -619,6 +660,7 @@ def run(args) -> dict:
             "gradient_checkpointing": args.gradient_checkpointing,
             "precision": args.precision,
             "attn_implementation": attn,
+            "ours_attn_implementation": args.ours_attn or attn,
             "pack_length": pack_len,
             "sample_len_range": [args.min_len, args.max_len],
             "mean_sample_len": float(np.mean([len(it["input_ids"]) for it in items])),

@@ -208,3 +208,14 @@ def test_data_loading_bench_writes_samples_per_second(tmp_path):
     (run,) = result["runs"]
     assert run["workers"] == 0 and run["samples"] == result["settings"]["records"] >= 4
     assert run["samples_per_s"] > 0
+
+
+def test_attention_switch_sets_and_restores_every_config():
+    from bench.train_throughput import attention_implementation
+    from gpt4roi_sft.model.modeling import GPT4RoIForCausalLM
+
+    model = GPT4RoIForCausalLM(tiny_bench_config("sdpa"))
+    configs = [model.config, model.config.text_config, model.language_model.config]
+    with attention_implementation(model, "eager"):
+        assert all(c._attn_implementation == "eager" for c in configs)
+    assert all(c._attn_implementation == "sdpa" for c in configs)
