@@ -11,8 +11,9 @@
 # and call the device tool with carry [".whl"] and a timeout that leaves room for a rerun (e.g. 540 s).
 #
 # Settings (each in its own process, each bounded by `timeout`, so one failure leaves the others' results):
-#   1. LoRA r=128, ZeRO-2, bf16, 224 px: packed vs padded, + batched generation throughput (regions/s)
-#   2. LoRA r=128, ZeRO-2, bf16, 336 px: packed vs padded, + the largest packed micro-batch that fits
+#   1. LoRA r=128, ZeRO-2, bf16, 224 px: packed (sdpa), packed (flex attention, fixed row length) and padded
+#      arms interleaved on the same samples, + batched generation throughput (regions/s)
+#   2. LoRA r=128, ZeRO-2, bf16, 336 px: the same three arms, + the largest packed micro-batch that fits
 #   3. full fine-tuning, ZeRO-3 + CPU offload, 224 px: steps/s (packed only; torch AdamW on the CPU,
 #      so no DeepSpeed C++ op is built on the machine)
 # Results: JSON per setting and the table, in bench/results/ (GPU runs only) and in $OUT when it is set.
@@ -58,8 +59,8 @@ bench() {  # bench TAG ARGS...: one setting, its own process and time limit
     2> >(grep -v -e FutureWarning -e 'return func' >&2) | tee -a "$STAGE/log.txt" || FAILED+=("$tag")
 }
 
-bench lora-z2-224 --image-size 224 --eval-generation
-bench lora-z2-336 --image-size 336 --max-microbatch-search
+bench lora-z2-224 --image-size 224 --flex-arm --eval-generation
+bench lora-z2-336 --image-size 336 --flex-arm --max-microbatch-search
 bench fullft-z3offload-224 --image-size 224 --full-ft --zero 3_offload --client-optimizer --skip-baseline
 
 shopt -s nullglob

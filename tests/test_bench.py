@@ -219,3 +219,23 @@ def test_attention_switch_sets_and_restores_every_config():
     with attention_implementation(model, "eager"):
         assert all(c._attn_implementation == "eager" for c in configs)
     assert all(c._attn_implementation == "sdpa" for c in configs)
+
+
+def test_padding_a_packed_batch_adds_one_untrained_tail_sequence():
+    import numpy as np
+
+    from bench.train_throughput import pad_packed_batch
+    from gpt4roi_sft.data.collator import PackingCollator, packed_sequence_lengths
+
+    shape = SampleShape(num_image_tokens=64, image_size=112, vocab_size=1200, image_token_id=3, bbox_token_id=4,
+                        min_len=120, max_len=320)
+    rng = np.random.default_rng(1)
+    items = [synthetic_sample(shape, rng, i) for i in range(3)]
+    packed = PackingCollator(1000, 0)(items)
+    width = packed["input_ids"].shape[1]
+    wide = pad_packed_batch(packed, 1024)
+    assert wide["input_ids"].shape == wide["labels"].shape == wide["position_ids"].shape == (1, 1024)
+    assert torch.equal(wide["input_ids"][:, :width], packed["input_ids"])
+    assert (wide["labels"][:, width:] == -100).all()
+    assert packed_sequence_lengths(wide["position_ids"]) == [len(it["input_ids"]) for it in items] + [1024 - width]
+    assert wide["num_tokens"] == packed["num_tokens"]
