@@ -28,7 +28,7 @@ export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTH
 
 if [ "$SMOKE" = 1 ]; then
   PY="${PYTHON:-$ROOT/.venv/bin/python}"
-  export DS_ACCELERATOR=cpu OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+  export DS_ACCELERATOR=cpu OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
   COMMON=(--tiny --warmup 1 --steps 2)
   PER_SETTING_TIMEOUT=300
 else

@@ -190,13 +190,16 @@ def sample_stats(items: List[dict]) -> List[dict]:
 
 
 # ----------------------------------------------------------------------------------------------- engine
-def init_single_process_group(on_cpu: bool, port: int) -> None:
-    """A one-process group, as ``train_sft.py`` makes when no launcher set ``WORLD_SIZE``."""
+def init_single_process_group(on_cpu: bool, port: Optional[int]) -> None:
+    """A one-process group, as ``train_sft.py`` makes when no launcher set ``WORLD_SIZE``.
+
+    ``port`` (``--port``) wins over an inherited ``MASTER_PORT``; without either, 29531.
+    """
     import deepspeed
 
     if "WORLD_SIZE" not in os.environ:
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"})
-        os.environ.setdefault("MASTER_PORT", str(port))
+        os.environ["MASTER_PORT"] = str(port or os.environ.get("MASTER_PORT", 29531))
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
 
 
@@ -569,7 +572,7 @@ def parse_args(argv=None):
     p.add_argument("--max-microbatch-search", action="store_true", help="find the largest packed micro-batch that fits (GPU only)")
     p.add_argument("--search-limit", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--port", type=int, default=29531, help="MASTER_PORT of the one-process group")
+    p.add_argument("--port", type=int, default=None, help="MASTER_PORT of the one-process group (default: $MASTER_PORT or 29531)")
     p.add_argument("--tag", default="", help="suffix of the results file name (e.g. lora-z2-224)")
     p.add_argument("--out", type=Path, default=None, help="results JSON (default <out-dir>/<date>_<device>[_<tag>].json)")
     p.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")

@@ -168,8 +168,7 @@ def run_bench(*args, timeout=240):
 
 def test_tiny_cpu_run_writes_both_arms(tmp_path):
     out = tmp_path / "result.json"
-    proc = run_bench("--tiny", "--warmup", "2", "--steps", "2", "--eval-generation", "--out", str(out),
-                     "--port", str(free_port()))
+    proc = run_bench("--tiny", "--warmup", "2", "--steps", "2", "--eval-generation", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
     for key in ("device", "tokens_per_s", "mfu", "peak_mem_gb", "baseline_tokens_per_s", "speedup_vs_baseline", "settings",
@@ -239,3 +238,20 @@ def test_padding_a_packed_batch_adds_one_untrained_tail_sequence():
     assert (wide["labels"][:, width:] == -100).all()
     assert packed_sequence_lengths(wide["position_ids"]) == [len(it["input_ids"]) for it in items] + [1024 - width]
     assert wide["num_tokens"] == packed["num_tokens"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tiny_gpu_run_has_a_peak_and_a_working_flex_arm(tmp_path):
+    out = tmp_path / "result.json"
+    env = {k: v for k, v in ENV.items() if k != "DS_ACCELERATOR"}
+    cmd = [sys.executable, str(REPO / "bench" / "train_throughput.py"), "--tiny", "--precision", "bf16", "--warmup", "2",
+           "--steps", "2", "--flex-arm", "--out", str(out), "--port", str(free_port())]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert not result["device"].startswith("CPU")
+    assert "failed" not in result["arms"]["ours_flex"], result["arms"]["ours_flex"]
+    assert result["arms"]["ours_flex"]["tokens"] == result["arms"]["baseline"]["tokens"]
+    if result["peak_tflops"] is not None:
+        assert 0 < result["mfu"] < 1
