@@ -690,6 +690,7 @@ def run(args) -> dict:
         "parameters": counts,
         "settings": {
             "label": label,
+            "tag": args.tag,
             "tiny": args.tiny,
             "image_size": config.image_size,
             "micro_batch": args.micro_batch,
@@ -733,7 +734,8 @@ def summary_table(results: List[dict]) -> str:
     rows = [("setting", "tokens/s", "baseline tok/s", "speedup", "MFU", "MFU(matmul)", "peak GB", "steps/s", "regions/s", "max mb")]
     for r in results:
         gen, search = r.get("generation") or {}, r.get("max_micro_batch") or {}
-        rows.append((r["settings"]["label"], num(r["tokens_per_s"], ".1f"), num(r["baseline_tokens_per_s"], ".1f"),
+        tag = r["settings"].get("tag")
+        rows.append((f"{tag}: {r['settings']['label']}" if tag else r["settings"]["label"], num(r["tokens_per_s"], ".1f"), num(r["baseline_tokens_per_s"], ".1f"),
                      num(r["speedup_vs_baseline"], ".2f"), num(r["mfu"], ".3f"), num(r["mfu_vs_matmul"], ".3f"),
                      num(r["peak_mem_gb"], ".1f"), num(r["steps_per_s"], ".3f"), num(gen.get("regions_per_s"), ".1f"),
                      num(search.get("max_micro_batch"), "d")))
