@@ -10,7 +10,8 @@ from gpt4roi_sft.errors import ConfigError
 
 
 def _fill(node: Dict[str, Any], key: str, value: Any) -> None:
-    if node.get(key, "auto") == "auto":
+    """Replace ``node[key]`` when it is ``"auto"``; a key the JSON leaves out keeps DeepSpeed's default."""
+    if node.get(key) == "auto":
         node[key] = value
 
 
@@ -30,8 +31,8 @@ def fill_auto_values(ds_config: Dict[str, Any], cfg: Config, world_size: int, hi
         if ds.get(key, "auto") not in ("auto", want):
             raise ConfigError(f"{cfg.deepspeed.config}: {key}={ds[key]} disagrees with the recipe ({want}); use \"auto\"")
         ds[key] = want
-    _fill(ds, "gradient_clipping", cfg.train.max_grad_norm)
-    bf16 = ds.setdefault("bf16", {})
+    ds["gradient_clipping"] = cfg.train.max_grad_norm if ds.get("gradient_clipping", "auto") == "auto" else ds["gradient_clipping"]
+    bf16 = ds.setdefault("bf16", {"enabled": "auto"})
     _fill(bf16, "enabled", cfg.train.precision == "bf16")
     if ds.get("fp16", {}).get("enabled") in ("auto",):
         ds["fp16"]["enabled"] = False
@@ -41,7 +42,8 @@ def fill_auto_values(ds_config: Dict[str, Any], cfg: Config, world_size: int, hi
         _fill(params, "lr", cfg.train.learning_rate)
         _fill(params, "weight_decay", cfg.train.weight_decay)
     zero = ds.setdefault("zero_optimization", {})
-    _fill(zero, "reduce_bucket_size", hidden_size * hidden_size)
+    # HF's rule for ZeRO-3 bucket sizes, with a floor so tiny models do not pay one collective per tensor.
+    _fill(zero, "reduce_bucket_size", max(hidden_size * hidden_size, 50_000_000))
     _fill(zero, "stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))
     _fill(zero, "stage3_param_persistence_threshold", 10 * hidden_size)
     leftover = [k for k, v in _walk(ds) if v == "auto"]
