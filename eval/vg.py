@@ -190,21 +190,31 @@ def generate_predictions(samples: Sequence[VGSample], captioner: Captioner, stor
 # ---------------------------------------------------------------- scoring and reports
 
 
-def _mentions(caption: str, word: str) -> bool:
-    return re.search(rf"\b{re.escape(str(word).lower())}\b", caption.lower()) is not None
+def _first_of(caption: str, vocabulary: Sequence[str]) -> Optional[str]:
+    """The word of ``vocabulary`` that appears first in ``caption`` (whole words, case-insensitive)."""
+    best, best_pos = None, None
+    for word in vocabulary:
+        m = re.search(rf"\b{re.escape(str(word).lower())}\b", caption.lower())
+        if m and (best_pos is None or m.start() < best_pos):
+            best, best_pos = word, m.start()
+    return best
 
 
 def attribute_accuracy(samples: Sequence[VGSample], predictions: Dict[int, str]) -> Optional[dict]:
-    """Share of samples whose caption names both the true colour and kind (whole-word match).
+    """Share of samples whose caption names the region's true colour and kind as its subject.
 
-    ``chance`` is what always answering the most common colour and the most common kind would score.
-    ``None`` when the samples carry no ``attributes`` with ``colour`` and ``kind``.
+    The subject's colour and kind are the *first* colour word and the *first* kind word of the caption
+    (the vocabularies are the values seen in the test file). Counting any mention would reward a caption
+    that names the neighbour it describes the region against. ``chance`` is what always answering the most
+    common colour and the most common kind would score. ``None`` when no sample has ``colour`` and ``kind``.
     """
     rated = [s for s in samples if s.attributes and "colour" in s.attributes and "kind" in s.attributes]
     if not rated:
         return None
-    hits = sum(_mentions(predictions[s.sample_id], s.attributes["colour"])
-               and _mentions(predictions[s.sample_id], s.attributes["kind"]) for s in rated)
+    colours = sorted({s.attributes["colour"] for s in rated})
+    kinds = sorted({s.attributes["kind"] for s in rated})
+    hits = sum(_first_of(predictions[s.sample_id], colours) == s.attributes["colour"]
+               and _first_of(predictions[s.sample_id], kinds) == s.attributes["kind"] for s in rated)
     colour = collections.Counter(s.attributes["colour"] for s in rated).most_common(1)[0][0]
     kind = collections.Counter(s.attributes["kind"] for s in rated).most_common(1)[0][0]
     chance_hits = sum(s.attributes["colour"] == colour and s.attributes["kind"] == kind for s in rated)

@@ -160,6 +160,14 @@ def test_attribute_match_needs_whole_words_for_both_colour_and_kind():
     assert acc["accuracy"] == 0.5
 
 
+def test_attribute_match_takes_the_caption_subject_not_a_mentioned_neighbour():
+    s = vg.VGSample(1, Path("x.jpg"), [0, 0, 1, 1], "ref", {"colour": "red", "kind": "square"})
+    t = vg.VGSample(2, Path("x.jpg"), [0, 0, 1, 1], "ref", {"colour": "blue", "kind": "circle"})
+    preds = {1: "A blue circle sits left of a red square.", 2: "A blue circle sits left of a red square."}
+    acc = vg.attribute_accuracy([s, t], preds)
+    assert acc["accuracy"] == 0.5
+
+
 def test_shards_partition_samples_and_merge_scores_all(tmp_path):
     ann, images = write_test_file(tmp_path)
     seen = []
