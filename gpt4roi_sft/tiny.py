@@ -17,37 +17,20 @@ import os
 import torch
 
 from gpt4roi_sft.constants import BBOX_TOKEN, GPT4ROI_PREAMBLE, IMAGE_TOKEN
+from gpt4roi_sft.conversation import GPT4ROI_SYSTEM, VICUNA_SYSTEM
 
 logger = logging.getLogger(__name__)
-
-GPT4ROI_V0_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
-)
 
 
 def tiny_tokenizer_corpus() -> list[str]:
     """Text covering the synthetic captions, the templates' fixed strings and the region names."""
-    texts = [GPT4ROI_V0_SYSTEM, "### Human:", "### Assistant:", "USER:", "ASSISTANT:", GPT4ROI_PREAMBLE]
+    texts = [GPT4ROI_SYSTEM, VICUNA_SYSTEM, "### Human:", "### Assistant:", "USER:", "ASSISTANT:", GPT4ROI_PREAMBLE]
     texts += [f"region{i} {BBOX_TOKEN}" for i in range(1, 16)]
     texts.append(f"The {IMAGE_TOKEN} provides an overview of the picture.")
-    try:
-        from data_converters import templates
+    # The synthetic captions, GPT4RoI's region-caption templates and the VG evaluation question.
+    from data_converters.synthetic import caption_corpus
 
-        for name in dir(templates):
-            value = getattr(templates, name)
-            if isinstance(value, str):
-                texts.append(value)
-            elif isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value):
-                texts.extend(value)
-    except ImportError:
-        logger.info("data_converters.templates not importable; tokenizer trained without its templates")
-    try:
-        from data_converters.synthetic import caption_corpus
-
-        texts.extend(caption_corpus())
-    except ImportError:
-        logger.info("data_converters.synthetic not importable; tokenizer trained without synthetic captions")
+    texts.extend(caption_corpus())
     return texts
 
 
