@@ -1,7 +1,7 @@
 """Synthetic Pix2Cap-COCO: shapes over background bands, in the real dataset's files and layout.
 
 The project cannot download COCO or Pix2Cap, so tests and the quickstart use this stand-in. Every image
-has two "stuff" bands (sky on top; grass, sand or water below) and 2-4 "things" (a circle, square or
+has two "stuff" bands (sky on top; grass, sand or water below) and 2-3 "things" (a circle, square or
 triangle with one of six flat colours and one of three sizes). Things sit in separate columns, so they
 never overlap and each box shows mostly its own colour. Every segment carries a ~15-25 word
 ``description`` naming its colour, kind, size and position relative to a neighbour, so a model can only
@@ -48,7 +48,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 KINDS: tuple[str, ...] = ("circle", "square", "triangle")
 # Side of the shape as a fraction of its cell (the cell is the thing's column, at most 0.6 of the height).
-SIZES: dict[str, float] = {"small": 0.42, "medium": 0.66, "large": 0.92}
+SIZES: dict[str, float] = {"small": 0.5, "medium": 0.72, "large": 0.95}
 TOP_STUFF = "sky"
 BOTTOM_STUFF: tuple[str, ...] = ("grass", "sand", "water")
 STUFF_COLOURS: dict[str, tuple[int, int, int]] = {
@@ -190,12 +190,12 @@ def _thing_mask(kind: str, side: int) -> np.ndarray:
 
 
 def make_scene(rng: np.random.Generator) -> Scene:
-    """Draw an image size, a horizon, a bottom stuff and 2-4 non-overlapping things (one per column)."""
+    """Draw an image size, a horizon, a bottom stuff and 2-3 non-overlapping things (one per column)."""
     width = int(rng.integers(WIDTH_RANGE[0] // 8, WIDTH_RANGE[1] // 8 + 1)) * 8
     height = int(rng.integers(HEIGHT_RANGE[0] // 8, HEIGHT_RANGE[1] // 8 + 1)) * 8
     horizon = int(height * rng.uniform(0.4, 0.6))
     scene = Scene(width, height, horizon, str(rng.choice(BOTTOM_STUFF)))
-    n = int(rng.integers(2, 5))
+    n = int(rng.integers(2, 4))  # 2-3 things: each spans a few ViT patches at 112 px
     col_w = width / n
     cell = min(col_w, 0.6 * height)
     colours, kinds, sizes = list(COLOURS), list(KINDS), list(SIZES)

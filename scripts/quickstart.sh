@@ -18,7 +18,7 @@ mkdir -p "$RUN"
 
 stage "generating synthetic Pix2Cap-COCO data ($RUN/data)"
 if [ ! -f "$RUN/data/annotations/test_caption.json" ]; then
-  python -m data_converters.synthetic --out "$RUN/data" --train-images 2000 --val-images 60 --seed 0
+  python -m data_converters.synthetic --out "$RUN/data" --train-images 2000 --val-images 100 --seed 0
 else
   echo "already there"
 fi
