@@ -15,8 +15,13 @@ STAMP="$VENV/.gpt4roi_sft.stamp"
 WANT="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1) $EXTRAS"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "[setup] installing gpt4roi_sft[$EXTRAS] into $VENV (first run takes a few minutes)"
-  "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[$EXTRAS]"
+  LOG="$VENV/install.log"
+  "$VENV/bin/python" -m pip install -q --upgrade pip >"$LOG" 2>&1 || true
+  if ! "$VENV/bin/python" -m pip install -q -e "$ROOT[$EXTRAS]" >>"$LOG" 2>&1; then
+    echo "[setup] pip install failed; the end of $LOG:" >&2
+    tail -n 30 "$LOG" >&2
+    exit 1
+  fi
   echo "$WANT" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
