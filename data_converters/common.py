@@ -28,19 +28,6 @@ from gpt4roi_sft.errors import BoxError, DataError, UserError
 log = logging.getLogger(__name__)
 
 
-def load_json(path: Path) -> Any:
-    """Parse a whole JSON file; a missing, truncated or invalid file is a :class:`DataError` naming it."""
-    try:
-        with open(path, "rb") as fh:
-            return json.loads(fh.read())
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno} (char {exc.pos}): {exc.msg}") from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text at byte {exc.start}") from None
-
-
 def require_keys(obj: Any, keys: Sequence[str], where: str) -> None:
     """Raise a :class:`DataError` naming ``where`` unless ``obj`` is a dict holding every key."""
     if not isinstance(obj, dict):

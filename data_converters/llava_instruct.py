@@ -16,9 +16,10 @@ import argparse
 from pathlib import Path
 from typing import Iterator
 
-from data_converters.common import ConversionStats, add_output_arguments, finish, join_image_path, load_json
+from data_converters.common import ConversionStats, add_output_arguments, finish, join_image_path
 from gpt4roi_sft.constants import IMAGE_TOKEN
 from gpt4roi_sft.errors import DataError, run_cli
+from gpt4roi_sft.json_io import load_json
 
 SOURCE = "llava_instruct_150k"
 ROLES = ("human", "gpt")

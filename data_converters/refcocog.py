@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Iterator
 
 from data_converters.common import (ConversionStats, Region, add_output_arguments, finish, image_rng, infer_split,
-                                    join_image_path, kept_box, kept_caption, load_json, region_records,
+                                    join_image_path, kept_box, kept_caption, region_records,
                                     require_keys, templates_by_name)
 from gpt4roi_sft.errors import run_cli
+from gpt4roi_sft.json_io import load_json
 
 SOURCE = "refcocog"
 

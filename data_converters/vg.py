@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Iterator
 
 from data_converters.common import (ConversionStats, Region, add_output_arguments, finish, image_rng,
-                                    join_image_path, kept_box, kept_caption, load_json, region_records, require_keys,
+                                    join_image_path, kept_box, kept_caption, region_records, require_keys,
                                     templates_by_name)
 from gpt4roi_sft.errors import DataError, run_cli
+from gpt4roi_sft.json_io import load_json
 
 SOURCE = "vg"
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import logging
 import math
 import re
@@ -29,6 +28,7 @@ from eval.prediction_store import PredictionStore
 from gpt4roi_sft.atomic import write_json_atomic, write_text_atomic
 from gpt4roi_sft.constants import GPT4ROI_PREAMBLE
 from gpt4roi_sft.errors import ConfigError, DataError, run_cli
+from gpt4roi_sft.json_io import load_json
 from gpt4roi_sft.infer import Captioner, DecodeSettings, RegionRequest
 
 logger = logging.getLogger(__name__)
@@ -80,12 +80,7 @@ def load_vg_test(annotations: Path, image_root: Optional[Path], skip_bad: bool =
     out and described in ``skipped``.
     """
     annotations = Path(annotations)
-    try:
-        data = json.loads(annotations.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{annotations}: no such file") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{annotations}: not valid JSON ({exc})") from None
+    data = load_json(annotations)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
         raise DataError(f"{annotations}: expected a COCO-style object with 'images' and 'annotations' lists")
 

@@ -40,6 +40,7 @@ from eval.prediction_store import PredictionStore
 from gpt4roi_sft.atomic import write_json_atomic, write_text_atomic
 from gpt4roi_sft.constants import GPT4ROI_PREAMBLE
 from gpt4roi_sft.errors import ConfigError, DataError, run_cli
+from gpt4roi_sft.json_io import load_json
 from gpt4roi_sft.infer import Captioner, DecodeSettings, RegionRequest
 
 logger = logging.getLogger(__name__)
@@ -82,12 +83,7 @@ def enclosing_box(points: Sequence[Sequence[float]]) -> List[float]:
 
 def labelme_boxes(path: Path) -> Dict[str, List[float]]:
     """``{label: xyxy}`` from a labelme file; several shapes with one label give the box around all of them."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: labelme annotation not found") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    data = load_json(path)
     boxes: Dict[str, List[float]] = {}
     for i, shape in enumerate(data.get("shapes") or []):
         label, kind, points = shape.get("label"), shape.get("shape_type", "polygon"), shape.get("points")
@@ -144,12 +140,9 @@ def load_vipbench(root: Path, split: str, mode: str = "region") -> List[VipQuest
     if split not in SPLITS:
         raise ConfigError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
     meta_path, questions_path = root / META_FILE, root / split / "questions.jsonl"
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{meta_path}: not found (is {root} a ViP-Bench folder?)") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{meta_path}: not valid JSON ({exc})") from None
+    if not meta_path.is_file():
+        raise DataError(f"{meta_path}: not found (is {root} a ViP-Bench folder?)")
+    meta = load_json(meta_path)
     if not questions_path.is_file():
         raise DataError(f"{questions_path}: not found")
 

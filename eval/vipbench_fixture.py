@@ -89,7 +89,7 @@ def _octagon(box: List[float]) -> List[List[float]]:
 
 def _question(k: int, shapes: List[Shape]) -> Tuple[str, str, List[str], List[int]]:
     """(meta question, answer, capabilities, indices of the shapes referred to, in obj order)."""
-    (c0, k0, _), (c1, k1, _) = shapes[0], shapes[1]
+    (c0, k0, _), (_, k1, _) = shapes[0], shapes[1]
     variant = k % 4
     if variant == 0:
         return "What colour is the shape <obj>?", c0, ["rec"], [0]

@@ -32,7 +32,7 @@ from gpt4roi_sft.errors import ConfigError, UserError
 from gpt4roi_sft.model.configuration import GPT4RoIConfig
 from gpt4roi_sft.model.convert_gpt4roi import convert_llava_original_state_dict, is_gpt4roi_state_dict
 from gpt4roi_sft.model.modeling import GPT4RoIForCausalLM, default_attn_implementation
-from gpt4roi_sft.model.processing import PROCESSOR_CONFIG_NAME, GPT4RoIProcessor
+from gpt4roi_sft.model.processing import GPT4RoIProcessor
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -176,6 +176,3 @@ def gather_trainable_state_dict(module: torch.nn.Module, zero_stage: int, is_ran
             out[n] = p.detach().to("cpu", copy=True)
     return out
 
-
-def iter_step_dirs(root: Path) -> Iterable[Path]:
-    return (p for _, p in complete_checkpoints(root))
