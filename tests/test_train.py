@@ -104,6 +104,22 @@ def test_exported_adapter_through_plain_peft_matches_the_merged_export(zero2_lor
     assert (a - p).abs().max() > 1e-2, "the adapter changes nothing"
 
 
+def test_evaluating_base_plus_adapter_generates_what_the_merged_export_generates(zero2_lora_run, tiny_model_dir,
+                                                                                 synthetic_pix2cap, tmp_path):
+    from gpt4roi_sft.infer import DecodeSettings, RegionRequest, load_captioner
+
+    for merge in (False, True):
+        cmd = [sys.executable, "-m", "gpt4roi_sft.export", "--checkpoint", str(zero2_lora_run), "--out", str(tmp_path / f"m{merge}")]
+        subprocess.run(cmd + (["--merge"] if merge else []), check=True, cwd=REPO, env=ENV, capture_output=True)
+    settings = DecodeSettings(max_new_tokens=12)
+    with_adapter = load_captioner(tiny_model_dir, settings=settings, adapter_dir=str(tmp_path / "mFalse"), device="cpu")
+    merged = load_captioner(str(tmp_path / "mTrue"), settings=settings, device="cpu")
+    images = sorted((synthetic_pix2cap["root"] / "val2017").glob("*.jpg"))[:3]
+    prompt = "The <image> provides an overview of the picture.\nCan you give a description of the region mentioned by region1 <bbox>?"
+    requests = [RegionRequest(str(img), prompt, [[4, 4, 60, 60]]) for img in images]
+    assert with_adapter(requests) == merged(requests)
+
+
 def test_zero3_full_finetune_two_processes_gathers_full_weights_and_exports(tiny_model_dir, synthetic_pix2cap, tmp_path):
     from safetensors.torch import load_file
 
