@@ -145,9 +145,30 @@ def _assemble(config: GPT4RoIConfig, state: dict, fresh_prefixes: tuple[str, ...
 
 
 def _load_own(path: str, attn: str, torch_dtype) -> tuple[GPT4RoIForCausalLM, GPT4RoIProcessor]:
+    """Our own directories load through ``from_pretrained``: weights are placed into a model built on the meta
+    device (no random initialisation of billions of parameters first), then checked key by key."""
     config = GPT4RoIConfig.from_pretrained(path)
     config._attn_implementation = attn
-    model = _assemble(config, read_state_dict(path), (), path)
+    weight_files = glob.glob(os.path.join(path, "*.safetensors")) + glob.glob(os.path.join(path, "pytorch_model*.bin"))
+    if not weight_files:
+        raise CheckpointError(f"{path}: no *.safetensors or pytorch_model*.bin weight files")
+    try:
+        model, info = GPT4RoIForCausalLM.from_pretrained(
+            path, config=config, dtype=torch_dtype or torch.float32, output_loading_info=True
+        )
+    except RuntimeError as exc:  # e.g. a weight whose shape does not fit
+        raise CheckpointError(f"{path}: {str(exc).splitlines()[0]}") from None
+    unexpected, missing = sorted(info.get("unexpected_keys") or []), sorted(info.get("missing_keys") or [])
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected weight {unexpected[0]!r} ({len(unexpected)} in all) has no place in the model")
+    if missing:
+        raise CheckpointError(f"{path}: missing weight {missing[0]!r} ({len(missing)} in all)")
+    mismatched = info.get("mismatched_keys") or []
+    if mismatched:
+        key, have, want = mismatched[0]
+        raise CheckpointError(f"{path}: weight {key!r} has shape {tuple(have)}, the model expects {tuple(want)}")
+    if config.freeze_vision_tower:  # loading replaced the parameters the constructor had frozen
+        model.vision_tower.requires_grad_(False)
     return model, GPT4RoIProcessor.from_pretrained(path)
 
 
