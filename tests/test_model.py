@@ -37,7 +37,7 @@ def test_moving_a_box_changes_logits_from_its_bbox_token_on_and_nothing_before(t
     b = proc(images=[_image()], texts=[text], boxes=[[[60, 40, 120, 90]]])
     la, lb = _logits(model, a), _logits(model, b)
     pos = _bbox_positions(a, proc)[0]
-    torch.testing.assert_close(la[:, :pos], lb[:, :pos], atol=0, rtol=0)
+    torch.testing.assert_close(la[:, :pos], lb[:, :pos], atol=1e-6, rtol=0)  # CPU kernels may differ in the last bit
     assert (la[:, pos:] - lb[:, pos:]).abs().amax(-1).min() > 1e-5
 
 

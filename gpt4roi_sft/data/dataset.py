@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gpt4roi_sft.constants import BBOX_TOKEN, IGNORE_INDEX, IMAGE_TOKEN
-from gpt4roi_sft.conversation import tokenize_conversation, validate_messages
+from gpt4roi_sft.constants import BBOX_TOKEN, IMAGE_TOKEN
+from gpt4roi_sft.conversation import expand_image_tokens, tokenize_conversation, validate_messages
 from gpt4roi_sft.data.image_transform import ImageTransform, validate_boxes
 from gpt4roi_sft.errors import ConfigError, DataError
 
@@ -187,15 +187,8 @@ class ConversationDataset(torch.utils.data.Dataset):
             validate_boxes([r["bbox"] for r in regions], record["width"], record["height"], where=where, clip=True)
 
     def _expand_image(self, ids: List[int], labels: List[int]):
-        out_ids, out_labels = [], []
-        for tid, lab in zip(ids, labels):
-            if tid == self._tokenizer_image_id:
-                out_ids += [self.image_token_id] * self.num_image_tokens
-                out_labels += [IGNORE_INDEX] * self.num_image_tokens
-            else:
-                out_ids.append(tid)
-                out_labels.append(lab)
-        return out_ids, out_labels
+        return expand_image_tokens(ids, labels, self.image_token_id, self.num_image_tokens,
+                                   source_token_id=self._tokenizer_image_id)
 
     def build_item(self, record: dict, where: str) -> dict:
         """Validate, tokenize and transform one parsed record into a training item."""

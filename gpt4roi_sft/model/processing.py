@@ -16,7 +16,8 @@ import torch
 from transformers import AutoTokenizer, BatchFeature
 
 from gpt4roi_sft.atomic import write_json_atomic
-from gpt4roi_sft.constants import BBOX_TOKEN, CLIP_MEAN, CLIP_STD, IGNORE_INDEX, IMAGE_TOKEN
+from gpt4roi_sft.constants import BBOX_TOKEN, CLIP_MEAN, CLIP_STD, IMAGE_TOKEN
+from gpt4roi_sft.conversation import expand_image_tokens
 from gpt4roi_sft.data.image_transform import ImageTransform
 from gpt4roi_sft.errors import BoxError, ConfigError, DataError
 
@@ -47,15 +48,7 @@ class GPT4RoIProcessor:
 
         Returns ``(ids, labels)`` as lists (``labels`` is None when none were given).
         """
-        ids_out, labels_out = [], ([] if labels is not None else None)
-        if labels is not None and len(labels) != len(input_ids):
-            raise ValueError(f"{len(labels)} labels for {len(input_ids)} input ids")
-        for k, tok in enumerate(input_ids):
-            n = self.num_image_tokens if tok == self.image_token_id else 1
-            ids_out.extend([int(tok)] * n)
-            if labels_out is not None:
-                labels_out.extend([IGNORE_INDEX] * n if n > 1 or tok == self.image_token_id else [int(labels[k])])
-        return ids_out, labels_out
+        return expand_image_tokens(input_ids, labels, self.image_token_id, self.num_image_tokens)
 
     def __call__(
         self,
