@@ -41,3 +41,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_converter(tmp_path, module: str, data, *args: str, name: str = "input.json"):
+    """Run ``python -m data_converters.<module>`` on ``data`` (a JSON-able object or raw text).
+
+    Returns (process, records or None, stats or None).
+    """
+    import json
+
+    src = tmp_path / name
+    src.write_text(data if isinstance(data, str) else json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    out, stats = tmp_path / "out.jsonl", tmp_path / "stats.json"
+    proc = subprocess.run([sys.executable, "-m", f"data_converters.{module}", "--annotations", str(src),
+                           "--out", str(out), "--stats", str(stats), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    records = None
+    if proc.returncode == 0:
+        records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    return proc, records, (json.loads(stats.read_text()) if stats.exists() else None)

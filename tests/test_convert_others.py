@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 from PIL import Image
 
+from conftest import run_converter
 from gpt4roi_sft.constants import GPT4ROI_PREAMBLE
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run(tmp_path: Path, module: str, data, *args: str, name="input.json"):
-    """Run ``python -m data_converters.<module>`` on ``data``; return (process, records or None, stats or None)."""
-    src = tmp_path / name
-    src.write_text(data if isinstance(data, str) else json.dumps(data, ensure_ascii=False), encoding="utf-8")
-    out, stats = tmp_path / "out.jsonl", tmp_path / "stats.json"
-    proc = subprocess.run([sys.executable, "-m", f"data_converters.{module}", "--annotations", str(src),
-                           "--out", str(out), "--stats", str(stats), *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    records = None
-    if proc.returncode == 0:
-        records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-    return proc, records, (json.loads(stats.read_text()) if stats.exists() else None)
+    return run_converter(tmp_path, module, data, *args, name=name)
 
 
 def gpt_turns(records) -> list[str]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from data_converters.templates import GPT4ROI_VG
+from conftest import run_converter
 from gpt4roi_sft.constants import GPT4ROI_PREAMBLE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,18 +34,9 @@ def panoptic(images: dict[int, list[dict]], size=(640, 427)) -> dict:
 
 def run(tmp_path: Path, data, *args: str, name="pix2cap_coco_train.json"):
     """Run the CLI on ``data`` (a JSON string, or {image_id: segments_info}); return (process, records, stats)."""
-    src = tmp_path / name
     if isinstance(data, dict):
         data = panoptic(data)
-    src.write_text(data if isinstance(data, str) else json.dumps(data, ensure_ascii=False), encoding="utf-8")
-    out, stats = tmp_path / "out.jsonl", tmp_path / "stats.json"
-    proc = subprocess.run([sys.executable, "-m", "data_converters.pix2cap", "--annotations", str(src),
-                           "--out", str(out), "--stats", str(stats), *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    records = None
-    if proc.returncode == 0:
-        records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-    return proc, records, (json.loads(stats.read_text()) if stats.exists() else None)
+    return run_converter(tmp_path, "pix2cap", data, *args, name=name)
 
 
 def captions(records) -> list[str]:
