@@ -88,6 +88,8 @@ def plot_loss(output_dir, out_path: Optional[str] = None) -> Optional[Path]:
     ax.plot(steps, smooth, label=f"moving average ({window})")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean over labelled tokens)")
+    if min(losses) > 0:
+        ax.set_yscale("log")  # the late, slow part of the curve is where region learning shows
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
