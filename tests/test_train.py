@@ -232,6 +232,10 @@ def test_an_interrupted_save_never_becomes_the_resume_point(tmp_path):
     assert ckpt.find_latest(tmp_path) == root / "step_4"
     (root / "latest").unlink()
     assert ckpt.find_latest(tmp_path) == root / "step_4"
+    # export accepts the output dir, its checkpoints/ folder or a step dir, never an incomplete one
+    assert ckpt.resolve_step_dir(tmp_path) == ckpt.resolve_step_dir(root) == root / "step_4"
+    with pytest.raises(Exception, match="not a complete checkpoint"):
+        ckpt.resolve_step_dir(root / "step_8")
 
 
 def _one_batch(model_dir, data, n=2):

@@ -82,10 +82,9 @@ def resolve_step_dir(path) -> Path:
         if not is_complete(p):
             raise UserError(f"{p}: not a complete checkpoint (no {COMPLETE_MARKER} marker; the save was interrupted)")
         return p
-    for root in (p, p.parent):
-        latest = find_latest(root if root.name != "checkpoints" else root.parent)
-        if latest is not None:
-            return latest
+    latest = find_latest(p.parent if p.name == "checkpoints" else p)
+    if latest is not None:
+        return latest
     raise UserError(f"{p}: no complete checkpoint found (looked for checkpoints/step_<N>/{COMPLETE_MARKER})")
 
 
