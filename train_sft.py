@@ -40,11 +40,9 @@ def main(argv=None) -> int:
     if "WORLD_SIZE" not in os.environ:  # plain `python train_sft.py`: a one-process group
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"})
         os.environ.setdefault("MASTER_PORT", os.environ.get("GPT4ROI_MASTER_PORT", "29511"))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from gpt4roi_sft.console import setup_cli_logging
+
+    setup_cli_logging(rank, fmt=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", uses_4bit=cfg.lora.qlora)
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from gpt4roi_sft.train.loop import train

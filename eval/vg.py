@@ -310,7 +310,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["merge"]:
         argv = argv[1:] + ["--merge"]
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from gpt4roi_sft.console import setup_cli_logging
+
+    setup_cli_logging()
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise ConfigError("--batch-size and --max-new-tokens must be at least 1")
     if args.image_root is None and not args.merge:

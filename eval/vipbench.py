@@ -398,7 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from gpt4roi_sft.console import setup_cli_logging
+
+    setup_cli_logging()
     if bool(args.judge_base_url) != bool(args.judge_model):
         raise ConfigError("--judge-base-url and --judge-model go together")
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.judge_concurrency < 1 or args.judge_max_retries < 0:

@@ -98,7 +98,9 @@ def main(argv=None) -> int:
     parser.add_argument("--merge", action="store_true", help="merge LoRA weights into the base and write a full model")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from gpt4roi_sft.console import setup_cli_logging
+
+    setup_cli_logging()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     out = export_checkpoint(args.checkpoint, args.out, merge=args.merge, dtype=dtype)
     print(f"exported to {out}")

@@ -162,19 +162,35 @@ def _to_device(batch, device):
     return moved
 
 
+def inference_dtype(device: str, dtype: Optional[str] = None):
+    """The weights' dtype for generation: bf16 on CUDA (what training used), fp32 on CPU; ``dtype`` overrides."""
+    import torch
+
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if dtype is not None:
+        if dtype not in names:
+            raise ValueError(f"dtype must be one of {sorted(names)}, got {dtype!r}")
+        return names[dtype]
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
 def load_captioner(model_dir: str, template: str = "gpt4roi_v0", settings: Optional[DecodeSettings] = None,
-                   adapter_dir: Optional[str] = None, device: Optional[str] = None) -> RegionCaptioner:
-    """Load a model directory (optionally with a LoRA adapter applied by ``peft``) into a captioner."""
+                   adapter_dir: Optional[str] = None, device: Optional[str] = None,
+                   dtype: Optional[str] = None) -> RegionCaptioner:
+    """Load a model directory (optionally with a LoRA adapter applied by ``peft``) into a captioner.
+
+    ``device`` defaults to CUDA when present; weights load in :func:`inference_dtype` (bf16 on CUDA).
+    """
     import torch
 
     from gpt4roi_sft import load_model
 
-    model, processor = load_model(model_dir)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, processor = load_model(model_dir, torch_dtype=inference_dtype(device, dtype))
     if adapter_dir:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter_dir)
         logger.info("applied adapter %s", adapter_dir)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     return RegionCaptioner(model, processor, template=template, settings=settings)

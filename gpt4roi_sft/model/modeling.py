@@ -172,7 +172,8 @@ class GPT4RoIForCausalLM(GPT4RoIPreTrainedModel, GenerationMixin):
         if n_boxes:
             if needs_masks and region_masks is None:
                 raise ValueError(f"region_mode {cfg.region_mode!r} needs region_masks")
-            masks = list(region_masks) if needs_masks else None
+            # Boxes and masks may arrive on the host (processor output); the encoder runs where the embeddings are.
+            masks = [m.to(embeds.device) for m in region_masks] if needs_masks else None
             region_tokens = self.region_encoder(layer_features, [b.to(embeds.device) for b in boxes], masks)
             embeds = embeds.masked_scatter(bbox_mask.unsqueeze(-1), region_tokens.to(embeds.dtype))
         else:

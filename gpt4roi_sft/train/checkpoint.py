@@ -88,27 +88,38 @@ def resolve_step_dir(path) -> Path:
     raise UserError(f"{p}: no complete checkpoint found (looked for checkpoints/step_<N>/{COMPLETE_MARKER})")
 
 
-def capture_rng_state() -> Dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def capture_rng_state(device: Optional[torch.device] = None) -> Dict[str, Any]:
+    """Python, numpy and torch CPU RNG states, plus the accelerator's RNG state when ``device`` is one."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def restore_rng_state(state: Dict[str, Any]) -> None:
+def restore_rng_state(state: Dict[str, Any], device: Optional[torch.device] = None) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if device is not None and device.type == "cuda":
+        if "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], device)
+        else:
+            log.warning("checkpoint has no CUDA RNG state (saved on a CPU run); %s keeps its current one", device)
 
 
-def save_rng_state(step_dir: Path, rank: int) -> None:
+def save_rng_state(step_dir: Path, rank: int, device: Optional[torch.device] = None) -> None:
+    """This rank's RNG states (including its own CUDA generator) to ``rng_state_rank<rank>.pt``."""
     step_dir.mkdir(parents=True, exist_ok=True)
     tmp = step_dir / f".rng_state_rank{rank}.pt.tmp"
-    torch.save(capture_rng_state(), tmp)
+    torch.save(capture_rng_state(device), tmp)
     tmp.replace(step_dir / f"rng_state_rank{rank}.pt")
 
 
-def load_rng_state(step_dir: Path, rank: int) -> None:
+def load_rng_state(step_dir: Path, rank: int, device: Optional[torch.device] = None) -> None:
     path = step_dir / f"rng_state_rank{rank}.pt"
     if path.is_file():
-        restore_rng_state(torch.load(path, weights_only=False))
+        # RNG states are CPU byte tensors whatever device saved them; map_location keeps them there.
+        restore_rng_state(torch.load(path, map_location="cpu", weights_only=False), device)
     else:
         log.warning("%s missing; RNG state not restored for rank %d", path, rank)
 

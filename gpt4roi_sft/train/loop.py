@@ -11,16 +11,15 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import numpy as np
 import torch
-import torch.distributed as dist
-
 from gpt4roi_sft.config import Config, load_deepspeed_json, zero_stage
 from gpt4roi_sft.errors import UserError
 from gpt4roi_sft.train import checkpoint as ckpt
 from gpt4roi_sft.train.deepspeed_config import fill_auto_values
+from gpt4roi_sft.train.distributed import Collectives, training_device
 from gpt4roi_sft.train.modes import apply_training_mode, model_dtype, trainable_parameter_count, unwrap_base_model
 
 log = logging.getLogger(__name__)
@@ -104,13 +103,6 @@ def micro_step(engine, batch: Dict[str, Any], device: torch.device, dtype: torch
     return out.loss.detach()
 
 
-def _broadcast_error(message: Optional[str]) -> Optional[str]:
-    """Rank 0's start-up error (or None) on every rank, so all ranks stop together instead of hanging."""
-    obj = [message]
-    dist.broadcast_object_list(obj, src=0)
-    return obj[0]
-
-
 def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
     """Run (or resume) the training described by ``cfg``; returns a summary dict on every rank."""
     import deepspeed
@@ -122,11 +114,12 @@ def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
 
     accel = get_accelerator()
     on_cpu = accel.device_name() == "cpu"
-    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else accel.communication_backend_name())
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cpu") if on_cpu else torch.device(accel.device_name(local_rank))
+    device = training_device(accel.device_name(), local_rank)
     if not on_cpu:
         accel.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else accel.communication_backend_name())
+    comm = Collectives(device)
+    rank, world = comm.rank, comm.world_size
     is_rank0 = rank == 0
     out_dir = Path(cfg.train.output_dir)
     root = ckpt.checkpoints_root(out_dir)
@@ -159,7 +152,8 @@ def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
         stream = build_stream(cfg, processor, base.config.image_token_id, rank, world)
     except UserError as exc:
         error = str(exc)
-    error = _broadcast_error(error if is_rank0 else None) or error
+    # Rank 0's start-up error on every rank, so all ranks stop together instead of hanging.
+    error = comm.broadcast_object(error if is_rank0 else None) or error
     if error:
         raise UserError(error)
 
@@ -175,7 +169,7 @@ def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
         engine.load_checkpoint(str(root), tag=resume_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True)
         state = ckpt.read_client_state(resume_dir)
         start_step, consumed = int(state["step"]), int(state["consumed_micro_batches"])
-        ckpt.load_rng_state(resume_dir, rank)
+        ckpt.load_rng_state(resume_dir, rank, device)
         if is_rank0:
             log.info("resumed from %s (step %d)", resume_dir, start_step)
 
@@ -191,15 +185,15 @@ def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
         client = {"step": step, "consumed_micro_batches": consumed, "world_size": world, "total_steps": total_steps}
         engine.save_checkpoint(str(root), tag=step_dir.name, client_state=client, save_latest=False)
         trainable = ckpt.gather_trainable_state_dict(engine.module, stage, is_rank0)
-        ckpt.save_rng_state(step_dir, rank)
+        ckpt.save_rng_state(step_dir, rank, device)
         if is_rank0:
             ckpt.save_trainable(step_dir, trainable)
             ckpt.write_client_state(step_dir, client)
             cfg.save(step_dir / "config.yaml")
-        dist.barrier()
+        comm.barrier()
         if is_rank0:
             ckpt.mark_complete_and_publish(root, step_dir, cfg.train.save_total_limit)
-        dist.barrier()
+        comm.barrier()
 
     batches = stream.iterate_from(consumed)
     last_loss = float("nan")
@@ -209,16 +203,15 @@ def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
         for step in range(start_step + 1, total_steps + 1):
             t0 = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
-            loss_sum = torch.zeros((), dtype=torch.float64)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             tokens = 0
             for _ in range(gas):
                 batch = next(batches)
                 consumed += 1
-                loss_sum += micro_step(engine, batch, device, dtype).double().cpu()
+                loss_sum += micro_step(engine, batch, device, dtype).double()
                 tokens += int(batch.get("num_tokens", batch["input_ids"].numel()))
-            stats = torch.tensor([loss_sum.item() / gas, float(tokens)], dtype=torch.float64)
-            dist.all_reduce(stats)
-            loss = stats[0].item() / world
+            loss_total, tokens_total = comm.sum_to_host([loss_sum / gas, tokens])
+            loss = loss_total / world
             if not math.isfinite(loss):
                 raise NonFiniteLossError(
                     f"loss is {loss} at step {step}; stopping. The last good checkpoint is kept in {root}. "
@@ -232,7 +225,7 @@ def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
                 "loss": loss,
                 "lr": lr,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "tokens_per_s": stats[1].item() / max(elapsed, 1e-9),
+                "tokens_per_s": tokens_total / max(elapsed, 1e-9),
                 "step_time_s": elapsed,
             }
             if is_rank0:
