@@ -1,27 +1,52 @@
 #!/usr/bin/env bash
-# Creates .venv from the repo's own files (pyproject.toml) and installs the project into it.
-# Fast when already set up: the install is skipped while pyproject.toml is unchanged.
-# Usage: source scripts/setup_env.sh   (or bash scripts/setup_env.sh)
-set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${GPT4ROI_VENV:-$ROOT/.venv}"
-PY="${PYTHON:-python3}"
-EXTRAS="${GPT4ROI_EXTRAS:-dev,qlora}"
-if [ ! -x "$VENV/bin/python" ]; then
-  echo "[setup] creating $VENV"
-  "$PY" -m venv "$VENV"
-fi
-STAMP="$VENV/.gpt4roi_sft.stamp"
-WANT="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1) $EXTRAS"
-if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
-  echo "[setup] installing gpt4roi_sft[$EXTRAS] into $VENV (first run takes a few minutes)"
-  LOG="$VENV/install.log"
-  "$VENV/bin/python" -m pip install -q --upgrade pip >"$LOG" 2>&1 || true
-  if ! "$VENV/bin/python" -m pip install -q -e "$ROOT[$EXTRAS]" >>"$LOG" 2>&1; then
-    echo "[setup] pip install failed; the end of $LOG:" >&2
-    tail -n 30 "$LOG" >&2
-    exit 1
+# Creates .venv from the repo's own files (pyproject.toml) and installs the project into it, then puts
+# .venv/bin first on PATH. Fast when already set up: the install is skipped while pyproject.toml is unchanged.
+#
+#   source scripts/setup_env.sh     # in your shell: afterwards `python -m ...` uses .venv (changes no shell option)
+#   bash scripts/setup_env.sh       # only create / update .venv
+#
+# GPT4ROI_VENV=DIR puts the environment elsewhere; GPT4ROI_VENV=system uses the Python already on PATH as it is
+# (a cluster module or a container that has the dependencies), creating nothing.
+# The work runs in a subshell with strict options, so sourcing this file leaves the caller's shell options alone.
+
+_gpt4roi_setup() (
+  set -euo pipefail
+  ROOT="$1"
+  VENV="$2"
+  PY="${PYTHON:-python3}"
+  EXTRAS="${GPT4ROI_EXTRAS:-dev,qlora}"
+  if [ ! -x "$VENV/bin/python" ]; then
+    echo "[setup] creating $VENV"
+    "$PY" -m venv "$VENV"
   fi
-  echo "$WANT" > "$STAMP"
+  STAMP="$VENV/.gpt4roi_sft.stamp"
+  WANT="$(sha256sum < "$ROOT/pyproject.toml" | cut -d' ' -f1) $EXTRAS"
+  if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+    echo "[setup] installing gpt4roi_sft[$EXTRAS] into $VENV (first run takes a few minutes)"
+    LOG="$VENV/install.log"
+    "$VENV/bin/python" -m pip install -q --upgrade pip >"$LOG" 2>&1 || true
+    if ! "$VENV/bin/python" -m pip install -q -e "$ROOT[$EXTRAS]" >>"$LOG" 2>&1; then
+      echo "[setup] pip install failed; the end of $LOG:" >&2
+      tail -n 30 "$LOG" >&2
+      exit 1
+    fi
+    echo "$WANT" > "$STAMP"
+  fi
+)
+
+_GPT4ROI_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ "${GPT4ROI_VENV:-}" = "system" ]; then
+  export PYTHONPATH="$_GPT4ROI_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+else
+  _GPT4ROI_VENV="${GPT4ROI_VENV:-$_GPT4ROI_ROOT/.venv}"
+  if _gpt4roi_setup "$_GPT4ROI_ROOT" "$_GPT4ROI_VENV"; then
+    export VIRTUAL_ENV="$_GPT4ROI_VENV"
+    export PATH="$_GPT4ROI_VENV/bin:$PATH"
+  else
+    unset -f _gpt4roi_setup
+    # `return` when sourced, `exit` when run as a script.
+    return 1 2>/dev/null || exit 1
+  fi
 fi
-export PATH="$VENV/bin:$PATH"
+unset -f _gpt4roi_setup
+unset _GPT4ROI_ROOT _GPT4ROI_VENV

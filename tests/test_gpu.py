@@ -1,0 +1,204 @@
+"""The real command lines on one CUDA device with the tiny model: train, resume, export, QLoRA, evaluate.
+
+Every test here is ``gpu``-marked and skipped without CUDA. ``bench/gpu_check.sh`` runs them on a lent GPU and
+writes ``bench/results/<date>_<gpu>_gpu_check.json``. Resume on CUDA is compared within 1e-3 relative, not
+bitwise: torchvision's RoIAlign backward accumulates with atomics on CUDA and has no deterministic kernel
+(``torch.use_deterministic_algorithms(True)`` refuses it), so the region encoder's gradients carry last-bit noise.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, free_port
+
+# GPT4ROI_GPU_TEST_DEVICE=cpu runs the same tests on the CPU: a dry run of the test code itself, not a GPU check.
+DEVICE = os.environ.get("GPT4ROI_GPU_TEST_DEVICE", "cuda")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+ENV = {**os.environ, "DS_ACCELERATOR": DEVICE, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4"), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+       "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+       # The eval scripts use the running Python as it is (the GPU machine has no project virtualenv).
+       "GPT4ROI_VENV": "system"}
+LORA = ("lora.enabled=true", "lora.r=8", "lora.alpha=16", "lora.dropout=0.1", "model.freeze=stage2")
+
+
+def recipe(model_dir, data, out_dir, *extra):
+    return ["--config", str(REPO / "configs" / "quickstart.yaml"), f"model.path={model_dir}",
+            f"data.train={data['train']}", f"data.image_root={data['root']}", f"train.output_dir={out_dir}",
+            "train.micro_batch_size=4", "train.learning_rate=0.002", "train.warmup_steps=0",
+            "train.lr_scheduler=constant", "train.precision=bf16", "data.validate_on_start=false", *extra]
+
+
+def launch(args, **popen):
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
+           str(REPO / "train_sft.py"), *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def train(args, timeout=300):
+    proc = launch(args)
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def losses(out_dir):
+    return {r["step"]: r["loss"] for r in map(json.loads, (Path(out_dir) / "train_log.jsonl").read_text().splitlines())}
+
+
+def run_module(*args, timeout=300, env=ENV):
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_model_dir, synthetic_pix2cap, tmp_path_factory):
+    """LoRA + ZeRO-2, bf16, 40 steps on CUDA, checkpoints every 20: the uninterrupted reference."""
+    out = tmp_path_factory.mktemp("cuda_lora")
+    train(recipe(tiny_model_dir, synthetic_pix2cap, out, "train.max_steps=40", "train.save_steps=20", *LORA,
+                 "deepspeed.config=ds_configs/zero2.json"))
+    return out
+
+
+def test_cuda_lora_zero2_bf16_trains_and_loss_falls(lora_run):
+    log = losses(lora_run)
+    assert sorted(log) == list(range(1, 41))
+    assert sum(log[s] for s in (38, 39, 40)) < sum(log[s] for s in (1, 2, 3)) - 0.3
+
+
+def test_cuda_kill_9_after_step_20_then_resume_follows_the_uninterrupted_run(lora_run, tiny_model_dir, synthetic_pix2cap, tmp_path):
+    crashed = tmp_path / "crashed"
+    args = recipe(tiny_model_dir, synthetic_pix2cap, crashed, "train.max_steps=40", "train.save_steps=20", *LORA,
+                  "deepspeed.config=ds_configs/zero2.json")
+    proc = launch(args, start_new_session=True)
+    marker = crashed / "checkpoints" / "step_20" / "COMPLETE"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not marker.is_file():
+        time.sleep(0.01)
+    assert proc.poll() is None, "training ended before it could be killed:\n" + proc.stdout.read()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    train(args)
+    ref, resumed = losses(lora_run), losses(crashed)
+    assert sorted(resumed) == list(range(1, 41))
+    for step in range(21, 41):
+        assert resumed[step] == pytest.approx(ref[step], rel=1e-3), (step, resumed[step], ref[step])
+
+
+def test_cuda_adapter_export_loads_in_plain_peft_and_equals_the_merged_export(lora_run, tiny_model_dir, tmp_path):
+    from peft import PeftModel
+
+    from gpt4roi_sft import load_model
+
+    adapter, merged_dir = tmp_path / "adapter", tmp_path / "merged"
+    run_module("gpt4roi_sft.export", "--checkpoint", str(lora_run), "--out", str(adapter))
+    run_module("gpt4roi_sft.export", "--checkpoint", str(lora_run), "--out", str(merged_dir), "--merge")
+    base, processor = load_model(tiny_model_dir)
+    with_adapter = PeftModel.from_pretrained(base, str(adapter)).to(DEVICE).eval()
+    merged = load_model(str(merged_dir))[0].to(DEVICE).eval()
+    from PIL import Image
+
+    batch = processor(images=[Image.new("RGB", (160, 120), (40, 120, 200))],
+                      texts=["The <image> provides an overview of the picture.\nWhat is in region1 <bbox>?"],
+                      boxes=[[[20, 20, 90, 100]]])
+    batch = {k: ([t.to(DEVICE) for t in v] if isinstance(v, list) else v.to(DEVICE)) for k, v in batch.items()
+             if isinstance(v, (torch.Tensor, list))}
+    with torch.no_grad():
+        a, b = with_adapter(**batch).logits, merged(**batch).logits
+    assert (a - b).abs().max().item() < 1e-3
+
+
+def test_cuda_zero3_full_finetune_gathers_and_exports(tiny_model_dir, synthetic_pix2cap, tmp_path):
+    from gpt4roi_sft import load_model
+
+    out = tmp_path / "zero3"
+    train(recipe(tiny_model_dir, synthetic_pix2cap, out, "train.max_steps=10", "train.save_steps=10",
+                 "model.freeze=stage2", "deepspeed.config=ds_configs/zero3.json"))
+    assert len(losses(out)) == 10
+    run_module("gpt4roi_sft.export", "--checkpoint", str(out), "--out", str(tmp_path / "full"))
+    model, _ = load_model(str(tmp_path / "full"))
+    base, _ = load_model(tiny_model_dir)
+    changed = [n for (n, p), (_, q) in zip(model.named_parameters(), base.named_parameters()) if not torch.equal(p, q)]
+    assert any(n.startswith("language_model.") for n in changed) and any(n.startswith("region_encoder.") for n in changed)
+
+
+def test_cuda_qlora_nf4_trains_and_exports(tiny_model_dir, synthetic_pix2cap, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "qlora"
+    train(recipe(tiny_model_dir, synthetic_pix2cap, out, "train.max_steps=10", "train.save_steps=10", *LORA,
+                 "lora.qlora=true", "deepspeed.config=ds_configs/zero2.json"))
+    log = losses(out)
+    assert len(log) == 10 and all(v == v for v in log.values())
+    run_module("gpt4roi_sft.export", "--checkpoint", str(out), "--out", str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_cuda_generation_runs_in_bf16_with_boxes_and_masks(tiny_model_dir, tmp_path):
+    """Pixel values, boxes and region masks built on the host reach a bf16 model on CUDA (mask-aware encoder)."""
+    from PIL import Image
+
+    from gpt4roi_sft import load_model
+    from gpt4roi_sft.infer import RegionCaptioner, RegionRequest, inference_dtype
+    from gpt4roi_sft.tiny import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "mask_model", region_mode="box+mask")
+    model, processor = load_model(model_dir, torch_dtype=inference_dtype(DEVICE))
+    model = model.to(DEVICE).eval()
+    assert next(model.parameters()).dtype == (torch.bfloat16 if DEVICE == "cuda" else torch.float32)
+    image = Image.new("RGB", (160, 120), (40, 120, 200))
+    prompt = "<image>\nWhat is region1 <bbox>?"
+    batch = processor(images=[image], texts=[prompt], boxes=[[[20, 20, 90, 100]]])
+    size = model.config.image_size
+    masks = [torch.zeros(1, size, size)]
+    masks[0][:, 10:50, 10:60] = 1
+    with torch.inference_mode():
+        new = model.generate(input_ids=batch["input_ids"].to(DEVICE), attention_mask=batch["attention_mask"].to(DEVICE),
+                             pixel_values=batch["pixel_values"], boxes=batch["boxes"], region_masks=masks,
+                             max_new_tokens=4, do_sample=False)
+    assert new.shape[0] == 1 and new.device.type == DEVICE
+    box_model, box_processor = load_model(tiny_model_dir, torch_dtype=torch.bfloat16)
+    captioner = RegionCaptioner(box_model.to(DEVICE).eval(), box_processor)
+    assert len(captioner([RegionRequest(image, prompt, [[20, 20, 90, 100]])])) == 1
+
+
+def test_cuda_eval_vg_generates_in_bf16_and_scores_later_without_a_model(lora_run, tiny_model_dir, synthetic_pix2cap, tmp_path):
+    adapter = tmp_path / "adapter"
+    run_module("gpt4roi_sft.export", "--checkpoint", str(lora_run), "--out", str(adapter))
+    out = tmp_path / "vg"
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "eval_vg.sh"), "--model", tiny_model_dir, "--adapter", str(adapter),
+                           "--annotations", str(synthetic_pix2cap["vg_test"]), "--image-root", str(synthetic_pix2cap["root"]),
+                           "--out", str(out), "--max-new-tokens", "16", "--batch-size", "16"],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert predictions and all(isinstance(p["caption"], str) for p in predictions)
+    if not (out / "metrics.json").is_file():  # no Java or pycocoevalcap on this machine: said in one line
+        assert "--score-only" in proc.stdout + proc.stderr
+    # Scoring needs neither the model nor a GPU.
+    cpu_env = {**ENV, "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
+    scored = subprocess.run([sys.executable, "-m", "eval.vg", "--score-only", "--annotations", str(synthetic_pix2cap["vg_test"]),
+                             "--out", str(out)], cwd=REPO, env=cpu_env, capture_output=True, text=True, timeout=300)
+    assert scored.returncode in (0, 2), scored.stderr[-3000:]
+    if scored.returncode == 0:
+        assert "CIDEr" in json.loads((out / "metrics.json").read_text())
+
+
+def test_cuda_eval_vipbench_generates_in_bf16(lora_run, tiny_model_dir, tmp_path):
+    fixture = tmp_path / "vip"
+    run_module("eval.vipbench_fixture", "--out", str(fixture), "--questions", "4")
+    out = tmp_path / "vip_out"
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "eval_vipbench.sh"), "--model", tiny_model_dir, "--data", str(fixture),
+                           "--split", "bbox", "--out", str(out), "--max-new-tokens", "16"],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    answers = json.loads((out / "results.json").read_text())
+    assert len(answers) == 4
