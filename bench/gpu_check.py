@@ -1,0 +1,124 @@
+"""Run every ``gpu``-marked test and record the outcome per test, with the device and package versions.
+
+    python bench/gpu_check.py [--out bench/results] [--timeout 240] [--cpu-dry-run] [-- PYTEST_ARGS...]
+
+Writes ``<out>/<date>_<device>_gpu_check.json``::
+
+    {"device": "NVIDIA H100 80GB HBM3", "checks": {"test_cuda_...": "passed" | "failed" | "skipped" | "error"},
+     "versions": {"torch": ..., "cuda": ..., "transformers": ..., "peft": ..., "deepspeed": ..., "bitsandbytes": ...},
+     "wall_s": 187.3, "pytest_exit_code": 0, "failures": {"test_...": "first lines of the failure"}}
+
+and prints a table. ``--cpu-dry-run`` runs the same tests on the CPU (GPT4ROI_GPU_TEST_DEVICE=cpu): it checks the
+test code and this script, never the GPU; its JSON says ``"dry_run": true`` and is not written under bench/results
+unless ``--out`` says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("torch", "torchvision", "transformers", "peft", "deepspeed", "bitsandbytes", "accelerate", "triton")
+
+
+def versions() -> dict:
+    found = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            found[name] = getattr(importlib.import_module(name), "__version__", "?")
+        except Exception as exc:  # a broken optional install is a fact worth recording, not a crash
+            found[name] = f"unavailable ({type(exc).__name__})"
+    try:
+        import torch
+
+        found["cuda"] = torch.version.cuda
+    except Exception:
+        pass
+    return found
+
+
+def device_name(dry_run: bool) -> str:
+    import torch
+
+    if not dry_run and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def outcomes(junit_xml: Path) -> tuple[dict, dict]:
+    """``{test name: outcome}`` and ``{test name: failure text}`` from pytest's JUnit XML."""
+    checks, failures = {}, {}
+    for case in ET.parse(junit_xml).getroot().iter("testcase"):
+        name = case.get("name")
+        outcome = "passed"
+        for child in case:
+            if child.tag in ("failure", "error"):
+                outcome = "failed" if child.tag == "failure" else "error"
+                failures[name] = (child.get("message") or child.text or "")[:600]
+            elif child.tag == "skipped":
+                outcome = "skipped"
+        checks[name] = outcome
+    return checks, failures
+
+
+def slug(text: str) -> str:
+    return re.sub("[^a-z0-9]+", "-", text.lower()).strip("-")[:48]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="folder for the JSON (default: bench/results; dry runs: a temp dir)")
+    parser.add_argument("--timeout", type=int, default=240, help="seconds for the whole test run")
+    parser.add_argument("--cpu-dry-run", action="store_true", help="run the gpu tests on the CPU (checks the tests only)")
+    parser.add_argument("pytest_args", nargs="*")
+    args = parser.parse_args(argv)
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    if args.cpu_dry_run:
+        env["GPT4ROI_GPU_TEST_DEVICE"] = "cpu"
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    out_dir = args.out or (Path(tempfile.mkdtemp(prefix="gpu_check.")) if args.cpu_dry_run else REPO / "bench" / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    junit = out_dir / ".gpu_check_junit.xml"
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-q", "-rfEs",
+           f"--junitxml={junit}", *args.pytest_args, str(REPO / "tests")]
+    start = time.perf_counter()
+    try:
+        rc = subprocess.run(cmd, cwd=REPO, env=env, timeout=args.timeout).returncode
+    except subprocess.TimeoutExpired:
+        rc = "timeout"
+    wall = time.perf_counter() - start
+    checks, failures = outcomes(junit) if junit.is_file() else ({}, {"pytest": "no JUnit report (timed out?)"})
+    junit.unlink(missing_ok=True)
+    device = device_name(args.cpu_dry_run)
+    result = {"device": device, "dry_run": args.cpu_dry_run, "checks": checks, "versions": versions(),
+              "wall_s": round(wall, 1), "pytest_exit_code": rc, "failures": failures,
+              "date": dt.date.today().isoformat()}
+    path = out_dir / f"{result['date']}_{slug(device)}_gpu_check.json"
+    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+    width = max([len(n) for n in checks] + [10])
+    print(f"\ndevice: {device}{'  (CPU dry run: not a GPU check)' if args.cpu_dry_run else ''}  wall: {wall:.0f} s")
+    for name, outcome in checks.items():
+        print(f"  {name:<{width}}  {outcome}")
+    print(f"wrote {path}")
+    ok = rc == 0 and checks and all(v == "passed" for v in checks.values())
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
