@@ -376,13 +376,19 @@ def run_annotation(settings: AnnotateSettings, captioner: Optional[MarkCaptioner
     categories = {c.get("id"): c for c in data.get("categories", []) if isinstance(c, dict)}
     annotator = Annotator(settings, captioner, categories)
     results: dict[int, ImageResult] = {}
-    with ThreadPoolExecutor(max_workers=max(1, settings.concurrency)) as pool:
-        futures = {pool.submit(annotator.annotate_image, job): job for job in jobs}
+    pool = ThreadPoolExecutor(max_workers=max(1, settings.concurrency))
+    try:
+        futures = [pool.submit(annotator.annotate_image, job) for job in jobs]
         with tqdm(total=len(jobs), desc="dry run" if settings.dry_run else "annotate", unit="img") as bar:
             for future in as_completed(futures):
                 result = future.result()
                 results[result.image_id] = result
                 bar.update(1)
+    except BaseException:  # Ctrl-C or a bad input file: drop the queue, let requests in flight finish and cache
+        annotator.stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
     ordered = [results[job.image["id"]] for job in jobs]
     summary = summarise(ordered, settings)
     summary.update({"out": None if settings.dry_run else str(settings.out), "work_dir": str(settings.work_dir)})
