@@ -69,6 +69,7 @@ class ChatReply:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     usage_reported: bool = False
+    finish_reason: str = ""  # "length" when the reply was cut at the token limit
 
 
 def redact(text: str, secret: Optional[str]) -> str:
@@ -185,7 +186,8 @@ class ChatCompletionsClient:
 
 
 def _parse_reply(reply: dict, requested_model: str) -> ChatReply:
-    message = reply["choices"][0]["message"]
+    choice = reply["choices"][0]
+    message = choice["message"]
     text = message.get("content") or ""
     if isinstance(text, list):  # some servers return content parts even for text
         text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
@@ -197,4 +199,4 @@ def _parse_reply(reply: dict, requested_model: str) -> ChatReply:
     reported = isinstance(prompt_tokens, int) or isinstance(completion_tokens, int)
     return ChatReply(text=text, model=str(reply.get("model") or requested_model),
                      prompt_tokens=int(prompt_tokens or 0), completion_tokens=int(completion_tokens or 0),
-                     usage_reported=reported)
+                     usage_reported=reported, finish_reason=str(choice.get("finish_reason") or ""))

@@ -166,6 +166,11 @@ def test_repeated_unknown_empty_and_malformed_numbers_are_not_kept():
     assert any("4 was not asked" in p for p in parsed.problems) and any("given 2 times" in p for p in parsed.problems)
 
 
+def test_the_last_line_of_a_reply_cut_at_the_token_limit_is_not_kept():
+    parsed = parse_reply("1: A red car parked by the kerb.\n2: A tall tree with", [1, 2], truncated=True)
+    assert parsed.descriptions == {1: "A red car parked by the kerb."} and parsed.missing == [2]
+
+
 def test_prompt_names_the_count_the_language_and_the_class_hints():
     text = prompt_text(3, ["person", "sky", "dining table"], "German")
     assert "The image has 3 numbered regions" in text and "in German" in text
@@ -303,6 +308,18 @@ def test_numbers_missing_after_the_reask_fail_and_are_retried_only_on_request(da
         proc = annotate(dataset, out, server, "--limit", "1", "--concurrency", "1", "--retry-failed")
     assert proc.returncode == 0
     assert len(server.requests) == 3 and server.requests[2]["asked"] == [1]  # one request for that segment alone
+    assert summary(out)["failed"] == 0 and all(descriptions(out).values())
+
+
+def test_a_reask_lost_to_api_errors_is_sent_on_the_next_run_without_repeating_the_first(dataset, tmp_path):
+    out = tmp_path / "o.json"
+    with FakeVLM([("answer", (2,))] + [("status", 500, {}, b"")] * 4) as server:
+        proc = annotate(dataset, out, server, "--limit", "1")
+        assert proc.returncode == 1 and summary(out)["failed_by_reason"] == {"api_error": 1}
+        assert len(server.requests) == 5
+        proc = annotate(dataset, out, server, "--limit", "1")
+    assert proc.returncode == 0
+    assert len(server.requests) == 6 and server.requests[5]["asked"] == [1]
     assert summary(out)["failed"] == 0 and all(descriptions(out).values())
 
 

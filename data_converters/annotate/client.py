@@ -70,7 +70,7 @@ class MarkCaptioner:
         outcome = Outcome(descriptions={}, missing=list(numbers))
         reply = self.client.create(messages, **self._params(len(numbers)))
         self._count(outcome, reply)
-        parsed: ParsedReply = parse_reply(reply.text, numbers)
+        parsed: ParsedReply = parse_reply(reply.text, numbers, truncated=reply.finish_reason == "length")
         if parsed.missing and self.reask:
             messages += [{"role": "assistant", "content": reply.text},
                          {"role": "user", "content": reask_text(parsed.missing)}]
@@ -80,7 +80,8 @@ class MarkCaptioner:
                 outcome.reask_error = exc
             else:
                 self._count(outcome, again)
-                parsed = merge_replies(parsed, parse_reply(again.text, parsed.missing))
+                parsed = merge_replies(parsed, parse_reply(again.text, parsed.missing,
+                                                           truncated=again.finish_reason == "length"))
         outcome.descriptions, outcome.missing, outcome.problems = parsed.descriptions, parsed.missing, parsed.problems
         return outcome
 

@@ -91,12 +91,16 @@ def _clean(text: str) -> str:
     return text
 
 
-def parse_reply(text: str, expected: Iterable[int]) -> ParsedReply:
-    """Parse ``<number>: <description>`` lines; keep only numbers in ``expected`` given exactly once, well."""
+def parse_reply(text: str, expected: Iterable[int], truncated: bool = False) -> ParsedReply:
+    """Parse ``<number>: <description>`` lines; keep only numbers in ``expected`` given exactly once, well.
+
+    ``truncated``: the reply was cut at the token limit, so its last numbered line is not trusted.
+    """
     expected = set(expected)
     text = _THINK.sub("", text or "")
     found: dict[int, list[str]] = {}
     stray = 0
+    last = None
     for raw in text.splitlines():
         line = raw.strip()
         if not line or line.startswith("```"):
@@ -105,7 +109,8 @@ def parse_reply(text: str, expected: Iterable[int]) -> ParsedReply:
         if not m:
             stray += 1
             continue
-        found.setdefault(int(m.group(1)), []).append(_clean(m.group(2)))
+        last = int(m.group(1))
+        found.setdefault(last, []).append(_clean(m.group(2)))
     descriptions: dict[int, str] = {}
     problems: list[str] = []
     for number in sorted(found):
@@ -118,6 +123,9 @@ def parse_reply(text: str, expected: Iterable[int]) -> ParsedReply:
             problems.append(f"number {number} has no usable text ({texts[0]!r})")
         else:
             descriptions[number] = texts[0]
+    if truncated and last in descriptions:
+        del descriptions[last]
+        problems.append(f"reply cut off at the token limit; number {last} not trusted")
     if stray:
         problems.append(f"{stray} line{'s' if stray > 1 else ''} not of the form `<number>: <description>`")
     missing = sorted(expected - set(descriptions))

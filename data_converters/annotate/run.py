@@ -15,7 +15,8 @@ Work folder (``--work-dir``, default ``<out stem>_annotate/`` beside ``--out``):
 
 A segment without a usable description after the re-ask is written with ``description: ""`` (the
 converter drops empty descriptions and counts them); ``--retry-failed`` asks such segments again in a
-request of their own, one more round per run.
+request of their own, one more round per run. Segments whose re-ask failed at the API get that round on
+the next run without the flag.
 """
 
 from __future__ import annotations
@@ -223,7 +224,11 @@ class Annotator:
 
     def _run_request(self, job, result: ImageResult, name: str, segment_ids: list[int], hints: dict, shas: dict,
                      ids: np.ndarray, load_image) -> None:
-        """Ask about ``segment_ids`` (or reuse the cache), then walk (or add one) retry round for the failures."""
+        """Ask about ``segment_ids`` (or reuse the cache), then walk the cached retry rounds of its failures.
+
+        A new retry round (one request for just the failed segments) is sent when the failures came from
+        the API (a failed re-ask), or with ``--retry-failed``; at most one new request per chunk and run.
+        """
         todo, round_, asked, reason = list(segment_ids), 0, False, NO_USABLE_REPLY
         while todo:
             prompt = prompt_text(len(todo), [hints[s] for s in todo] if self.s.category_hints else None,
@@ -233,8 +238,8 @@ class Annotator:
             stem = name + (f"_retry{round_}" if round_ else "")
             entry = self.cache.get(key) if self.s.model else None
             if entry is None:
-                if round_ > 0 and (not self.s.retry_failed or asked):
-                    break  # failures from earlier rounds stay failed unless asked to retry (once per run)
+                if round_ > 0 and (asked or (reason == NO_USABLE_REPLY and not self.s.retry_failed)):
+                    break  # at most one new request per chunk and run; bad replies are retried only on request
                 if self.s.dry_run:
                     self._write_marks(stem, load_image(), ids, todo, prompt)
                     result.planned += 1
@@ -270,7 +275,7 @@ class Annotator:
             for sid, text in entry["descriptions"].items():
                 result.descriptions[int(sid)] = text
             todo = [int(s) for s in entry["failed"]]
-            reason = NO_USABLE_REPLY
+            reason = API_FAILED if entry.get("failure") == API_FAILED else NO_USABLE_REPLY
             round_ += 1
         for sid in todo:
             result.failed[sid] = reason
@@ -297,8 +302,9 @@ class Annotator:
             "image_id": job.image["id"], "file_name": job.image["file_name"], "model": self.s.model,
             "answered_by": outcome.answered_by, "round": round_, "segment_ids": todo,
             "descriptions": {str(todo[n - 1]): text for n, text in sorted(outcome.descriptions.items())},
-            "failed": failed, "failure": (str(outcome.reask_error) if outcome.reask_error else
-                                          (NO_USABLE_REPLY if failed else None)),
+            # a re-ask that failed at the API leaves its segments to the next run, like any API failure
+            "failed": failed, "failure": (API_FAILED if outcome.reask_error else (NO_USABLE_REPLY if failed else None)),
+            "error": str(outcome.reask_error) if outcome.reask_error else None,
             "problems": outcome.problems, "replies": outcome.replies, "requests": outcome.requests,
             "prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens,
             "usage_reported": outcome.usage_reported,
