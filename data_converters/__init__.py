@@ -3,4 +3,6 @@
 One module per source (``pix2cap``, ``vg``, ``refcocog``, ``llava_instruct``), each runnable as
 ``python -m data_converters.<source>``; the logic they share (region-caption templates, box clipping,
 dialogue chunking, statistics, the streaming atomic writer) lives in :mod:`data_converters.common`.
+:mod:`data_converters.annotate` makes new Pix2Cap-format data: it captions every panoptic segment of
+your own images with a VLM (Set-of-Mark prompting), the way Pix2Cap-COCO was made.
 """

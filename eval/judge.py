@@ -12,7 +12,7 @@ The grading rule is that of ViP-LLaVA's ``scripts/eval/vip-bench_evaluator.py`` 
   reply the score is 0.0. (The official code sends a sixth request whose reply it never reads; it cannot
   change the score, so it is not sent here.)
 - API errors: the official script sleeps and retries forever; here retries are bounded (exponential
-  backoff, configurable), after which the item stays ungraded rather than scored.
+  backoff, configurable; :mod:`gpt4roi_sft.chat_api`), after which the item stays ungraded rather than scored.
 
 The key is passed in by the caller (entry points read ``JUDGE_API_KEY``/``OPENAI_API_KEY``), goes only into
 the ``Authorization`` header, and is redacted from every message this module logs or raises.
@@ -23,17 +23,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from gpt4roi_sft.atomic import write_json_atomic
+from gpt4roi_sft.chat_api import ChatAPIError, ChatAPISettings, ChatCompletionsClient
 from gpt4roi_sft.errors import DataError, UserError
 
 logger = logging.getLogger(__name__)
@@ -83,72 +81,29 @@ def parse_score(content: Optional[str]) -> Optional[float]:
 
 
 @dataclass
-class JudgeSettings:
-    """Where the judge lives and how patiently to talk to it."""
+class JudgeSettings(ChatAPISettings):
+    """Where the judge lives, how patiently to talk to it (see :class:`ChatAPISettings`), and the grading knobs."""
 
-    base_url: str
-    model: str
-    timeout_s: float = 60.0
-    max_api_retries: int = 5  # extra attempts after an API error (HTTP 429/5xx, timeout, connection)
-    backoff_s: float = 2.0  # first wait; doubles each time, capped at max_backoff_s
-    max_backoff_s: float = 60.0
     concurrency: int = 4
     max_tokens: int = 3
     max_tries: int = 5  # official: at most 5 judge replies per grade, then 0.0
 
-    @property
-    def url(self) -> str:
-        base = self.base_url.rstrip("/")
-        return base if base.endswith("/chat/completions") else base + "/chat/completions"
 
-
-class ChatCompletionsJudge:
-    """Client of an OpenAI-compatible ``POST {base_url}/chat/completions`` endpoint (stdlib only)."""
+class ChatCompletionsJudge(ChatCompletionsClient):
+    """The judge as a chat-completions client (:mod:`gpt4roi_sft.chat_api`): one user message per request."""
 
     def __init__(self, settings: JudgeSettings, api_key: Optional[str] = None, sleep: Callable[[float], None] = time.sleep):
-        self.settings = settings
-        self._api_key = api_key
-        self._sleep = sleep
-
-    def __repr__(self) -> str:
-        return f"ChatCompletionsJudge(url={self.settings.url!r}, model={self.settings.model!r})"
-
-    def _redact(self, text: str) -> str:
-        return text.replace(self._api_key, "***") if self._api_key else text
-
-    def _post(self, body: bytes) -> dict:
-        headers = {"Content-Type": "application/json"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        request = urllib.request.Request(self.settings.url, data=body, headers=headers, method="POST")
-        with urllib.request.urlopen(request, timeout=self.settings.timeout_s) as response:
-            return json.loads(response.read().decode("utf-8"))
+        super().__init__(settings, api_key=api_key, name="judge", sleep=sleep)
 
     def complete(self, content: str, temperature: float) -> Tuple[str, str]:
         """Send one user message; return ``(reply text, model id)``. Retries API errors with backoff."""
-        s = self.settings
-        body = json.dumps({"model": s.model, "messages": [{"role": "user", "content": content}],
-                           "max_tokens": s.max_tokens, "temperature": temperature}).encode("utf-8")
-        last = ""
-        for attempt in range(s.max_api_retries + 1):
-            try:
-                reply = self._post(body)
-                text = reply["choices"][0]["message"].get("content") or ""
-                return text, str(reply.get("model") or s.model)
-            except urllib.error.HTTPError as exc:
-                last = f"HTTP {exc.code}"
-                if exc.code not in (408, 409, 429) and exc.code < 500:
-                    raise JudgeError(f"judge at {s.url} refused the request ({last} {exc.reason}); "
-                                     f"check --judge-model and the API key variable") from None
-            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as exc:
-                last = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError, AttributeError) as exc:
-                last = f"malformed reply ({type(exc).__name__})"
-            if attempt < s.max_api_retries:
-                wait = min(s.max_backoff_s, s.backoff_s * (2 ** attempt))
-                logger.warning("judge: %s; retry %d/%d in %.1fs", self._redact(last), attempt + 1, s.max_api_retries, wait)
-                self._sleep(wait)
-        raise JudgeError(f"judge at {s.url} failed {s.max_api_retries + 1} times (last: {self._redact(last)})")
+        try:
+            reply = self.create([{"role": "user", "content": content}], max_tokens=self.settings.max_tokens,
+                                temperature=temperature)
+        except ChatAPIError as exc:
+            hint = "; check --judge-model and the API key variable" if exc.refused else ""
+            raise JudgeError(f"{exc}{hint}") from None
+        return reply.text, reply.model
 
 
 @dataclass
