@@ -1,4 +1,9 @@
-"""Atomic file writes: a reader (or a resumed run) sees the old file or the new one, never half of one."""
+"""Atomic file writes: a reader (or a resumed run) sees the old file or the new one, never half of one.
+
+Temporary files and folders are created private (``mkstemp``: 0600, ``mkdtemp``: 0700); before they take their
+final name they get the modes a plain ``open`` / ``mkdir`` would give under the process umask (0644 / 0755
+under umask 022), so colleagues on a shared cluster can read what a run wrote.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,31 @@ from pathlib import Path
 from typing import Any, Iterator, Union
 
 PathLike = Union[str, os.PathLike]
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS tells (Linux), else by a quick set/restore."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_default_mode(path: PathLike) -> None:
+    """Give ``path`` the mode ``open``/``mkdir`` would have given it: 0666 / 0777 less the umask."""
+    base = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, base & ~current_umask())
+
+
+def make_temp_dir(parent: PathLike, name: str) -> Path:
+    """A private scratch folder beside a final folder ``parent/name``; call :func:`apply_default_mode` before renaming."""
+    return Path(tempfile.mkdtemp(prefix=f".{name}.", dir=parent))
 
 
 @contextlib.contextmanager
@@ -27,6 +57,7 @@ def atomic_open(path: PathLike, mode: str = "w", encoding: str | None = "utf-8")
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        apply_default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -16,12 +16,12 @@ import argparse
 import logging
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from gpt4roi_sft.atomic import apply_default_mode, make_temp_dir
 from gpt4roi_sft.config import Config, load_config
 from gpt4roi_sft.errors import UserError
 from gpt4roi_sft.train import checkpoint as ckpt
@@ -64,7 +64,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, merge: bool = False, dtype:
     model, processor, cfg = rebuild_trained_model(step_dir, dtype=dtype)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = make_temp_dir(out.parent, out.name)
     try:
         if cfg.lora.enabled and merge:
             model = model.merge_and_unload()
@@ -72,6 +72,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, merge: bool = False, dtype:
         processor.save_pretrained(str(tmp))
         if cfg.lora.enabled and not merge:
             _point_adapter_at_base(tmp, cfg.model.path)
+        apply_default_mode(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
