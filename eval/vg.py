@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from eval.caption_metrics import format_metrics_table, score_captions
 from eval.prediction_store import PredictionStore
 from gpt4roi_sft.atomic import write_json_atomic, write_text_atomic
 from gpt4roi_sft.constants import GPT4ROI_PREAMBLE
+from gpt4roi_sft.data.schema import xywh_to_xyxy
 from gpt4roi_sft.errors import ConfigError, DataError, run_cli
 from gpt4roi_sft.json_io import load_json
 from gpt4roi_sft.infer import Captioner, DecodeSettings, RegionRequest
@@ -102,16 +102,10 @@ def load_vg_test(annotations: Path, image_root: Optional[Path], skip_bad: bool =
             problems.append(f"sample {sid}: image id appears twice")
             continue
         seen.add(sid)
-        problem = _check_sample(entry, anns_by_id.get(sid), image_root)
-        if problem:
-            problems.append(f"sample {sid}: {problem}")
-            continue
-        ann = anns_by_id[sid]
-        x, y, w, h = (float(v) for v in ann["bbox"])
-        path = (Path(image_root) / entry["file_name"]) if image_root is not None else Path(entry["file_name"])
-        attrs = ann.get("attributes")
-        samples.append(VGSample(sid, path, [x, y, x + w, y + h], ann["caption"].strip(),
-                                attrs if isinstance(attrs, dict) else None))
+        try:
+            samples.append(_sample(entry, anns_by_id.get(sid), image_root))
+        except DataError as exc:
+            problems.append(f"sample {sid}: {exc}")
 
     orphans = [aid for aid in anns_by_id if aid not in seen]
     if orphans:
@@ -129,24 +123,22 @@ def load_vg_test(annotations: Path, image_root: Optional[Path], skip_bad: bool =
     return samples, problems
 
 
-def _check_sample(entry: dict, ann: Optional[dict], image_root: Optional[Path]) -> Optional[str]:
+def _sample(entry: dict, ann: Optional[dict], image_root: Optional[Path]) -> VGSample:
+    """The sample of one ``images`` entry; a :class:`DataError` says what is wrong with it."""
     sid = entry["id"]
     if ann is None:
-        return f"no annotation with id {sid} (GLaMM's format keys each sample's annotation by the image id)"
+        raise DataError(f"no annotation with id {sid} (GLaMM's format keys each sample's annotation by the image id)")
     if "image_id" in ann and ann["image_id"] != sid:
-        return f"annotation {sid} has image_id {ann['image_id']} (annotation ids must equal image ids)"
-    bbox = ann.get("bbox")
-    if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
-            or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)):
-        return f"bbox {bbox!r} is not [x, y, w, h]"
-    if bbox[2] <= 0 or bbox[3] <= 0:
-        return f"bbox {list(bbox)} has no area"
+        raise DataError(f"annotation {sid} has image_id {ann['image_id']} (annotation ids must equal image ids)")
+    box = xywh_to_xyxy(ann.get("bbox"))
     caption = ann.get("caption")
     if not isinstance(caption, str) or not caption.strip():
-        return "empty reference caption"
-    if image_root is not None and not (Path(image_root) / entry["file_name"]).is_file():
-        return f"image file {Path(image_root) / entry['file_name']} not found"
-    return None
+        raise DataError("empty reference caption")
+    path = (Path(image_root) / entry["file_name"]) if image_root is not None else Path(entry["file_name"])
+    if image_root is not None and not path.is_file():
+        raise DataError(f"image file {path} not found")
+    attrs = ann.get("attributes")
+    return VGSample(sid, path, box, caption.strip(), attrs if isinstance(attrs, dict) else None)
 
 
 def shard(samples: Sequence[VGSample], shard_id: int, num_shards: int) -> List[VGSample]:
