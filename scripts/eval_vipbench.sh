@@ -4,7 +4,7 @@
 #          [--adapter DIR] [--mode region|visual] [--judge-base-url URL --judge-model NAME] [--runs N]
 #          [--max-new-tokens N]
 # The judge key is read from JUDGE_API_KEY, else OPENAI_API_KEY (keyless local servers need neither).
-# Without a judge the answers are written ungraded. Offline fixture: python -m eval.vipbench_fixture --out DIR
+# Without a judge the answers are written ungraded. Offline fixture: python -m data_converters.synthetic_vipbench --out DIR
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup_env.sh"
