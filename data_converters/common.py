@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import random
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -138,6 +138,16 @@ class Region:
         return {"bbox": self.bbox, **self.extra}
 
 
+def annotations_by_image(data: Any, source_file: str) -> dict:
+    """``{image_id: [(k, annotation), ...]}`` of a COCO-style dict, which must hold ``images`` and ``annotations``."""
+    require_keys(data, ("images", "annotations"), source_file)
+    by_image: dict = defaultdict(list)
+    for k, ann in enumerate(data["annotations"]):
+        require_keys(ann, ("image_id",), f"{source_file}: annotations[{k}]")
+        by_image[ann["image_id"]].append((k, ann))
+    return by_image
+
+
 def split_dialogues(regions: Sequence[Region], max_regions: int, rng: random.Random) -> list[list[Region]]:
     """Shuffle ``regions`` and cut them into the fewest dialogues of at most ``max_regions``, sizes balanced.
 
@@ -175,7 +185,11 @@ def region_records(regions: Sequence[Region], *, record_id: str, image: str, wid
     """Turn one image's regions into one or more conversation records ``<record_id>/d<k>``.
 
     ``numbered=False`` (one dialogue per source entry, e.g. a referring expression) keeps ``record_id`` as is.
+    An image left without regions gives no record and is counted in ``stats.images_without_regions``.
     """
+    if not regions:
+        stats.images_without_regions += 1
+        return
     chunks = split_dialogues(regions, max_regions, rng)
     if not numbered and len(chunks) > 1:
         raise ValueError(f"{record_id}: {len(chunks)} dialogues need numbered ids")
