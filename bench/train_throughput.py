@@ -37,7 +37,8 @@ import torch
 
 from bench.flops import FlopModel, measure_matmul_rate, peak_flops_for
 from bench.throughput.arms import find_max_micro_batch, generation_throughput, time_arms
-from bench.throughput.engine import ROOT, ZERO_CONFIGS, build_model, init_single_process_group, prepare_engine, real_config, tiny_bench_config
+from bench.throughput.engine import (ROOT, ZERO_CONFIGS, build_model, init_single_process_group, prepare_engine,
+                                     real_config, tiny_bench_config)
 from bench.throughput.report import build_result, format_table, results_path, summary_table
 from bench.throughput.samples import PAD_ID, SampleShape, collate_steps, pad_packed_batch, sample_stats, synthetic_sample
 

@@ -71,8 +71,8 @@ def _synthetic_scenes(synthetic: Path, count: int) -> List[Tuple[Image.Image, Li
         if len(things) < 2:
             continue
         img = Image.open(synthetic / "val2017" / files[ann["image_id"]]).convert("RGB")
-        shapes = [(s["attributes"]["colour"], s["attributes"]["kind"], xywh_to_xyxy(s["bbox"], f"{ann_path}: segment {s['id']}"))
-                  for s in things[:2]]
+        shapes = [(s["attributes"]["colour"], s["attributes"]["kind"],
+                   xywh_to_xyxy(s["bbox"], f"{ann_path}: segment {s.get('id')}")) for s in things[:2]]
         scenes.append((img, shapes))
         if len(scenes) == count:
             break
