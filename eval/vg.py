@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from eval import harness
 from eval.caption_metrics import format_metrics_table, score_captions
-from eval.harness import HarnessConfig, generate_missing, require_complete
+from eval.harness import HarnessConfig
 from eval.prediction_store import PredictionStore
 from gpt4roi_sft.atomic import write_json_atomic, write_text_atomic
 from gpt4roi_sft.constants import GPT4ROI_PREAMBLE
@@ -142,10 +142,10 @@ def _sample(entry: dict, ann: Optional[dict], image_root: Optional[Path]) -> VGS
 def generate_predictions(samples: Sequence[VGSample], captioner: Captioner, store: PredictionStore,
                          prompt: str = DEFAULT_PROMPT, batch_size: int = 8) -> int:
     """Caption every sample not yet in ``store``, ``batch_size`` at a time; return how many were generated."""
-    return generate_missing(samples, store, captioner, key=lambda s: str(s.sample_id),
-                            request=lambda s: RegionRequest(s.image_path, prompt, [s.box]),
-                            payload=lambda s, request, answer: {"caption": answer}, batch_size=batch_size,
-                            desc="captioning")
+    return harness.generate_missing(samples, store, captioner, key=lambda s: str(s.sample_id),
+                                    request=lambda s: RegionRequest(s.image_path, prompt, [s.box]),
+                                    payload=lambda s, request, answer: {"caption": answer},
+                                    batch_size=batch_size, desc="captioning")
 
 
 # ---------------------------------------------------------------- scoring and reports
@@ -186,7 +186,7 @@ def attribute_accuracy(samples: Sequence[VGSample], predictions: Dict[int, str])
 def finalize(samples: Sequence[VGSample], records: Dict[str, dict], out: Path, spice_jars: Optional[Path] = None,
              skipped: Sequence[str] = ()) -> dict:
     """Write ``predictions.json``, ``metrics.json``, ``metrics.txt`` and ``summary.json``; return the summary."""
-    require_complete([str(s.sample_id) for s in samples], records, out)
+    harness.require_complete([str(s.sample_id) for s in samples], records, out)
     predictions = {s.sample_id: records[str(s.sample_id)]["caption"] for s in samples}
     write_json_atomic(out / "predictions.json", [{"image_id": k, "caption": v} for k, v in predictions.items()])
     metrics, spice_note = score_captions({s.sample_id: [s.caption] for s in samples}, predictions, spice_jars)

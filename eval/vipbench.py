@@ -39,7 +39,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from eval import harness
-from eval.harness import HarnessConfig, generate_missing, require_complete
+from eval.harness import HarnessConfig
 from eval.judge import ChatCompletionsJudge, GradeCache, Judge, JudgeItem, JudgeSettings, grade_all, resolve_api_key
 from eval.prediction_store import PredictionStore
 from gpt4roi_sft.atomic import write_json_atomic, write_text_atomic
@@ -231,11 +231,12 @@ def make_request(q: VipQuestion, mode: str, backticks: bool = False) -> RegionRe
 def generate_answers(questions: Sequence[VipQuestion], captioner: Captioner, store: PredictionStore, mode: str,
                      batch_size: int = 4, backticks: bool = False) -> int:
     """Answer every question not yet in ``store``; return how many were generated."""
-    return generate_missing(questions, store, captioner, key=lambda q: q.qid,
-                            request=lambda q: make_request(q, mode, backticks),
-                            payload=lambda q, r, a: {"question_id": q.question_id, "prompt": r.prompt, "boxes": r.boxes,
-                                                     "text": a},
-                            batch_size=batch_size, desc="ViP-Bench")
+    def payload(q: VipQuestion, request: RegionRequest, answer: str) -> dict:
+        return {"question_id": q.question_id, "prompt": request.prompt, "boxes": request.boxes, "text": answer}
+
+    return harness.generate_missing(questions, store, captioner, key=lambda q: q.qid,
+                                    request=lambda q: make_request(q, mode, backticks), payload=payload,
+                                    batch_size=batch_size, desc="ViP-Bench")
 
 
 # ---------------------------------------------------------------- scores
@@ -359,7 +360,7 @@ def grade_and_score(config: VipBenchConfig, questions: Sequence[VipQuestion], re
     """``results.json``, the grades (cached in ``grades.json``) and the reports, from the stored answers."""
     _check(config)
     out = Path(config.out)
-    require_complete([q.qid for q in questions], records, out)
+    harness.require_complete([q.qid for q in questions], records, out)
     answers = {q.qid: records[q.qid]["text"] for q in questions}
     write_json_atomic(out / "results.json", answers)
 
