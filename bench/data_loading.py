@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from bench.train_throughput import device_name
+    from bench.throughput.device import device_name
     from gpt4roi_sft.atomic import write_json_atomic
     from gpt4roi_sft.data.collator import PackingCollator, PaddingCollator
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one script a GPU session runs for issue 7: install the carried wheels, run the `gpu`-marked tests,
-# then bench/train_throughput.py at the issue's settings, and print a table last.
+# The one script a GPU machine runs: install the carried wheels, run the `gpu`-marked tests,
+# then bench/train_throughput.py at the three settings below, and print a table last.
 #
 #   bash bench/run_gpu.sh               # on the GPU machine, with the wheels carried in .whl/
 #   bash bench/run_gpu.sh --cpu-smoke   # here: the same steps with --tiny on CPU (exercises the code path)

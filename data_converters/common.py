@@ -1,5 +1,5 @@
-"""What every converter shares: JSON loading with user-facing errors, box conversion, region dialogues,
-statistics and the streaming atomic JSONL writer.
+"""What every converter shares: required fields with user-facing errors, the box filters, region dialogues,
+statistics and the streaming atomic JSONL writer that checks each record against the schema.
 
 A region dialogue is GPT4RoI's format: one human/gpt pair per region, the human turn a region-caption
 template with ``region{i} <bbox>`` (the i-th ``<bbox>`` is ``regions[i-1]``), the first human turn
@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import random
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -23,6 +23,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from data_converters.templates import TEMPLATE_SETS, region_question
 from gpt4roi_sft.atomic import atomic_open, write_json_atomic
 from gpt4roi_sft.constants import GPT4ROI_PREAMBLE
+from gpt4roi_sft.data.schema import coco_box_to_xyxy, validate_record
 from gpt4roi_sft.errors import BoxError, DataError, UserError
 
 log = logging.getLogger(__name__)
@@ -35,25 +36,6 @@ def require_keys(obj: Any, keys: Sequence[str], where: str) -> None:
     missing = [k for k in keys if k not in obj]
     if missing:
         raise DataError(f"{where}: missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
-
-
-def xywh_to_xyxy(bbox: Any, width: float, height: float, where: str) -> list[float]:
-    """COCO ``[x, y, w, h]`` -> absolute ``[x1, y1, x2, y2]`` floats clipped to the ``width`` x ``height`` image.
-
-    A box crossing the border is clipped; a malformed box, or one with nothing left inside the image, is
-    a :class:`BoxError` naming ``where`` (e.g. ``"train.json: image 397133 segment 3"``).
-    """
-    try:
-        x, y, w, h = (float(v) for v in bbox)
-    except (TypeError, ValueError):
-        raise BoxError(f"{where}: bbox {bbox!r} is not [x, y, w, h]") from None
-    if not all(math.isfinite(v) for v in (x, y, w, h)):
-        raise BoxError(f"{where}: bbox {bbox!r} has a non-finite coordinate")
-    x1, y1 = max(x, 0.0), max(y, 0.0)
-    x2, y2 = min(x + w, float(width)), min(y + h, float(height))
-    if x2 <= x1 or y2 <= y1:
-        raise BoxError(f"{where}: bbox {list(bbox)} lies outside the {width}x{height} image")
-    return [x1, y1, x2, y2]
 
 
 def kept_box(ann: dict, *, where: str, width: float, height: float, skip_bad: bool,
@@ -79,7 +61,7 @@ def kept_box(ann: dict, *, where: str, width: float, height: float, skip_bad: bo
         if len(bbox) == 4 and (float(bbox[2]) < 1 or float(bbox[3]) < 1):
             stats.drop("box_under_1px")
             return None
-        return xywh_to_xyxy(bbox, width, height, where)
+        return coco_box_to_xyxy(bbox, width, height, where)
     except (BoxError, TypeError, ValueError) as exc:
         if skip_bad:
             stats.drop("bad_box")
@@ -156,6 +138,16 @@ class Region:
         return {"bbox": self.bbox, **self.extra}
 
 
+def annotations_by_image(data: Any, source_file: str) -> dict:
+    """``{image_id: [(k, annotation), ...]}`` of a COCO-style dict, which must hold ``images`` and ``annotations``."""
+    require_keys(data, ("images", "annotations"), source_file)
+    by_image: dict = defaultdict(list)
+    for k, ann in enumerate(data["annotations"]):
+        require_keys(ann, ("image_id",), f"{source_file}: annotations[{k}]")
+        by_image[ann["image_id"]].append((k, ann))
+    return by_image
+
+
 def split_dialogues(regions: Sequence[Region], max_regions: int, rng: random.Random) -> list[list[Region]]:
     """Shuffle ``regions`` and cut them into the fewest dialogues of at most ``max_regions``, sizes balanced.
 
@@ -193,7 +185,11 @@ def region_records(regions: Sequence[Region], *, record_id: str, image: str, wid
     """Turn one image's regions into one or more conversation records ``<record_id>/d<k>``.
 
     ``numbered=False`` (one dialogue per source entry, e.g. a referring expression) keeps ``record_id`` as is.
+    An image left without regions gives no record and is counted in ``stats.images_without_regions``.
     """
+    if not regions:
+        stats.images_without_regions += 1
+        return
     chunks = split_dialogues(regions, max_regions, rng)
     if not numbered and len(chunks) > 1:
         raise ValueError(f"{record_id}: {len(chunks)} dialogues need numbered ids")
@@ -229,11 +225,14 @@ def join_image_path(prefix: str, file_name: str) -> str:
 def write_jsonl(path: Path, records: Iterable[dict]) -> int:
     """Stream ``records`` to ``path`` as JSON lines (unicode kept) through a temp file renamed at the end.
 
-    If the iteration raises, nothing is left at ``path`` (an older file there stays as it was).
+    Each record is checked against the conversation schema (:func:`gpt4roi_sft.data.schema.validate_record`)
+    before it is written, so a converter cannot write a file the trainer would reject. If the iteration or a
+    check raises, nothing is left at ``path`` (an older file there stays as it was).
     """
     n = 0
     with atomic_open(path, "w") as fh:
         for record in records:
+            validate_record(record, f"{path.name}: record {n + 1} ({record.get('id')})")
             fh.write(json.dumps(record, ensure_ascii=False))
             fh.write("\n")
             n += 1

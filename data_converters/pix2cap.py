@@ -82,9 +82,6 @@ def convert_pix2cap(data: dict, *, source_file: str, split: str, image_dir_prefi
                                      things_only=things_only, skip_bad=skip_bad, mask=mask, stats=stats)
             if region is not None:
                 regions.append(region)
-        if not regions:
-            stats.images_without_regions += 1
-            continue
         yield from region_records(regions, record_id=f"pix2cap/{split}/{image_id}",
                                   image=join_image_path(image_dir_prefix, img["file_name"]), width=width,
                                   height=height, source=SOURCE, max_regions=max_regions,

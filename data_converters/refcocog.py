@@ -13,12 +13,11 @@ boxes keeps the first (the others are counted as ``extra_box``).
 from __future__ import annotations
 
 import argparse
-from collections import defaultdict
 from pathlib import Path
 from typing import Iterator
 
-from data_converters.common import (ConversionStats, Region, add_output_arguments, finish, image_rng, infer_split,
-                                    join_image_path, kept_box, kept_caption, region_records,
+from data_converters.common import (ConversionStats, Region, add_output_arguments, annotations_by_image, finish,
+                                    image_rng, infer_split, join_image_path, kept_box, kept_caption, region_records,
                                     require_keys, templates_by_name)
 from gpt4roi_sft.errors import run_cli
 from gpt4roi_sft.json_io import load_json
@@ -32,16 +31,12 @@ def convert_refcocog(data: dict, *, source_file: str, split: str = "train", imag
     """Yield one single-region dialogue per expression of a parsed MDETR RefCOCOg dict."""
     stats = stats if stats is not None else ConversionStats()
     templates = templates or templates_by_name("gpt4roi_vg")
-    require_keys(data, ("images", "annotations"), source_file)
-    boxes: dict = defaultdict(list)
-    for k, ann in enumerate(data["annotations"]):
-        require_keys(ann, ("image_id",), f"{source_file}: annotations[{k}]")
-        boxes[ann["image_id"]].append(ann)
+    boxes = annotations_by_image(data, source_file)
     for k, img in enumerate(data["images"]):
         require_keys(img, ("id", "file_name", "width", "height"), f"{source_file}: images[{k}]")
         stats.images += 1
         where = f"{source_file}: image {img['id']}"
-        anns = boxes.get(img["id"], [])
+        anns = [ann for _, ann in boxes.get(img["id"], [])]
         if not anns:
             stats.drop("no_box")
             stats.images_without_regions += 1
@@ -51,10 +46,8 @@ def convert_refcocog(data: dict, *, source_file: str, split: str = "train", imag
         bbox = kept_box(anns[0], where=f"{where} annotation {anns[0].get('id', 0)}", width=img["width"],
                         height=img["height"], skip_bad=skip_bad, stats=stats)
         caption = kept_caption(img, "caption", where=where, stats=stats) if bbox is not None else None
-        if bbox is None or caption is None:
-            stats.images_without_regions += 1
-            continue
-        yield from region_records([Region(bbox=bbox, caption=caption)], record_id=f"refcocog/{split}/{img['id']}",
+        regions = [Region(bbox=bbox, caption=caption)] if caption is not None else []
+        yield from region_records(regions, record_id=f"refcocog/{split}/{img['id']}",
                                   image=join_image_path(image_dir_prefix, img["file_name"]), width=img["width"],
                                   height=img["height"], source=SOURCE, max_regions=1,
                                   rng=image_rng(seed, img["id"]), templates=templates, stats=stats, numbered=False)

@@ -11,13 +11,12 @@ the rest are not thrown away but go to further dialogues of the same image. Reco
 from __future__ import annotations
 
 import argparse
-from collections import defaultdict
 from pathlib import Path
 from typing import Iterator
 
-from data_converters.common import (ConversionStats, Region, add_output_arguments, finish, image_rng,
-                                    join_image_path, kept_box, kept_caption, region_records, require_keys,
-                                    templates_by_name)
+from data_converters.common import (ConversionStats, Region, add_output_arguments, annotations_by_image, finish,
+                                    image_rng, join_image_path, kept_box, kept_caption, region_records,
+                                    require_keys, templates_by_name)
 from gpt4roi_sft.errors import DataError, run_cli
 from gpt4roi_sft.json_io import load_json
 
@@ -39,11 +38,7 @@ def convert_vg(data: dict, *, source_file: str, image_dir_prefix: str = "", max_
     """Yield region dialogues for a parsed GRiT VG annotation dict, in ``images`` order."""
     stats = stats if stats is not None else ConversionStats()
     templates = templates or templates_by_name("gpt4roi_vg")
-    require_keys(data, ("images", "annotations"), source_file)
-    by_image: dict = defaultdict(list)
-    for k, ann in enumerate(data["annotations"]):
-        require_keys(ann, ("image_id",), f"{source_file}: annotations[{k}]")
-        by_image[ann["image_id"]].append((k, ann))
+    by_image = annotations_by_image(data, source_file)
     listed = set()
     for k, img in enumerate(data["images"]):
         require_keys(img, ("id", "file_name", "width", "height"), f"{source_file}: images[{k}]")
@@ -57,9 +52,6 @@ def convert_vg(data: dict, *, source_file: str, image_dir_prefix: str = "", max_
                                     skip_bad=skip_bad, stats=stats)
             if region is not None:
                 regions.append(region)
-        if not regions:
-            stats.images_without_regions += 1
-            continue
         yield from region_records(regions, record_id=f"vg/{image_id}",
                                   image=join_image_path(image_dir_prefix, img["file_name"]), width=img["width"],
                                   height=img["height"], source=SOURCE, max_regions=max_regions,

@@ -28,7 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 from gpt4roi_sft.atomic import write_json_atomic
 from gpt4roi_sft.chat_api import ChatAPIError, ChatAPISettings, ChatCompletionsClient
@@ -49,6 +49,7 @@ Can you explain this meme within the blue rectangle? | This meme is poking fun a
 Can you explain this meme within the blue rectangle? | This meme is poking fun at the fact that the names of the countries Iceland and Greenland are misleading. Despite its name, Iceland is known for its beautiful green landscapes, while Greenland is mostly covered in ice and snow. The meme is saying that the person has trust issues because the names of these countries do not accurately represent their landscapes. | The meme is using humor to point out the misleading nature of Iceland's and Greenland's names. Iceland, despite its name, has lush green landscapes while Greenland is mostly covered in ice and snow. The text 'This is why I have trust issues' is a playful way to suggest that these contradictions can lead to distrust or confusion. The humor in this meme is derived from the unexpected contrast between the names of the countries and their actual physical characteristics. | 1.0
 """
 RETRY_SUFFIX = "\nPredict the correctness of the answer (digit): "
+MAX_TRIES = 5  # official: at most 5 judge replies per grade, then 0.0
 API_KEY_ENV = ("JUDGE_API_KEY", "OPENAI_API_KEY")
 
 
@@ -86,14 +87,39 @@ class JudgeSettings(ChatAPISettings):
 
     concurrency: int = 4
     max_tokens: int = 3
-    max_tries: int = 5  # official: at most 5 judge replies per grade, then 0.0
+
+
+
+@runtime_checkable
+class Judge(Protocol):
+    """A judge backend: whatever answers one grading message. A new backend is one class with these members.
+
+    ``model``: the name its grades are cached under (grading again with another model regrades);
+    ``concurrency``: how many :meth:`complete` calls :func:`grade_all` may have in flight;
+    ``complete(content, temperature)``: send ``content`` as one user message, return ``(reply text, id of the
+    model that answered)``; raise :class:`JudgeError` when the backend cannot be used (the items left stay
+    ungraded). The grading rule (prompt, parse, retries) is not the backend's business: see :func:`grade`.
+    """
+
+    model: str
+    concurrency: int
+
+    def complete(self, content: str, temperature: float) -> Tuple[str, str]: ...
 
 
 class ChatCompletionsJudge(ChatCompletionsClient):
-    """The judge as a chat-completions client (:mod:`gpt4roi_sft.chat_api`): one user message per request."""
+    """:class:`Judge` backed by an OpenAI-compatible ``/chat/completions`` endpoint (:mod:`gpt4roi_sft.chat_api`)."""
 
     def __init__(self, settings: JudgeSettings, api_key: Optional[str] = None, sleep: Callable[[float], None] = time.sleep):
         super().__init__(settings, api_key=api_key, name="judge", sleep=sleep)
+
+    @property
+    def model(self) -> str:
+        return self.settings.model
+
+    @property
+    def concurrency(self) -> int:
+        return self.settings.concurrency
 
     def complete(self, content: str, temperature: float) -> Tuple[str, str]:
         """Send one user message; return ``(reply text, model id)``. Retries API errors with backoff."""
@@ -116,8 +142,8 @@ class Grade:
     model: str
 
 
-def grade(judge: ChatCompletionsJudge, question: str, retry_question: str, answer: str, prediction: str,
-          max_tries: int = 5) -> Grade:
+def grade(judge: Judge, question: str, retry_question: str, answer: str, prediction: str,
+          max_tries: int = MAX_TRIES) -> Grade:
     """Grade one prediction with the official parse/retry rule (see the module docstring)."""
     temperature = 0.0
     content, model = judge.complete(build_query(question, answer, prediction), temperature)
@@ -189,13 +215,14 @@ class GradingOutcome:
     error: Optional[str] = None
 
 
-def grade_all(items: Sequence[JudgeItem], judge: ChatCompletionsJudge, cache: GradeCache, runs: int = 1) -> GradingOutcome:
-    """Grade every (item, run) not in ``cache``, ``judge.settings.concurrency`` at a time, caching each grade.
+def grade_all(items: Sequence[JudgeItem], judge: Judge, cache: GradeCache, runs: int = 1,
+              max_tries: int = MAX_TRIES) -> GradingOutcome:
+    """Grade every (item, run) not in ``cache``, ``judge.concurrency`` at a time, caching each grade.
 
     A :class:`JudgeError` stops new requests (those in flight finish and are cached); the outcome carries
     the error and the items left out stay ungraded.
     """
-    model_key = judge.settings.model
+    model_key = judge.model
     todo = [(item, run) for run in range(runs) for item in items if cache.get(item, run, model_key) is None]
     stop = threading.Event()
     errors: List[str] = []
@@ -205,7 +232,7 @@ def grade_all(items: Sequence[JudgeItem], judge: ChatCompletionsJudge, cache: Gr
         if stop.is_set():
             return
         try:
-            g = grade(judge, item.question, item.retry_question, item.answer, item.prediction, judge.settings.max_tries)
+            g = grade(judge, item.question, item.retry_question, item.answer, item.prediction, max_tries)
         except JudgeError as exc:
             stop.set()
             errors.append(str(exc))
@@ -215,7 +242,7 @@ def grade_all(items: Sequence[JudgeItem], judge: ChatCompletionsJudge, cache: Gr
 
     if todo:
         logger.info("judge: grading %d item-runs (%d already cached)", len(todo), len(items) * runs - len(todo))
-        with ThreadPoolExecutor(max_workers=max(1, judge.settings.concurrency)) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, judge.concurrency)) as pool:
             for f in as_completed([pool.submit(work, item, run) for item, run in todo]):
                 f.result()
     if errors:

@@ -17,16 +17,18 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from eval import harness
 from eval.caption_metrics import format_metrics_table, score_captions
+from eval.harness import HarnessConfig
 from eval.prediction_store import PredictionStore
 from gpt4roi_sft.atomic import write_json_atomic, write_text_atomic
 from gpt4roi_sft.constants import GPT4ROI_PREAMBLE
+from gpt4roi_sft.data.schema import xywh_to_xyxy
 from gpt4roi_sft.errors import ConfigError, DataError, run_cli
 from gpt4roi_sft.json_io import load_json
 from gpt4roi_sft.infer import Captioner, DecodeSettings, RegionRequest
@@ -48,23 +50,16 @@ class VGSample:
     attributes: Optional[dict] = None
 
 
-@dataclass
-class VGEvalConfig:
+@dataclass(kw_only=True)
+class VGEvalConfig(HarnessConfig):
     """Everything one VG evaluation run needs (the CLI's flags, typed)."""
 
     annotations: Path
-    out: Path
     image_root: Optional[Path] = None
-    model: Optional[Path] = None
-    adapter: Optional[Path] = None
-    template: str = "gpt4roi_v0"
     prompt: str = DEFAULT_PROMPT
-    batch_size: int = 8
     decode: DecodeSettings = field(default_factory=lambda: DecodeSettings(max_new_tokens=64))
     spice_jars: Optional[Path] = None
     skip_bad: bool = False
-    shard_id: int = 0
-    num_shards: int = 1
 
 
 # ---------------------------------------------------------------- reading and validating the test file
@@ -102,16 +97,10 @@ def load_vg_test(annotations: Path, image_root: Optional[Path], skip_bad: bool =
             problems.append(f"sample {sid}: image id appears twice")
             continue
         seen.add(sid)
-        problem = _check_sample(entry, anns_by_id.get(sid), image_root)
-        if problem:
-            problems.append(f"sample {sid}: {problem}")
-            continue
-        ann = anns_by_id[sid]
-        x, y, w, h = (float(v) for v in ann["bbox"])
-        path = (Path(image_root) / entry["file_name"]) if image_root is not None else Path(entry["file_name"])
-        attrs = ann.get("attributes")
-        samples.append(VGSample(sid, path, [x, y, x + w, y + h], ann["caption"].strip(),
-                                attrs if isinstance(attrs, dict) else None))
+        try:
+            samples.append(_sample(entry, anns_by_id.get(sid), image_root))
+        except DataError as exc:
+            problems.append(f"sample {sid}: {exc}")
 
     orphans = [aid for aid in anns_by_id if aid not in seen]
     if orphans:
@@ -129,37 +118,22 @@ def load_vg_test(annotations: Path, image_root: Optional[Path], skip_bad: bool =
     return samples, problems
 
 
-def _check_sample(entry: dict, ann: Optional[dict], image_root: Optional[Path]) -> Optional[str]:
+def _sample(entry: dict, ann: Optional[dict], image_root: Optional[Path]) -> VGSample:
+    """The sample of one ``images`` entry; a :class:`DataError` says what is wrong with it."""
     sid = entry["id"]
     if ann is None:
-        return f"no annotation with id {sid} (GLaMM's format keys each sample's annotation by the image id)"
+        raise DataError(f"no annotation with id {sid} (GLaMM's format keys each sample's annotation by the image id)")
     if "image_id" in ann and ann["image_id"] != sid:
-        return f"annotation {sid} has image_id {ann['image_id']} (annotation ids must equal image ids)"
-    bbox = ann.get("bbox")
-    if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
-            or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)):
-        return f"bbox {bbox!r} is not [x, y, w, h]"
-    if bbox[2] <= 0 or bbox[3] <= 0:
-        return f"bbox {list(bbox)} has no area"
+        raise DataError(f"annotation {sid} has image_id {ann['image_id']} (annotation ids must equal image ids)")
+    box = xywh_to_xyxy(ann.get("bbox"))
     caption = ann.get("caption")
     if not isinstance(caption, str) or not caption.strip():
-        return "empty reference caption"
-    if image_root is not None and not (Path(image_root) / entry["file_name"]).is_file():
-        return f"image file {Path(image_root) / entry['file_name']} not found"
-    return None
-
-
-def shard(samples: Sequence[VGSample], shard_id: int, num_shards: int) -> List[VGSample]:
-    """Samples of shard ``shard_id`` of ``num_shards``: every ``num_shards``-th, by index."""
-    if num_shards < 1 or not 0 <= shard_id < num_shards:
-        raise ConfigError(f"--shard-id {shard_id} --num-shards {num_shards}: need 0 <= shard-id < num-shards")
-    return list(samples[shard_id::num_shards])
-
-
-def partial_path(out: Path, shard_id: int, num_shards: int) -> Path:
-    if num_shards == 1:
-        return Path(out) / PARTIAL_NAME
-    return Path(out) / "shards" / f"predictions.shard-{shard_id:03d}-of-{num_shards:03d}.partial.jsonl"
+        raise DataError("empty reference caption")
+    path = (Path(image_root) / entry["file_name"]) if image_root is not None else Path(entry["file_name"])
+    if image_root is not None and not path.is_file():
+        raise DataError(f"image file {path} not found")
+    attrs = ann.get("attributes")
+    return VGSample(sid, path, box, caption.strip(), attrs if isinstance(attrs, dict) else None)
 
 
 # ---------------------------------------------------------------- generation
@@ -168,18 +142,10 @@ def partial_path(out: Path, shard_id: int, num_shards: int) -> Path:
 def generate_predictions(samples: Sequence[VGSample], captioner: Captioner, store: PredictionStore,
                          prompt: str = DEFAULT_PROMPT, batch_size: int = 8) -> int:
     """Caption every sample not yet in ``store``, ``batch_size`` at a time; return how many were generated."""
-    from tqdm import tqdm
-
-    todo = [s for s in samples if str(s.sample_id) not in store]
-    if len(todo) < len(samples):
-        logger.info("resuming: %d of %d samples already done", len(samples) - len(todo), len(samples))
-    for start in tqdm(range(0, len(todo), batch_size), desc="captioning", unit="batch", disable=not todo):
-        batch = todo[start:start + batch_size]
-        answers = captioner([RegionRequest(s.image_path, prompt, [s.box]) for s in batch])
-        if len(answers) != len(batch):
-            raise RuntimeError(f"captioner returned {len(answers)} answers for {len(batch)} requests")
-        store.append((str(s.sample_id), {"caption": a}) for s, a in zip(batch, answers))
-    return len(todo)
+    return harness.generate_missing(samples, store, captioner, key=lambda s: str(s.sample_id),
+                                    request=lambda s: RegionRequest(s.image_path, prompt, [s.box]),
+                                    payload=lambda s, request, answer: {"caption": answer},
+                                    batch_size=batch_size, desc="captioning")
 
 
 # ---------------------------------------------------------------- scoring and reports
@@ -220,10 +186,7 @@ def attribute_accuracy(samples: Sequence[VGSample], predictions: Dict[int, str])
 def finalize(samples: Sequence[VGSample], records: Dict[str, dict], out: Path, spice_jars: Optional[Path] = None,
              skipped: Sequence[str] = ()) -> dict:
     """Write ``predictions.json``, ``metrics.json``, ``metrics.txt`` and ``summary.json``; return the summary."""
-    missing = [s.sample_id for s in samples if str(s.sample_id) not in records]
-    if missing:
-        raise DataError(f"{out}: {len(missing)} sample(s) have no prediction yet (e.g. {missing[:5]}); "
-                        f"run the missing shards first")
+    harness.require_complete([str(s.sample_id) for s in samples], records, out)
     predictions = {s.sample_id: records[str(s.sample_id)]["caption"] for s in samples}
     write_json_atomic(out / "predictions.json", [{"image_id": k, "caption": v} for k, v in predictions.items()])
     metrics, spice_note = score_captions({s.sample_id: [s.caption] for s in samples}, predictions, spice_jars)
@@ -244,15 +207,8 @@ def finalize(samples: Sequence[VGSample], records: Dict[str, dict], out: Path, s
 
 
 def merge_shards(out: Path, num_shards: int) -> Dict[str, dict]:
-    """Join the partial files of all ``num_shards`` shards under ``out/shards`` (first record of an id wins)."""
-    records: Dict[str, dict] = {}
-    for i in range(num_shards):
-        path = partial_path(out, i, num_shards)
-        if not path.exists():
-            raise DataError(f"{path}: shard {i} of {num_shards} has written nothing; run it before merging")
-        for key, rec in PredictionStore(path).records.items():
-            records.setdefault(key, rec)
-    return records
+    """Join the predictions of all ``num_shards`` shards under ``out/shards`` (first record of an id wins)."""
+    return harness.merge_shards(out, PARTIAL_NAME, num_shards)
 
 
 def evaluate(config: VGEvalConfig, captioner: Optional[Captioner] = None) -> Optional[dict]:
@@ -260,78 +216,44 @@ def evaluate(config: VGEvalConfig, captioner: Optional[Captioner] = None) -> Opt
 
     ``captioner`` defaults to the model of ``config.model`` (loaded only if something is left to generate).
     """
-    out = Path(config.out)
     samples, skipped = load_vg_test(config.annotations, config.image_root, config.skip_bad)
-    mine = shard(samples, config.shard_id, config.num_shards)
-    store = PredictionStore(partial_path(out, config.shard_id, config.num_shards))
-    if any(str(s.sample_id) not in store for s in mine):
-        if captioner is None:
-            if config.model is None:
-                raise ConfigError("--model is required to generate predictions")
-            from gpt4roi_sft.infer import load_captioner
-
-            captioner = load_captioner(str(config.model), config.template, config.decode,
-                                       adapter_dir=str(config.adapter) if config.adapter else None)
-        generate_predictions(mine, captioner, store, config.prompt, config.batch_size)
+    mine = harness.shard(samples, config.shard_id, config.num_shards)
+    store = harness.open_store(config, PARTIAL_NAME)
+    generate_predictions(mine, captioner or harness.captioner_for(config), store, config.prompt, config.batch_size)
     if config.num_shards > 1:
         logger.info("shard %d of %d done (%d samples); run with --merge once every shard is done",
                     config.shard_id, config.num_shards, len(mine))
         return None
-    return finalize(samples, store.records, out, config.spice_jars, skipped)
+    return finalize(samples, store.records, Path(config.out), config.spice_jars, skipped)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eval.vg", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, help="model directory (gpt4roi_sft.load_model)")
-    p.add_argument("--adapter", type=Path, help="LoRA adapter directory applied with peft")
     p.add_argument("--annotations", type=Path, required=True, help="GLaMM-format test_caption.json")
     p.add_argument("--image-root", type=Path, help="folder the file_name entries are relative to")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="human turn with <image> and one <bbox>")
-    p.add_argument("--template", default="gpt4roi_v0")
-    p.add_argument("--do-sample", action="store_true", help="sample (GPT4RoI: temperature 0.2) instead of greedy")
-    p.add_argument("--temperature", type=float, default=0.2)
-    p.add_argument("--strip-prefix", action="store_true", help="keep the text after the first ': ' (GPT4RoI's eval)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--spice-jars", type=Path, help="folder with stanford-corenlp-3.6.0.jar and -models.jar")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) bad samples instead of stopping")
-    p.add_argument("--shard-id", type=int, default=0)
-    p.add_argument("--num-shards", type=int, default=1)
-    p.add_argument("--merge", action="store_true", help="join the shards' predictions and score them")
+    harness.add_model_args(p, batch_size=8, max_new_tokens=64)
+    harness.add_shard_args(p)
     return p
 
 
 def main(argv=None) -> int:
     import sys
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["merge"]:
-        argv = argv[1:] + ["--merge"]
-    args = build_parser().parse_args(argv)
-    from gpt4roi_sft.console import setup_cli_logging
-
-    setup_cli_logging()
-    if args.batch_size < 1 or args.max_new_tokens < 1:
-        raise ConfigError("--batch-size and --max-new-tokens must be at least 1")
+    args = build_parser().parse_args(harness.merge_word_to_flag(sys.argv[1:] if argv is None else argv))
+    harness.setup_run(args)
     if args.image_root is None and not args.merge:
         raise ConfigError("--image-root is required to generate predictions")
-    config = VGEvalConfig(
-        annotations=args.annotations, out=args.out, image_root=args.image_root, model=args.model,
-        adapter=args.adapter, template=args.template, prompt=args.prompt, batch_size=args.batch_size,
-        decode=DecodeSettings(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                              temperature=args.temperature, strip_prefix=args.strip_prefix),
-        spice_jars=args.spice_jars, skip_bad=args.skip_bad, shard_id=args.shard_id, num_shards=args.num_shards)
+    config = VGEvalConfig(**harness.config_kwargs(args), annotations=args.annotations, image_root=args.image_root,
+                          prompt=args.prompt, spice_jars=args.spice_jars, skip_bad=args.skip_bad)
     if args.merge:
         samples, skipped = load_vg_test(config.annotations, config.image_root, config.skip_bad)
         summary = finalize(samples, merge_shards(Path(config.out), config.num_shards), Path(config.out),
                            config.spice_jars, skipped)
     else:
-        if args.do_sample:
-            import torch
-
-            torch.manual_seed(args.seed)
         summary = evaluate(config)
     if summary is not None:
         print((Path(config.out) / "metrics.txt").read_text(), end="")

@@ -14,6 +14,9 @@ Two inference modes:
   ``<obj>`` is region1), prefixed by GPT4RoI's ``The <image> provides an overview of the picture.\\n``.
 - ``visual``: the split's drawn image and its ``questions.jsonl`` text, no boxes.
 
+Several processes: ``--shard-id I --num-shards K`` each answer every K-th question into their own file under
+``OUT/shards/``; ``--merge`` (or ``merge`` as the first argument) joins them, then grades and scores.
+
 Outputs under ``OUT``: ``predictions.jsonl`` (resumable), ``results.json`` (the official grader input
 ``{"v1_<id>": answer}``), ``grades.json`` (judge cache), ``scores.json``, ``scores.csv``, ``report.md``.
 Aggregation is the official one: per capability, the mean score of the questions whose capability list
@@ -35,10 +38,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from eval.judge import ChatCompletionsJudge, GradeCache, JudgeItem, JudgeSettings, grade_all, resolve_api_key
+from eval import harness
+from eval.harness import HarnessConfig
+from eval.judge import ChatCompletionsJudge, GradeCache, Judge, JudgeItem, JudgeSettings, grade_all, resolve_api_key
 from eval.prediction_store import PredictionStore
 from gpt4roi_sft.atomic import write_json_atomic, write_text_atomic
 from gpt4roi_sft.constants import GPT4ROI_PREAMBLE
+from gpt4roi_sft.data.schema import validate_boxes
 from gpt4roi_sft.errors import ConfigError, DataError, run_cli
 from gpt4roi_sft.json_io import load_json
 from gpt4roi_sft.infer import Captioner, DecodeSettings, RegionRequest
@@ -48,6 +54,7 @@ logger = logging.getLogger(__name__)
 SPLITS = ("bbox", "human")
 MODES = ("region", "visual")
 META_FILE = "vip-bench-meta-data.json"
+PREDICTIONS_NAME = "predictions.jsonl"
 OBJ_PATTERN = re.compile(r"<obj(\d*)>")
 # The paper's columns and the capability strings that feed them (MM-Vet's names for the last two as aliases:
 # ViP-Bench's exact Rel/Lang strings are not documented; unknown strings get columns of their own).
@@ -99,6 +106,10 @@ def labelme_boxes(path: Path) -> Dict[str, List[float]]:
             old = boxes[label]
             box = [min(old[0], box[0]), min(old[1], box[1]), max(old[2], box[2]), max(old[3], box[3])]
         boxes[label] = box
+    width, height = data.get("imageWidth"), data.get("imageHeight")
+    if isinstance(width, (int, float)) and isinstance(height, (int, float)):
+        for label, box in boxes.items():  # border-crossing boxes are clipped at generation, as in training
+            validate_boxes([box], width, height, where=f"{path}: {label}", clip=True)
     return boxes
 
 
@@ -220,16 +231,12 @@ def make_request(q: VipQuestion, mode: str, backticks: bool = False) -> RegionRe
 def generate_answers(questions: Sequence[VipQuestion], captioner: Captioner, store: PredictionStore, mode: str,
                      batch_size: int = 4, backticks: bool = False) -> int:
     """Answer every question not yet in ``store``; return how many were generated."""
-    from tqdm import tqdm
+    def payload(q: VipQuestion, request: RegionRequest, answer: str) -> dict:
+        return {"question_id": q.question_id, "prompt": request.prompt, "boxes": request.boxes, "text": answer}
 
-    todo = [q for q in questions if q.qid not in store]
-    for start in tqdm(range(0, len(todo), batch_size), desc="ViP-Bench", unit="batch", disable=not todo):
-        batch = todo[start:start + batch_size]
-        requests = [make_request(q, mode, backticks) for q in batch]
-        answers = captioner(requests)
-        store.append((q.qid, {"question_id": q.question_id, "prompt": r.prompt, "boxes": r.boxes, "text": a})
-                     for q, r, a in zip(batch, requests, answers))
-    return len(todo)
+    return harness.generate_missing(questions, store, captioner, key=lambda q: q.qid,
+                                    request=lambda q: make_request(q, mode, backticks), payload=payload,
+                                    batch_size=batch_size, desc="ViP-Bench")
 
 
 # ---------------------------------------------------------------- scores
@@ -314,17 +321,13 @@ def write_reports(out: Path, scores: dict, model_name: str) -> None:
 # ---------------------------------------------------------------- the run
 
 
-@dataclass
-class VipBenchConfig:
+@dataclass(kw_only=True)
+class VipBenchConfig(HarnessConfig):
     """Everything one ViP-Bench run needs (the CLI's flags, typed)."""
 
     data: Path
     split: str
-    out: Path
-    model: Optional[Path] = None
-    adapter: Optional[Path] = None
     mode: str = "region"
-    template: str = "gpt4roi_v0"
     batch_size: int = 4
     decode: DecodeSettings = field(default_factory=lambda: DecodeSettings(max_new_tokens=256))
     backticks: bool = False
@@ -332,32 +335,41 @@ class VipBenchConfig:
     runs: int = 1
 
 
-def run(config: VipBenchConfig, captioner: Optional[Captioner] = None, api_key: Optional[str] = None) -> dict:
-    """Generate (or resume), grade (if a judge is configured; cached) and score; return ``scores.json``'s content."""
-    if config.mode not in MODES:
-        raise ConfigError(f"--mode {config.mode!r}: expected one of {', '.join(MODES)}")
-    if config.runs < 1:
-        raise ConfigError("--runs must be at least 1")
-    out = Path(config.out)
-    questions = load_vipbench(config.data, config.split, config.mode)
-    store = PredictionStore(out / "predictions.jsonl")
-    if any(q.qid not in store for q in questions):
-        if captioner is None:
-            if config.model is None:
-                raise ConfigError("--model is required to generate answers")
-            from gpt4roi_sft.infer import load_captioner
+def run(config: VipBenchConfig, captioner: Optional[Captioner] = None, api_key: Optional[str] = None,
+        judge: Optional[Judge] = None) -> Optional[dict]:
+    """Generate (or resume), grade and score; return ``scores.json``'s content (``None`` for one shard of several).
 
-            captioner = load_captioner(str(config.model), config.template, config.decode,
-                                       adapter_dir=str(config.adapter) if config.adapter else None)
-        generate_answers(questions, captioner, store, config.mode, config.batch_size, config.backticks)
-    answers = {q.qid: store.records[q.qid]["text"] for q in questions}
+    ``captioner`` defaults to the model of ``config.model`` (loaded only if something is left to answer);
+    ``judge`` to the OpenAI-compatible endpoint of ``config.judge`` (with ``api_key``); no judge, no grades.
+    """
+    _check(config)
+    questions = load_vipbench(config.data, config.split, config.mode)
+    mine = harness.shard(questions, config.shard_id, config.num_shards)
+    store = harness.open_store(config, PREDICTIONS_NAME)
+    generate_answers(mine, captioner or harness.captioner_for(config), store, config.mode, config.batch_size,
+                     config.backticks)
+    if config.num_shards > 1:
+        logger.info("shard %d of %d done (%d questions); run with --merge once every shard is done",
+                    config.shard_id, config.num_shards, len(mine))
+        return None
+    return grade_and_score(config, questions, store.records, api_key, judge)
+
+
+def grade_and_score(config: VipBenchConfig, questions: Sequence[VipQuestion], records: Dict[str, dict],
+                    api_key: Optional[str] = None, judge: Optional[Judge] = None) -> dict:
+    """``results.json``, the grades (cached in ``grades.json``) and the reports, from the stored answers."""
+    _check(config)
+    out = Path(config.out)
+    harness.require_complete([q.qid for q in questions], records, out)
+    answers = {q.qid: records[q.qid]["text"] for q in questions}
     write_json_atomic(out / "results.json", answers)
 
+    if judge is None and config.judge is not None:
+        judge = ChatCompletionsJudge(config.judge, api_key=api_key)
     judge_id, judge_error, grades = None, None, {}
-    if config.judge is not None:
+    if judge is not None:
         items = [JudgeItem(q.qid, q.text, q.meta_question, q.answer, answers[q.qid]) for q in questions]
-        outcome = grade_all(items, ChatCompletionsJudge(config.judge, api_key=api_key),
-                            GradeCache(out / "grades.json"), config.runs)
+        outcome = grade_all(items, judge, GradeCache(out / "grades.json"), config.runs)
         judge_id, judge_error, grades = outcome.judge_model, outcome.error, outcome.scores
     else:
         logger.warning("no judge configured: %d answers written ungraded to %s", len(questions), out / "results.json")
@@ -369,22 +381,22 @@ def run(config: VipBenchConfig, captioner: Optional[Captioner] = None, api_key: 
     return scores
 
 
+def _check(config: VipBenchConfig) -> None:
+    if config.mode not in MODES:
+        raise ConfigError(f"--mode {config.mode!r}: expected one of {', '.join(MODES)}")
+    if config.runs < 1:
+        raise ConfigError("--runs must be at least 1")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eval.vipbench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, help="model directory (gpt4roi_sft.load_model)")
-    p.add_argument("--adapter", type=Path, help="LoRA adapter directory applied with peft")
     p.add_argument("--data", type=Path, required=True, help="ViP-Bench folder (official layout)")
     p.add_argument("--split", choices=SPLITS, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--mode", choices=MODES, default="region", help="region: source image + boxes (default); visual: drawn image")
     p.add_argument("--backtick-regions", action="store_true", help="write `regionN <bbox>` with backticks as Pix2Cap's script")
-    p.add_argument("--template", default="gpt4roi_v0")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--do-sample", action="store_true", help="sample (GPT4RoI: temperature 0.2) instead of greedy")
-    p.add_argument("--temperature", type=float, default=0.2)
-    p.add_argument("--strip-prefix", action="store_true", help="keep the text after the first ': ' (GPT4RoI's eval)")
-    p.add_argument("--seed", type=int, default=0)
+    harness.add_model_args(p, batch_size=4, max_new_tokens=256)
+    harness.add_shard_args(p)
     p.add_argument("--judge-base-url", help="OpenAI-compatible API base, e.g. http://127.0.0.1:8000/v1; "
                                             "key from JUDGE_API_KEY, else OPENAI_API_KEY")
     p.add_argument("--judge-model")
@@ -397,30 +409,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from gpt4roi_sft.console import setup_cli_logging
+    import sys
 
-    setup_cli_logging()
+    args = build_parser().parse_args(harness.merge_word_to_flag(sys.argv[1:] if argv is None else argv))
     if bool(args.judge_base_url) != bool(args.judge_model):
         raise ConfigError("--judge-base-url and --judge-model go together")
-    if args.batch_size < 1 or args.max_new_tokens < 1 or args.judge_concurrency < 1 or args.judge_max_retries < 0:
-        raise ConfigError("--batch-size, --max-new-tokens and --judge-concurrency must be >= 1, --judge-max-retries >= 0")
+    if args.judge_concurrency < 1 or args.judge_max_retries < 0:
+        raise ConfigError("--judge-concurrency must be >= 1, --judge-max-retries >= 0")
+    harness.setup_run(args)
     judge = None
     if args.judge_base_url:
         judge = JudgeSettings(base_url=args.judge_base_url, model=args.judge_model, timeout_s=args.judge_timeout,
                               max_api_retries=args.judge_max_retries, backoff_s=args.judge_backoff,
                               concurrency=args.judge_concurrency)
-    if args.do_sample:
-        import torch
-
-        torch.manual_seed(args.seed)
-    config = VipBenchConfig(
-        data=args.data, split=args.split, out=args.out, model=args.model, adapter=args.adapter, mode=args.mode,
-        template=args.template, batch_size=args.batch_size, backticks=args.backtick_regions, judge=judge, runs=args.runs,
-        decode=DecodeSettings(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                              temperature=args.temperature, strip_prefix=args.strip_prefix))
-    run(config, api_key=resolve_api_key(os.environ) if judge else None)
-    print((Path(args.out) / "report.md").read_text(), end="")
+    config = VipBenchConfig(**harness.config_kwargs(args), data=args.data, split=args.split, mode=args.mode,
+                            backticks=args.backtick_regions, judge=judge, runs=args.runs)
+    api_key = resolve_api_key(os.environ) if judge else None
+    if args.merge:
+        questions = load_vipbench(config.data, config.split, config.mode)
+        scores = grade_and_score(config, questions, harness.merge_shards(Path(config.out), PREDICTIONS_NAME,
+                                                                         config.num_shards), api_key)
+    else:
+        scores = run(config, api_key=api_key)
+    if scores is None:
+        print(f"shard {config.shard_id} of {config.num_shards} done; merge with: python -m eval.vipbench merge "
+              f"--data {config.data} --split {config.split} --mode {config.mode} --out {config.out} "
+              f"--num-shards {config.num_shards} [--judge-base-url URL --judge-model NAME --runs N]")
+    else:
+        print((Path(args.out) / "report.md").read_text(), end="")
     return 0
 
 

@@ -2,10 +2,10 @@
 
 ``python -m gpt4roi_sft.tiny --out DIR [--seed 0]`` writes config.json, model.safetensors, the processor
 config and a tokenizer trained on the fly on the synthetic captions plus every template string the data
-pipeline uses. Sizes follow DESIGN.md's calibration: CLIP ViT 4 layers x 64 wide at 112 px with 14 px
-patches (64 image tokens), a 2-layer 128-wide Llama, RoIAlign 4x4, one mixing round; the region levels
-are the outputs of ViT blocks 1-4, so the shallowest level (the one that keeps region identity in a
-random ViT) is present. A training step takes a small fraction of a second on one core.
+pipeline uses. Sizes follow the calibration in docs/architecture.md ("The tiny model"): CLIP ViT 4 layers
+x 64 wide at 112 px with 14 px patches (64 image tokens), a 2-layer 128-wide Llama, RoIAlign 4x4, one mixing
+round; the region levels are the outputs of ViT blocks 1-4, so the shallowest level (the one that keeps
+region identity in a random ViT) is present. A training step takes a small fraction of a second on one core.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ stage "evaluating the trained model on the same images"
 python -m eval.vg --model "$RUN/trained_model" --out "$RUN/eval_after" "${VG[@]}"
 
 stage "report"
-python -m eval.quickstart_report --before "$RUN/eval_before" --after "$RUN/eval_after" --train-dir "$RUN/train" \
+python -m quickstart.report --before "$RUN/eval_before" --after "$RUN/eval_after" --train-dir "$RUN/train" \
   --annotations "$RUN/data/annotations/test_caption.json" --image-root "$RUN/data" --out "$RUN"
 echo
 echo "Done in $(( $(date +%s) - START ))s. Read $RUN/report.md; pictures: $RUN/loss.png, $RUN/example_captions.png"

@@ -18,7 +18,9 @@ from conftest import REPO, free_port
 sys.path.insert(0, str(REPO))  # `bench` is a folder of scripts, not an installed package
 
 from bench.flops import FlopModel, LLMShape, RegionShape, VisionShape, mfu, peak_flops_for  # noqa: E402
-from bench.train_throughput import SampleShape, real_config, summary_table, synthetic_sample, tiny_bench_config  # noqa: E402
+from bench.throughput.engine import real_config, tiny_bench_config  # noqa: E402
+from bench.throughput.report import summary_table  # noqa: E402
+from bench.throughput.samples import SampleShape, synthetic_sample  # noqa: E402
 
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
@@ -210,7 +212,7 @@ def test_data_loading_bench_writes_samples_per_second(tmp_path):
 
 
 def test_attention_switch_sets_and_restores_every_config():
-    from bench.train_throughput import attention_implementation
+    from bench.throughput.arms import attention_implementation
     from gpt4roi_sft.model.modeling import GPT4RoIForCausalLM
 
     model = GPT4RoIForCausalLM(tiny_bench_config("sdpa"))
@@ -223,7 +225,7 @@ def test_attention_switch_sets_and_restores_every_config():
 def test_padding_a_packed_batch_adds_one_untrained_tail_sequence():
     import numpy as np
 
-    from bench.train_throughput import pad_packed_batch
+    from bench.throughput.samples import pad_packed_batch
     from gpt4roi_sft.data.collator import PackingCollator, packed_sequence_lengths
 
     shape = SampleShape(num_image_tokens=64, image_size=112, vocab_size=1200, image_token_id=3, bbox_token_id=4,

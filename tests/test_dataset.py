@@ -115,6 +115,13 @@ def test_record_without_image_has_no_pixel_values(tmp_path, root, tokenizer):
     assert MODEL_IMAGE_ID not in item["input_ids"].tolist()
 
 
+def test_image_record_without_regions_or_size_is_an_image_item(tmp_path, root, tokenizer):
+    rec = {"id": "t", "image": "img.png", "width": None, "height": None,
+           "conversations": [{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "sky"}]}
+    item = make(write_jsonl(tmp_path / "d.jsonl", [rec]), root, tokenizer)[0]
+    assert item["pixel_values"].shape == (3, 28, 28) and item["boxes"].shape == (0, 4)
+
+
 def test_region_masks_come_from_the_panoptic_png(tmp_path, root, tokenizer):
     rec = region_record()
     rec["regions"][1]["segment_id"] = 258

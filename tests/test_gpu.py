@@ -197,7 +197,7 @@ def test_cuda_eval_vg_generates_in_bf16_and_scores_later_without_a_model(lora_ru
 
 def test_cuda_eval_vipbench_generates_in_bf16(lora_run, tiny_model_dir, tmp_path):
     fixture = tmp_path / "vip"
-    run_module("eval.vipbench_fixture", "--out", str(fixture), "--questions", "4")
+    run_module("data_converters.synthetic_vipbench", "--out", str(fixture), "--questions", "4")
     out = tmp_path / "vip_out"
     proc = subprocess.run(["bash", str(REPO / "scripts" / "eval_vipbench.sh"), "--model", tiny_model_dir, "--data", str(fixture),
                            "--split", "bbox", "--out", str(out), "--max-new-tokens", "16"],

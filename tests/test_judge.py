@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from eval.judge import (JUDGE_PROMPT, RETRY_SUFFIX, ChatCompletionsJudge, GradeCache, JudgeError, JudgeItem,
+from eval.judge import (JUDGE_PROMPT, RETRY_SUFFIX, ChatCompletionsJudge, GradeCache, Judge, JudgeError, JudgeItem,
                         JudgeSettings, build_query, grade, grade_all, parse_score, resolve_api_key)
 
 
@@ -220,3 +220,26 @@ def test_key_comes_from_judge_api_key_before_openai_api_key():
     assert resolve_api_key({"OPENAI_API_KEY": "b", "JUDGE_API_KEY": "a"}) == "a"
     assert resolve_api_key({"OPENAI_API_KEY": "b"}) == "b"
     assert resolve_api_key({}) is None
+
+
+class ScriptedBackend:
+    """A judge backend that is not HTTP: the members of the Judge protocol and nothing else."""
+
+    model = "scripted"
+    concurrency = 1
+
+    def __init__(self, replies):
+        self.replies = list(replies)
+        self.temperatures = []
+
+    def complete(self, content, temperature):
+        self.temperatures.append(temperature)
+        return self.replies.pop(0), "scripted-1"
+
+
+def test_any_class_with_the_judge_members_grades_under_the_official_rule(tmp_path):
+    backend = ScriptedBackend(["no idea", "0.4"])
+    assert isinstance(backend, Judge) and isinstance(ChatCompletionsJudge(JudgeSettings("http://127.0.0.1:9/v1", "m")), Judge)
+    out = grade_all(items(1), backend, GradeCache(tmp_path / "grades.json"))
+    assert out.scores == {"v1_0": {0: 0.4}} and out.judge_model == "scripted-1"
+    assert backend.temperatures == [0.0, 0.0]

@@ -6,7 +6,7 @@ import pytest
 
 from eval import vipbench
 from eval.judge import JudgeSettings
-from eval.vipbench_fixture import build_fixture
+from data_converters.synthetic_vipbench import build_fixture
 from gpt4roi_sft.errors import ConfigError, DataError
 from tests.test_judge import ScriptedJudgeServer
 
@@ -153,6 +153,13 @@ def test_graded_run_scores_caches_and_rerun_asks_the_judge_nothing(data, tmp_pat
     assert SECRET not in "".join(p.read_text() for p in out.iterdir() if p.is_file())
 
 
+def test_a_judge_backend_passed_in_grades_the_run(data, tmp_path):
+    from tests.test_judge import ScriptedBackend
+
+    scores = vipbench.run(config(data, tmp_path), FakeCaptioner(), judge=ScriptedBackend(["1.0"] * 8))
+    assert scores["overall"] == pytest.approx(100.0) and scores["judge"] == "scripted-1" and scores["complete"]
+
+
 def test_judge_flags_must_come_together(tmp_path):
     with pytest.raises(ConfigError, match="go together"):
         vipbench.main(["--data", str(tmp_path), "--split", "bbox", "--out", str(tmp_path / "o"),
@@ -165,7 +172,7 @@ def test_fixture_cli_writes_the_official_layout(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "eval.vipbench_fixture", "--out", str(tmp_path / "f"), "--questions", "4"],
+    proc = subprocess.run([sys.executable, "-m", "data_converters.synthetic_vipbench", "--out", str(tmp_path / "f"), "--questions", "4"],
                           cwd=root, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     for rel in ("vip-bench-meta-data.json", "bbox/questions.jsonl", "human/questions.jsonl", "source_image/v1_0.json"):

@@ -1,29 +1,37 @@
-"""Data pipeline: conversation JSONL -> items -> batches (see docs/architecture.md)."""
+"""Data pipeline: conversation JSONL -> items -> batches (see docs/architecture.md).
 
-from gpt4roi_sft.data.collator import (
-    PackingCollator,
-    PaddingCollator,
-    cu_seqlens_from_position_ids,
-    pack_sequences,
-    packed_sequence_lengths,
-)
-from gpt4roi_sft.data.dataset import ConversationDataset, index_jsonl, panoptic_segment_mask
-from gpt4roi_sft.data.image_transform import ImageTransform, validate_boxes
-from gpt4roi_sft.data.sampler import LengthGroupedSampler, MixtureSampler, normalise_ratios, parse_mixture
+Names are imported on first use, so ``gpt4roi_sft.data.schema`` (which converters and eval loaders use)
+loads without torch.
+"""
 
-__all__ = [
-    "ConversationDataset",
-    "ImageTransform",
-    "LengthGroupedSampler",
-    "MixtureSampler",
-    "PackingCollator",
-    "PaddingCollator",
-    "cu_seqlens_from_position_ids",
-    "index_jsonl",
-    "normalise_ratios",
-    "pack_sequences",
-    "packed_sequence_lengths",
-    "panoptic_segment_mask",
-    "parse_mixture",
-    "validate_boxes",
-]
+import importlib
+
+_SOURCES = {
+    "PackingCollator": "collator",
+    "PaddingCollator": "collator",
+    "cu_seqlens_from_position_ids": "collator",
+    "pack_sequences": "collator",
+    "packed_sequence_lengths": "collator",
+    "ConversationDataset": "dataset",
+    "index_jsonl": "dataset",
+    "panoptic_segment_mask": "dataset",
+    "ImageTransform": "image_transform",
+    "LengthGroupedSampler": "sampler",
+    "MixtureSampler": "sampler",
+    "normalise_ratios": "sampler",
+    "parse_mixture": "sampler",
+    "coco_box_to_xyxy": "schema",
+    "validate_boxes": "schema",
+    "validate_record": "schema",
+    "xywh_to_xyxy": "schema",
+}
+
+__all__ = sorted(_SOURCES)
+
+
+def __getattr__(name: str):
+    if name not in _SOURCES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_SOURCES[name]}"), name)
+    globals()[name] = value
+    return value

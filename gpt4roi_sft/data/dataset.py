@@ -18,8 +18,9 @@ import torch
 from PIL import Image
 
 from gpt4roi_sft.constants import BBOX_TOKEN, IMAGE_TOKEN
-from gpt4roi_sft.conversation import expand_image_tokens, tokenize_conversation, validate_messages
-from gpt4roi_sft.data.image_transform import ImageTransform, validate_boxes
+from gpt4roi_sft.conversation import expand_image_tokens, tokenize_conversation
+from gpt4roi_sft.data.image_transform import ImageTransform
+from gpt4roi_sft.data.schema import validate_record
 from gpt4roi_sft.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -150,41 +151,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         return record
 
     def validate_record(self, record: dict, where: str, check_files: bool = True) -> None:
-        """Check the schema rules (see docs/architecture.md); raise :class:`DataError` naming ``where``."""
-        if "conversations" not in record:
-            raise DataError(f"{where}: missing field 'conversations'")
-        messages = record["conversations"]
-        validate_messages(messages, where=f"{where}: conversations")
-        regions = record.get("regions") or []
-        if not isinstance(regions, list):
-            raise DataError(f"{where}: 'regions' must be a list")
-        n_image = [m["value"].count(IMAGE_TOKEN) for m in messages]
-        image = record.get("image")
-        if image:
-            if sum(n_image) != 1 or n_image[0] != 1:
-                raise DataError(
-                    f"{where}: {IMAGE_TOKEN} must appear exactly once, in the first human turn "
-                    f"(found {sum(n_image)} time(s), {n_image[0]} in the first turn)"
-                )
-            for key in ("width", "height"):
-                if not isinstance(record.get(key), (int, float)) or record[key] <= 0:
-                    raise DataError(f"{where}: field '{key}' must be a positive number (got {record.get(key)!r})")
-            if check_files and not os.path.isfile(os.path.join(self.image_root, image)):
-                raise DataError(f"{where}: image file not found: {os.path.join(self.image_root, image)}")
-        elif sum(n_image):
-            raise DataError(f"{where}: the text has {IMAGE_TOKEN} but the record has no 'image'")
-        n_bbox = sum(m["value"].count(BBOX_TOKEN) for m in messages)
-        if n_bbox != len(regions):
-            raise DataError(f"{where}: the text has {n_bbox} {BBOX_TOKEN} token(s) but the record has {len(regions)} region(s)")
-        if regions and not image:
-            raise DataError(f"{where}: regions need an image, but the record has no 'image'")
-        for k, region in enumerate(regions):
-            if not isinstance(region, dict) or "bbox" not in region:
-                raise DataError(f"{where}: region {k} has no 'bbox'")
-            if self.load_masks and ("mask" not in region or "segment_id" not in region):
-                raise DataError(f"{where}: region {k} needs 'mask' and 'segment_id' when masks are loaded")
-        if regions:
-            validate_boxes([r["bbox"] for r in regions], record["width"], record["height"], where=where, clip=True)
+        """Check the record schema (:func:`gpt4roi_sft.data.schema.validate_record`); raise :class:`DataError` naming ``where``."""
+        validate_record(record, where, image_root=self.image_root if check_files else None, require_masks=self.load_masks)
 
     def _expand_image(self, ids: List[int], labels: List[int]):
         return expand_image_tokens(ids, labels, self.image_token_id, self.num_image_tokens,
@@ -222,9 +190,10 @@ class ConversationDataset(torch.utils.data.Dataset):
             except OSError as exc:
                 raise DataError(f"{where}: cannot read image {image_path} ({exc})") from None
             width, height = image.size
-            # Boxes are in the record's pixel frame; follow the file if it was resized since.
-            sx, sy = width / float(record["width"]), height / float(record["height"])
-            boxes = np.asarray([r["bbox"] for r in regions], dtype=np.float64).reshape(-1, 4) * [sx, sy, sx, sy]
+            boxes = np.zeros((0, 4))
+            if regions:  # boxes are in the record's pixel frame; follow the file if it was resized since
+                sx, sy = width / float(record["width"]), height / float(record["height"])
+                boxes = np.asarray([r["bbox"] for r in regions], dtype=np.float64).reshape(-1, 4) * [sx, sy, sx, sy]
             masks = None
             if self.load_masks:
                 masks = [self._region_mask(r, where, (height, width)) for r in regions]

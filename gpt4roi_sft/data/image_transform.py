@@ -7,7 +7,6 @@ this module as xyxy fractions of the square the tower sees, which is what the re
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -16,39 +15,10 @@ import torch
 from PIL import Image
 
 from gpt4roi_sft.constants import CLIP_MEAN, CLIP_STD
+from gpt4roi_sft.data.schema import validate_boxes
 from gpt4roi_sft.errors import BoxError
 
 RESIZE_MODES = ("squash", "pad")
-
-
-def validate_boxes(boxes, width: int, height: int, where: str = "", clip: bool = False) -> np.ndarray:
-    """Check pixel xyxy boxes against a ``width`` x ``height`` image and return them as float32 (N, 4).
-
-    A box with a non-finite coordinate, with x2 <= x1 or y2 <= y1, or lying entirely outside the image is
-    an error naming ``where`` (e.g. ``"train.jsonl line 7 region 2"``). A box crossing the border is an
-    error too unless ``clip`` is true, in which case it is clipped to the image (and must keep a positive
-    area after clipping).
-    """
-    prefix = f"{where}: " if where else ""
-    arr = np.asarray(boxes, dtype=np.float64)
-    if arr.size == 0:
-        return np.zeros((0, 4), dtype=np.float32)
-    if arr.ndim != 2 or arr.shape[1] != 4:
-        raise BoxError(f"{prefix}boxes must be a list of [x1, y1, x2, y2], got shape {tuple(arr.shape)}")
-    out = arr.copy()
-    for i, (x1, y1, x2, y2) in enumerate(arr):
-        tag = f"{prefix}box {i} {[float(v) for v in (x1, y1, x2, y2)]}"
-        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
-            raise BoxError(f"{tag} has a non-finite coordinate")
-        if x2 <= x1 or y2 <= y1:
-            raise BoxError(f"{tag} is empty (needs x2 > x1 and y2 > y1)")
-        if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
-            raise BoxError(f"{tag} lies entirely outside the {width}x{height} image")
-        if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
-            if not clip:
-                raise BoxError(f"{tag} crosses the border of the {width}x{height} image (pass clip=True to clip it)")
-            out[i] = [max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height))]
-    return out.astype(np.float32)
 
 
 @dataclass

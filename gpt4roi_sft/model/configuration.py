@@ -4,7 +4,7 @@ The defaults describe GPT4RoI-7B: CLIP ViT-L/14 at 224 px, image tokens from the
 (no CLS) through a linear projector, region features from the outputs of ViT blocks 14, 17, 20 and 23
 (``hidden_states`` indices; index 0 is the patch embedding), RoIAlign 14x14, five rounds of cross-level
 mixing. Tiny test models shrink every size but must keep a *shallow* region level: features of deep
-layers of a random ViT do not tell regions apart (see DESIGN.md's calibration notes).
+layers of a random ViT do not tell regions apart (see "The tiny model" in docs/architecture.md).
 """
 
 from __future__ import annotations

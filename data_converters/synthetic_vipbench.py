@@ -7,7 +7,7 @@ rectangles around the referred shapes, the ``human`` split ellipses, and the spl
 words as the real benchmark does. Images come from the synthetic Pix2Cap generator's val split when
 ``--synthetic DIR`` is given, else are drawn here.
 
-    python -m eval.vipbench_fixture --out DIR [--synthetic DIR] [--questions N] [--seed S]
+    python -m data_converters.synthetic_vipbench --out DIR [--synthetic DIR] [--questions N] [--seed S]
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ from typing import List, Optional, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from data_converters.synthetic import COLOURS, KINDS
 from gpt4roi_sft.atomic import write_json_atomic, write_text_atomic
+from gpt4roi_sft.data.schema import xywh_to_xyxy
 from gpt4roi_sft.errors import DataError, run_cli
 
 logger = logging.getLogger(__name__)
 
-PALETTE = {"red": (220, 35, 35), "blue": (35, 65, 230), "yellow": (245, 225, 40), "purple": (150, 45, 190)}
-KINDS = ("circle", "square", "triangle")
+PALETTE = {name: COLOURS[name] for name in ("red", "blue", "yellow", "purple")}
 MARK_COLOURS = (("red", (255, 0, 0)), ("green", (0, 200, 0)))
 SIDES = {"square": "4<OR>four", "triangle": "3<OR>three", "circle": "0<OR>none<OR>no sides"}
 
@@ -71,8 +72,7 @@ def _synthetic_scenes(synthetic: Path, count: int) -> List[Tuple[Image.Image, Li
             continue
         img = Image.open(synthetic / "val2017" / files[ann["image_id"]]).convert("RGB")
         shapes = [(s["attributes"]["colour"], s["attributes"]["kind"],
-                   [float(s["bbox"][0]), float(s["bbox"][1]), float(s["bbox"][0] + s["bbox"][2]),
-                    float(s["bbox"][1] + s["bbox"][3])]) for s in things[:2]]
+                   xywh_to_xyxy(s["bbox"], f"{ann_path}: segment {s.get('id')}")) for s in things[:2]]
         scenes.append((img, shapes))
         if len(scenes) == count:
             break
@@ -146,7 +146,7 @@ def build_fixture(out: Path, num_questions: int = 8, seed: int = 0, synthetic: O
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.vipbench_fixture", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m data_converters.synthetic_vipbench", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--synthetic", type=Path, help="output folder of python -m data_converters.synthetic")
     p.add_argument("--questions", type=int, default=8)

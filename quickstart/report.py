@@ -1,6 +1,6 @@
 """The quickstart's before/after report: ``report.json``, ``report.md`` and a captioned held-out image.
 
-``python -m eval.quickstart_report --before DIR --after DIR --train-dir DIR --annotations FILE
+``python -m quickstart.report --before DIR --after DIR --train-dir DIR --annotations FILE
 --image-root DIR --out DIR`` reads two finished ``eval.vg`` runs (the untrained and the trained model on the
 same held-out test file) and the training run, and writes the comparison a new user reads first.
 """
@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Dict, List
 
+from eval.vg import load_vg_test
 from gpt4roi_sft.atomic import write_json_atomic, write_text_atomic
 from gpt4roi_sft.errors import DataError
 
@@ -108,19 +109,14 @@ def draw_captions(image_path: Path, boxes: List[List[float]], captions: List[str
 
 def captioned_example(annotations: Path, image_root: Path, predictions: Dict[int, str], out_path: Path) -> None:
     """Draw the first held-out image with all of its test regions and their predicted captions."""
-    data = json.loads(annotations.read_text(encoding="utf-8"))
-    anns = {a["id"]: a for a in data["annotations"]}
-    first = data["images"][0]["file_name"]
-    samples = [img for img in data["images"] if img["file_name"] == first and img["id"] in predictions]
-    boxes = []
-    for img in samples:
-        x, y, w, h = anns[img["id"]]["bbox"]
-        boxes.append([x, y, x + w, y + h])
-    draw_captions(image_root / first, boxes, [predictions[img["id"]] for img in samples], out_path)
+    samples, _ = load_vg_test(annotations, image_root)
+    first = samples[0].image_path
+    shown = [s for s in samples if s.image_path == first and s.sample_id in predictions]
+    draw_captions(first, [s.box for s in shown], [predictions[s.sample_id] for s in shown], out_path)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.quickstart_report", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m quickstart.report", description=__doc__.split("\n\n")[0])
     p.add_argument("--before", type=Path, required=True, help="eval.vg output dir of the untrained model")
     p.add_argument("--after", type=Path, required=True, help="eval.vg output dir of the trained model")
     p.add_argument("--train-dir", type=Path, required=True, help="training output dir (train_log.jsonl, loss.png)")

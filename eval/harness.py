@@ -1,0 +1,202 @@
+"""What every evaluation harness shares: model and decoding options, sharding, and resumable generation.
+
+A harness (``eval.vg``, ``eval.vipbench``, ...) owns what is particular to its benchmark: a loader that
+validates the whole input before anything is generated, the :class:`~gpt4roi_sft.infer.RegionRequest` of
+each item, the payload stored per answer, and the scoring. Everything around generation lives here:
+
+- :class:`HarnessConfig`: the fields every harness config has (subclass it, ``kw_only``);
+- :func:`add_model_args`, :func:`add_shard_args`, :func:`config_kwargs`, :func:`setup_run`: the command-line
+  options behind those fields, and turning parsed options into them;
+- :func:`captioner_for` / :func:`captioner_from_args`: the model the options name, loaded on first use only;
+- :func:`shard`, :func:`open_store`, :func:`merge_shards`, :func:`require_complete`: one resumable
+  :class:`~eval.prediction_store.PredictionStore` per shard (``OUT/<name>`` for one process,
+  ``OUT/shards/<stem>.shard-III-of-KKK<suffixes>`` for several) and their merge;
+- :func:`generate_missing`: answer what a store lacks, batch by batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, TypeVar
+
+from eval.prediction_store import PredictionStore
+from gpt4roi_sft.errors import ConfigError, DataError
+from gpt4roi_sft.infer import GPT4ROI_TEMPERATURE, Captioner, DecodeSettings, RegionRequest
+
+logger = logging.getLogger(__name__)
+
+Item = TypeVar("Item")
+
+
+@dataclass(kw_only=True)
+class HarnessConfig:
+    """The fields every harness config has: where results go, which model generates them and how."""
+
+    out: Path
+    model: Optional[Path] = None
+    adapter: Optional[Path] = None
+    template: str = "gpt4roi_v0"
+    batch_size: int = 8
+    decode: DecodeSettings = field(default_factory=DecodeSettings)
+    shard_id: int = 0
+    num_shards: int = 1
+
+
+# ---------------------------------------------------------------------------------------- command line
+def add_model_args(parser: argparse.ArgumentParser, *, batch_size: int = 8, max_new_tokens: int = 128) -> None:
+    """``--model --adapter --template --batch-size --max-new-tokens --do-sample --temperature --strip-prefix --seed``."""
+    parser.add_argument("--model", type=Path, help="model directory (gpt4roi_sft.load_model)")
+    parser.add_argument("--adapter", type=Path, help="LoRA adapter directory applied with peft")
+    parser.add_argument("--template", default="gpt4roi_v0")
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--do-sample", action="store_true", help="sample (GPT4RoI: temperature 0.2) instead of greedy")
+    parser.add_argument("--temperature", type=float, default=GPT4ROI_TEMPERATURE)
+    parser.add_argument("--strip-prefix", action="store_true", help="keep the text after the first ': ' (GPT4RoI's eval)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of sampling (with --do-sample)")
+
+
+def add_shard_args(parser: argparse.ArgumentParser) -> None:
+    """``--shard-id I --num-shards K`` (each process answers every K-th item) and ``--merge``."""
+    parser.add_argument("--shard-id", type=int, default=0)
+    parser.add_argument("--num-shards", type=int, default=1)
+    parser.add_argument("--merge", action="store_true", help="join the shards' predictions and score them")
+
+
+def merge_word_to_flag(argv: Sequence[str]) -> List[str]:
+    """``merge --out ...`` (the merge step written as a sub-command) -> ``--out ... --merge``."""
+    argv = list(argv)
+    return argv[1:] + ["--merge"] if argv[:1] == ["merge"] else argv
+
+
+def decode_settings_from_args(args: argparse.Namespace) -> DecodeSettings:
+    return DecodeSettings(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                          temperature=args.temperature, strip_prefix=args.strip_prefix)
+
+
+def config_kwargs(args: argparse.Namespace) -> dict:
+    """The :class:`HarnessConfig` fields from options added by :func:`add_model_args` (and :func:`add_shard_args`)."""
+    kwargs = dict(out=args.out, model=args.model, adapter=args.adapter, template=args.template,
+                  batch_size=args.batch_size, decode=decode_settings_from_args(args))
+    if hasattr(args, "shard_id"):
+        kwargs.update(shard_id=args.shard_id, num_shards=args.num_shards)
+    return kwargs
+
+
+def setup_run(args: argparse.Namespace) -> None:
+    """What every harness main does after parsing: logging, option checks, the sampling seed."""
+    from gpt4roi_sft.console import setup_cli_logging
+
+    setup_cli_logging()
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        raise ConfigError("--batch-size and --max-new-tokens must be at least 1")
+    if hasattr(args, "shard_id"):
+        check_shard(args.shard_id, args.num_shards)
+    if args.do_sample:
+        import torch
+
+        torch.manual_seed(args.seed)
+
+
+# ------------------------------------------------------------------------------------------- the model
+class LazyCaptioner:
+    """The captioner of ``config.model`` (+ ``config.adapter``), loaded on the first call.
+
+    A finished (or merging) run never pays for loading the model; without ``--model`` the first call
+    is a :class:`ConfigError`.
+    """
+
+    def __init__(self, config: HarnessConfig):
+        self.config = config
+        self._captioner: Optional[Captioner] = None
+
+    def __call__(self, requests: Sequence[RegionRequest]) -> List[str]:
+        if self._captioner is None:
+            c = self.config
+            if c.model is None:
+                raise ConfigError("--model is required to generate predictions")
+            from gpt4roi_sft.infer import load_captioner
+
+            self._captioner = load_captioner(str(c.model), c.template, c.decode,
+                                             adapter_dir=str(c.adapter) if c.adapter else None)
+        return self._captioner(requests)
+
+
+def captioner_for(config: HarnessConfig) -> Captioner:
+    return LazyCaptioner(config)
+
+
+def captioner_from_args(args: argparse.Namespace) -> Captioner:
+    """The captioner named by :func:`add_model_args` options (loaded on first use)."""
+    return LazyCaptioner(HarnessConfig(**config_kwargs(args)))
+
+
+# -------------------------------------------------------------------------------------- shards, stores
+def check_shard(shard_id: int, num_shards: int) -> None:
+    if num_shards < 1 or not 0 <= shard_id < num_shards:
+        raise ConfigError(f"--shard-id {shard_id} --num-shards {num_shards}: need 0 <= shard-id < num-shards")
+
+
+def shard(items: Sequence[Item], shard_id: int, num_shards: int) -> List[Item]:
+    """Items of shard ``shard_id`` of ``num_shards``: every ``num_shards``-th, by index."""
+    check_shard(shard_id, num_shards)
+    return list(items[shard_id::num_shards])
+
+
+def store_path(out: Path, name: str, shard_id: int = 0, num_shards: int = 1) -> Path:
+    """``out/name`` for one process; ``out/shards/<stem>.shard-III-of-KKK<suffixes>`` for shard III of KKK."""
+    if num_shards == 1:
+        return Path(out) / name
+    stem, dot, rest = name.partition(".")
+    return Path(out) / "shards" / f"{stem}.shard-{shard_id:03d}-of-{num_shards:03d}{dot}{rest}"
+
+
+def open_store(config: HarnessConfig, name: str, metadata: Optional[dict] = None) -> PredictionStore:
+    """The resumable store of this config's shard."""
+    return PredictionStore(store_path(config.out, name, config.shard_id, config.num_shards), metadata)
+
+
+def merge_shards(out: Path, name: str, num_shards: int) -> Dict[str, dict]:
+    """Join the stores of all ``num_shards`` shards (first record of an id wins)."""
+    records: Dict[str, dict] = {}
+    for i in range(num_shards):
+        path = store_path(out, name, i, num_shards)
+        if not path.exists():
+            raise DataError(f"{path}: shard {i} of {num_shards} has written nothing; run it before merging")
+        for key, rec in PredictionStore(path).records.items():
+            records.setdefault(key, rec)
+    return records
+
+
+def require_complete(keys: Iterable[str], records: Dict[str, dict], out: Path) -> None:
+    """A :class:`DataError` naming how many of ``keys`` have no record yet (a shard not run or not finished)."""
+    missing = [k for k in keys if str(k) not in records]
+    if missing:
+        raise DataError(f"{out}: {len(missing)} sample(s) have no prediction yet (e.g. {missing[:5]}); "
+                        f"run the missing shards first")
+
+
+# ------------------------------------------------------------------------------------------ generation
+def generate_missing(items: Sequence[Item], store: PredictionStore, captioner: Captioner, *,
+                     key: Callable[[Item], str], request: Callable[[Item], RegionRequest],
+                     payload: Callable[[Item, RegionRequest, str], dict], batch_size: int, desc: str) -> int:
+    """Answer every item whose ``key`` is not in ``store``, ``batch_size`` at a time; return how many were answered.
+
+    Each batch is stored (and fsynced) before the next starts, so a killed run loses at most one batch.
+    """
+    from tqdm import tqdm
+
+    todo = [it for it in items if key(it) not in store]
+    if todo and len(todo) < len(items):
+        logger.info("resuming: %d of %d items already done", len(items) - len(todo), len(items))
+    for start in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch", disable=not todo):
+        batch = todo[start:start + batch_size]
+        requests = [request(it) for it in batch]
+        answers = captioner(requests)
+        if len(answers) != len(batch):
+            raise RuntimeError(f"captioner returned {len(answers)} answers for {len(batch)} requests")
+        store.append((key(it), payload(it, r, a)) for it, r, a in zip(batch, requests, answers))
+    return len(todo)

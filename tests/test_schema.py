@@ -1,0 +1,70 @@
+"""gpt4roi_sft.data.schema: the box convention and the record rules that converters, dataset and eval share."""
+
+import pytest
+
+from data_converters.common import write_jsonl
+from gpt4roi_sft.data.schema import check_box, coco_box_to_xyxy, validate_boxes, validate_record, xywh_to_xyxy
+from gpt4roi_sft.errors import BoxError, DataError
+
+
+def record(**changes):
+    rec = {"id": "r/0", "image": "a.jpg", "width": 64, "height": 48,
+           "regions": [{"bbox": [2.0, 3.0, 22.0, 13.0]}],
+           "conversations": [{"from": "human", "value": "<image>\nWhat is region1 <bbox>?"},
+                             {"from": "gpt", "value": "a red square"}]}
+    rec.update(changes)
+    return rec
+
+
+def test_xywh_becomes_xyxy_without_clipping():
+    assert xywh_to_xyxy([60, 3, 20, 10]) == [60.0, 3.0, 80.0, 13.0]
+
+
+@pytest.mark.parametrize("bbox, match", [([1, 2, 3], "is not \\[x, y, w, h\\]"), (["1", 2, 3, 4], "is not"),
+                                         ([1, 2, float("nan"), 4], "non-finite"), ([1, 2, 0, 4], "no area")])
+def test_malformed_xywh_is_a_box_error_naming_where(bbox, match):
+    with pytest.raises(BoxError, match=f"^train.json: image 7 segment 3: bbox .*{match}"):
+        xywh_to_xyxy(bbox, "train.json: image 7 segment 3")
+
+
+def test_coco_box_is_clipped_to_the_image():
+    assert coco_box_to_xyxy([-4, 40, 20, 20], 64, 48, "f") == [0.0, 40.0, 16.0, 48.0]
+
+
+def test_coco_box_outside_the_image_names_where_and_the_box_as_given():
+    with pytest.raises(BoxError, match=r"^f: image 8 annotation 5: bbox \[200, 1, 5, 5\] lies entirely outside the 100x100"):
+        coco_box_to_xyxy([200, 1, 5, 5], 100, 100, "f: image 8 annotation 5")
+
+
+def test_border_crossing_xyxy_box_is_an_error_unless_clipped():
+    with pytest.raises(BoxError, match="crosses the border"):
+        check_box([-1, 0, 10, 10], 20, 20, "box")
+    assert validate_boxes([[-1, 0, 10, 30]], 20, 20, clip=True).tolist() == [[0, 0, 10, 20]]
+
+
+def test_valid_record_passes():
+    validate_record(record(), "d.jsonl line 1")
+
+
+def test_record_with_image_and_no_regions_may_leave_its_size_null():
+    rec = record(regions=[], width=None, height=None)
+    rec["conversations"][0]["value"] = "<image>\nWhat is here?"
+    validate_record(rec, "d.jsonl line 1")
+
+
+def test_record_with_regions_needs_its_size():
+    with pytest.raises(DataError, match="line 1: field 'width' must be a positive number"):
+        validate_record(record(width=None), "d.jsonl line 1")
+
+
+def test_record_checks_the_image_file_only_when_given_a_root(tmp_path):
+    validate_record(record(), "d.jsonl line 1")
+    with pytest.raises(DataError, match="image file not found"):
+        validate_record(record(), "d.jsonl line 1", image_root=str(tmp_path))
+
+
+def test_converter_writer_refuses_a_record_that_breaks_the_schema_and_writes_nothing(tmp_path):
+    bad = record(id="vg/7/d0", regions=[])
+    with pytest.raises(DataError, match=r"out.jsonl: record 2 \(vg/7/d0\): the text has 1 <bbox> token\(s\) but the record has 0"):
+        write_jsonl(tmp_path / "out.jsonl", [record(), bad])
+    assert not (tmp_path / "out.jsonl").exists()
