@@ -35,6 +35,22 @@ def ptb_tokenize(captions: Mapping[object, List[str]]) -> Dict[object, List[str]
     return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
 
 
+def scoring_unavailable_reason() -> Optional[str]:
+    """Why BLEU/METEOR/ROUGE-L/CIDEr cannot run on this machine (``None`` when they can).
+
+    pycocoevalcap's PTB tokenizer and METEOR are Java programs: both the package and ``java`` are needed. A GPU
+    machine often has neither; predictions made there are scored later anywhere with ``--score-only``.
+    """
+    import importlib.util
+
+    missing = []
+    if importlib.util.find_spec("pycocoevalcap") is None:
+        missing.append("pycocoevalcap (pip install pycocoevalcap==1.2)")
+    if shutil.which("java") is None:
+        missing.append("java on PATH (e.g. apt-get install default-jre-headless)")
+    return "scoring needs " + " and ".join(missing) if missing else None
+
+
 def spice_unavailable_reason(spice_jars: Optional[os.PathLike | str]) -> Optional[str]:
     """Why SPICE cannot run with ``spice_jars`` (``None`` when it can)."""
     if not spice_jars:

@@ -64,6 +64,8 @@ def add_shard_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-id", type=int, default=0)
     parser.add_argument("--num-shards", type=int, default=1)
     parser.add_argument("--merge", action="store_true", help="join the shards' predictions and score them")
+    parser.add_argument("--score-only", action="store_true",
+                        help="score the predictions already in --out (all --num-shards shards); needs no model or GPU")
 
 
 def merge_word_to_flag(argv: Sequence[str]) -> List[str]:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from eval import harness
-from eval.caption_metrics import format_metrics_table, score_captions
+from eval.caption_metrics import format_metrics_table, score_captions, scoring_unavailable_reason
 from eval.harness import HarnessConfig
 from eval.prediction_store import PredictionStore
 from gpt4roi_sft.atomic import write_json_atomic, write_text_atomic
@@ -189,6 +189,15 @@ def finalize(samples: Sequence[VGSample], records: Dict[str, dict], out: Path, s
     harness.require_complete([str(s.sample_id) for s in samples], records, out)
     predictions = {s.sample_id: records[str(s.sample_id)]["caption"] for s in samples}
     write_json_atomic(out / "predictions.json", [{"image_id": k, "caption": v} for k, v in predictions.items()])
+    unscorable = scoring_unavailable_reason()
+    if unscorable:
+        # Scores of an earlier run must not sit beside predictions they were not computed from.
+        for stale in ("metrics.json", "metrics.txt"):
+            (out / stale).unlink(missing_ok=True)
+        summary = {"metrics": None, "scoring_note": unscorable, "num_samples": len(samples),
+                   "num_skipped": len(skipped), "skipped": list(skipped)}
+        write_json_atomic(out / "summary.json", summary)
+        return summary
     metrics, spice_note = score_captions({s.sample_id: [s.caption] for s in samples}, predictions, spice_jars)
     write_json_atomic(out / "metrics.json", metrics)
     attrs = attribute_accuracy(samples, predictions)
@@ -245,17 +254,21 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(harness.merge_word_to_flag(sys.argv[1:] if argv is None else argv))
     harness.setup_run(args)
-    if args.image_root is None and not args.merge:
+    if args.image_root is None and not (args.merge or args.score_only):
         raise ConfigError("--image-root is required to generate predictions")
     config = VGEvalConfig(**harness.config_kwargs(args), annotations=args.annotations, image_root=args.image_root,
                           prompt=args.prompt, spice_jars=args.spice_jars, skip_bad=args.skip_bad)
-    if args.merge:
+    if args.merge or args.score_only:  # the predictions already in --out; no model, no GPU
         samples, skipped = load_vg_test(config.annotations, config.image_root, config.skip_bad)
         summary = finalize(samples, merge_shards(Path(config.out), config.num_shards), Path(config.out),
                            config.spice_jars, skipped)
     else:
         summary = evaluate(config)
-    if summary is not None:
+    if summary is not None and summary["metrics"] is None:
+        print(f"predictions written to {Path(config.out) / 'predictions.json'}; {summary['scoring_note']}. Score them on "
+              f"any machine that has both: python -m eval.vg --score-only --annotations {config.annotations} --out {config.out}"
+              + (f" --num-shards {config.num_shards}" if config.num_shards > 1 else ""))
+    elif summary is not None:
         print((Path(config.out) / "metrics.txt").read_text(), end="")
     else:
         print(f"shard {config.shard_id} of {config.num_shards} done; merge with: python -m eval.vg merge "

@@ -242,3 +242,35 @@ def test_tiny_model_end_to_end_and_interrupted_rerun_gives_the_same_predictions(
     assert json.loads((out / "predictions.json").read_text()) == full
     ids = [json.loads(l)["id"] for l in partial.read_text().splitlines()]
     assert len(ids) == len(set(ids)) == len(full)
+
+
+def test_without_java_predictions_are_written_and_score_only_scores_them_later_without_a_model(tmp_path, monkeypatch, capsys):
+    from eval import caption_metrics
+
+    ann, images = write_test_file(tmp_path)
+    out = tmp_path / "out"
+    real_which = caption_metrics.shutil.which
+    monkeypatch.setattr(caption_metrics.shutil, "which", lambda name: None if name == "java" else real_which(name))
+    summary = vg.evaluate(config(tmp_path, ann, images), RecordingCaptioner())
+    assert summary["metrics"] is None and "java" in summary["scoring_note"]
+    assert len(json.loads((out / "predictions.json").read_text())) == 6
+    assert not (out / "metrics.json").exists()
+    monkeypatch.undo()
+    # Any machine with Java: no --model, no --image-root.
+    assert vg.main(["--score-only", "--annotations", str(ann), "--out", str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["CIDEr"] is not None
+    assert "CIDEr" in capsys.readouterr().out
+
+
+def test_without_java_the_cli_says_in_one_line_how_to_score_later(tmp_path, monkeypatch, capsys):
+    from eval import caption_metrics
+
+    ann, images = write_test_file(tmp_path)
+    out = tmp_path / "out"
+    vg.evaluate(config(tmp_path, ann, images), RecordingCaptioner())  # predictions stored and scored
+    capsys.readouterr()
+    monkeypatch.setattr(caption_metrics.shutil, "which", lambda name: None)
+    assert vg.main(["--annotations", str(ann), "--image-root", str(images), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and "--score-only" in printed[0] and "java" in printed[0], printed
+    assert not (out / "metrics.json").exists(), "scores of earlier predictions must not be left beside new ones"
