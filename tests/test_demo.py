@@ -336,3 +336,145 @@ def test_browser_click_a_box_ask_twice_and_reset(server, browser, tmp_path):
     severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert severe == [], severe
     assert outside_requests(browser, server["url"]) == []
+
+
+def box_coords(driver) -> list:
+    return driver.execute_script("return [...document.querySelectorAll('#stage .box')].map("
+                                 "b => [b.dataset.region, b.offsetLeft, b.offsetTop, b.offsetWidth, b.offsetHeight])")
+
+
+def test_browser_move_resize_and_delete_boxes(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    browser.get(server["url"] + "/")
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#examples option[value='0']"), what="/api/info")
+    Select(browser.find_element(By.ID, "examples")).select_by_value("0")
+    wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#stage .box")) == 3, what="the example's boxes")
+    before = box_coords(browser)
+
+    box = browser.find_element(By.CSS_SELECTOR, "#stage .box[data-region='1']")
+    drag(browser, box, (20, 20), (60, 35))  # move
+    moved = box_coords(browser)[0]
+    assert moved[1] > before[0][1] and moved[2] > before[0][2] and moved[3:] == before[0][3:]
+
+    handle = browser.find_element(By.CSS_SELECTOR, "#stage .box[data-region='3'] .resize")
+    drag(browser, handle, (5, 5), (-35, -25))  # shrink by its corner
+    resized = box_coords(browser)[2]
+    assert resized[1:3] == before[2][1:3] and resized[3] < before[2][3] and resized[4] < before[2][4]
+    region3 = browser.find_element(By.CSS_SELECTOR, "#regions li[data-region='3'] .caption").text
+    assert region3.startswith("[219, 31, ")
+
+    browser.find_element(By.CSS_SELECTOR, "#stage .box[data-region='2'] .delete").click()
+    labels = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#stage .box .label")]
+    assert labels == ["region1", "region2"]  # renumbered
+    assert browser.find_element(By.CSS_SELECTOR, "#regions li[data-region='2'] .caption").text == region3
+
+    drag(browser, browser.find_element(By.ID, "picture"), (150, 10), (190, 60))  # redraw
+    assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#stage .box .label")] == ["region1", "region2",
+                                                                                              "region3"]
+
+
+# ---------- pieces of the server without a model ----------
+
+def test_generation_queue_runs_jobs_one_at_a_time_in_arrival_order():
+    import threading
+
+    from gpt4roi_sft.demo.server import GenerationQueue
+
+    running, order, overlap = [], [], []
+    release = threading.Event()
+
+    def work(tag):
+        def run(captioner, job):
+            overlap.append(len(running))
+            running.append(tag)
+            if tag == 0:
+                release.wait(10)
+            order.append(tag)
+            running.remove(tag)
+            job.emit(done=True)
+        return run
+
+    q = GenerationQueue(captioner=None, max_waiting=8)
+    jobs = [q.submit(work(i)) for i in range(4)]
+    assert [j.ahead for j in jobs] == [0, 1, 2, 3]
+    release.set()
+    for job in jobs:
+        while "done" not in job.events.get(timeout=10):
+            pass
+    assert order == [0, 1, 2, 3] and overlap == [0, 0, 0, 0]
+
+
+def test_generation_queue_refuses_work_beyond_its_limit():
+    import threading
+
+    from gpt4roi_sft.demo.server import BusyError, GenerationQueue
+
+    release = threading.Event()
+    q = GenerationQueue(captioner=None, max_waiting=2)
+    q.submit(lambda captioner, job: release.wait(10))
+    q.submit(lambda captioner, job: None)
+    with pytest.raises(BusyError, match="busy"):
+        q.submit(lambda captioner, job: None)
+    release.set()
+
+
+def test_a_failing_job_reports_one_line_and_the_queue_goes_on():
+    from gpt4roi_sft.demo.server import GenerationQueue
+
+    def broken(captioner, job):
+        raise RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")
+
+    q = GenerationQueue(captioner=None)
+    failed = q.submit(broken)
+    fine = q.submit(lambda captioner, job: job.emit(done=True))
+    events = [failed.events.get(timeout=10), failed.events.get(timeout=10)]
+    assert events == [{"started": True}, {"error": "generation failed: RuntimeError: CUDA out of memory."}]
+    assert fine.events.get(timeout=10) == {"started": True} and fine.events.get(timeout=10) == {"done": True}
+
+
+def test_image_decoding_applies_the_exif_orientation_the_browser_shows():
+    from gpt4roi_sft.demo.server import decode_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 20), (200, 30, 30)).save(buf, format="JPEG", exif=exif)
+    image = decode_image(base64.b64encode(buf.getvalue()).decode(), max_pixels=10**6)
+    assert image.size == (20, 40) and image.mode == "RGB"
+
+
+def test_image_decoding_refuses_images_over_the_pixel_limit():
+    from gpt4roi_sft.demo.server import decode_image
+    from gpt4roi_sft.errors import DataError
+
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 200)).save(buf, format="PNG")
+    with pytest.raises(DataError, match="image: 300x200 is larger than this server accepts"):
+        decode_image(base64.b64encode(buf.getvalue()).decode(), max_pixels=50_000)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_server_streams_chat_and_describes_on_cuda_in_bfloat16(tiny_model_dir):
+    import threading
+
+    import torch
+
+    from gpt4roi_sft.demo.server import make_server
+    from gpt4roi_sft.infer import load_captioner
+
+    captioner = load_captioner(tiny_model_dir, device="cuda", torch_dtype=torch.bfloat16)
+    srv = make_server(captioner, port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        local = {"port": srv.server_address[1]}
+        status, text = post(local, "/api/chat", chat_body([user("What is <region1>?")], stream=True))
+        events = sse_events(text)
+        assert status == 200 and events[-1]["done"] and "".join(e.get("delta", "") for e in events) == events[-1]["answer"]
+        status, payload = post(local, "/api/describe", {"image": b64(), "boxes": [BOX, [105, 53, 160, 108]]})
+        assert status == 200 and len(payload["captions"]) == 2
+    finally:
+        srv.shutdown()
+        srv.server_close()
