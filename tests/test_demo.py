@@ -285,7 +285,7 @@ def synthetic_photo(path: Path) -> Path:
     return path
 
 
-def test_browser_draw_a_box_and_describe_it(server, browser, tmp_path):
+def test_browser_draw_a_box_and_describe_it(browser, server, tmp_path):
     from selenium.webdriver.common.by import By
 
     browser.get(server["url"] + "/")
@@ -303,7 +303,7 @@ def test_browser_draw_a_box_and_describe_it(server, browser, tmp_path):
     assert outside_requests(browser, server["url"]) == []
 
 
-def test_browser_click_a_box_ask_twice_and_reset(server, browser, tmp_path):
+def test_browser_click_a_box_ask_twice_and_reset(browser, server, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
@@ -343,7 +343,7 @@ def box_coords(driver) -> list:
                                  "b => [b.dataset.region, b.offsetLeft, b.offsetTop, b.offsetWidth, b.offsetHeight])")
 
 
-def test_browser_move_resize_and_delete_boxes(server, browser):
+def test_browser_move_resize_and_delete_boxes(browser, server):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
