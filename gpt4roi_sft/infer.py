@@ -8,16 +8,25 @@ GPT4RoI's ``"...: "`` answer prefix.
 
 Harnesses depend only on the callable shape ``captioner(requests) -> list[str]``, so they can be tested
 with a fake captioner and no model.
+
+Chat: a request's ``history`` holds the earlier turns, so one request renders a whole multi-turn
+conversation; :func:`chat_request` builds such a request from chat messages that name boxes as
+``<region1>``, ``<region2>``, ... (the region-chat server's syntax). :meth:`RegionCaptioner.stream` yields
+one request's answer piece by piece as it decodes (``transformers``' ``TextIteratorStreamer``).
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 from PIL import Image
+
+from gpt4roi_sft.constants import GPT4ROI_PREAMBLE
 
 logger = logging.getLogger(__name__)
 
@@ -31,13 +40,16 @@ GPT4ROI_TEMPERATURE = 0.2
 class RegionRequest:
     """One generation request.
 
-    image: a path or an RGB PIL image; prompt: the human turn (``<image>`` once, one ``<bbox>`` per box);
-    boxes: list of [x1, y1, x2, y2] in pixels of ``image`` (may be empty).
+    image: a path or an RGB PIL image; prompt: the human turn to answer; boxes: list of [x1, y1, x2, y2] in
+    pixels of ``image`` (may be empty); history: the earlier turns of a chat, ``{"from": "human"|"gpt",
+    "value": str}`` alternating from a human turn (empty for a single question). ``<image>`` appears once,
+    in the first human turn; the k-th ``<bbox>`` of history-then-prompt takes ``boxes[k]``.
     """
 
     image: ImageLike
     prompt: str
     boxes: List[List[float]] = field(default_factory=list)
+    history: List[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -98,7 +110,7 @@ class RegionCaptioner:
 
     def render(self, request: RegionRequest) -> str:
         """The full prompt text for one request (system, human turn, open assistant turn)."""
-        messages = [{"from": "human", "value": request.prompt}]
+        messages = list(request.history) + [{"from": "human", "value": request.prompt}]
         return self._build_prompt(self.template, messages, tokenizer=getattr(self.processor, "tokenizer", None))
 
     def generation_kwargs(self) -> dict:
@@ -113,7 +125,9 @@ class RegionCaptioner:
             kwargs["pad_token_id"] = tokenizer.pad_token_id
         return kwargs
 
-    def __call__(self, requests: Sequence[RegionRequest]) -> List[str]:
+    def __call__(self, requests: Sequence[RegionRequest], **generate_overrides) -> List[str]:
+        """Answers for ``requests``; ``generate_overrides`` (e.g. ``max_new_tokens``, ``streamer``,
+        ``stopping_criteria``) replace or extend :meth:`generation_kwargs` for this call."""
         import torch
 
         if not requests:
@@ -128,13 +142,110 @@ class RegionCaptioner:
         if batch.get("pixel_values") is not None:
             batch["pixel_values"] = batch["pixel_values"].to(param.dtype)
         with torch.inference_mode():
-            out = self.model.generate(**batch, **self.generation_kwargs())
+            out = self.model.generate(**batch, **{**self.generation_kwargs(), **generate_overrides})
         new_tokens = _new_tokens(out, batch["input_ids"])
         decoded = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         answers = [cut_at_stop_strings(t, self._stops) for t in decoded]
         if self.settings.strip_prefix:
             answers = [strip_answer_prefix(a) for a in answers]
         return answers
+
+    def prompt_length(self, request: RegionRequest, tokenizer=None) -> int:
+        """Tokens the model reads for ``request``: its rendered prompt with each ``<image>`` expanded.
+
+        ``tokenizer`` (default: the processor's) lets another thread count with its own copy.
+        """
+        from gpt4roi_sft.constants import IMAGE_TOKEN
+
+        tokenizer = tokenizer or self.processor.tokenizer
+        ids = tokenizer(self.render(request))["input_ids"]
+        image_runs = ids.count(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+        return len(ids) + image_runs * (self.processor.num_image_tokens - 1)
+
+    def stop_kwargs(self) -> dict:
+        """``generate`` arguments that end each row at the template's stop strings (``transformers``'
+        ``stop_strings``), so decoding does not run on past the end of the answer."""
+        if not self._stops:
+            return {}
+        return {"stop_strings": list(self._stops), "tokenizer": self.processor.tokenizer}
+
+    def stream(self, request: RegionRequest, cancel: Optional[threading.Event] = None,
+               **generate_overrides) -> Iterator[str]:
+        """Yield the answer to one request in pieces as the model decodes it.
+
+        The pieces join to what ``self([request], **generate_overrides)[0]`` returns (same decoding; the
+        answer prefix is not stripped): text is held back while it could be the start of a stop string,
+        trailing blanks until more text follows, and decoding stops at a stop string. Setting ``cancel``,
+        or closing the generator early, stops decoding at the next token. Decoding runs in a thread of
+        its own that has ended when the generator finishes.
+        """
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+        tokenizer = self.processor.tokenizer
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        closed = threading.Event()
+        criterion = _cancel_criterion(lambda: closed.is_set() or (cancel is not None and cancel.is_set()))
+        overrides = dict(generate_overrides, streamer=streamer, stopping_criteria=StoppingCriteriaList([criterion]),
+                         **self.stop_kwargs())
+        failure: List[BaseException] = []
+
+        def decode():
+            try:
+                self([request], **overrides)
+            except BaseException as exc:  # handed to the consumer below
+                failure.append(exc)
+                streamer.end()
+
+        worker = threading.Thread(target=decode, name="region-stream", daemon=True)
+        worker.start()
+        text, sent, exhausted = "", 0, False
+        try:
+            for piece in streamer:
+                text += piece
+                if any(stop in text for stop in self._stops if stop):
+                    break
+                # Hold back the end that may still grow into a stop string, and blanks that may end the answer.
+                body = text.strip()
+                ready = len(body[: len(body) - _stop_prefix_length(body, self._stops)].rstrip())
+                if ready > sent:
+                    yield body[sent:ready]
+                    sent = ready
+            else:
+                exhausted = True
+            answer = cut_at_stop_strings(text, self._stops)
+            if len(answer) > sent:
+                yield answer[sent:]
+        finally:
+            closed.set()
+            if not exhausted:
+                for _ in streamer:  # read to the end signal, so the decoding thread finishes
+                    pass
+            worker.join()
+        if failure:
+            raise failure[0]
+
+
+def _cancel_criterion(cancelled: Callable[[], bool]):
+    """A ``transformers`` stopping criterion that ends every row once ``cancelled()`` is true."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class CancelCriterion(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), bool(cancelled()), dtype=torch.bool, device=input_ids.device)
+
+    return CancelCriterion()
+
+
+def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of ``text`` that begins some stop string (it may grow into one)."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if stop.startswith(text[-n:]):
+                best = n
+                break
+    return best
 
 
 def _new_tokens(out, input_ids):
@@ -162,11 +273,17 @@ def _to_device(batch, device):
     return moved
 
 
-def inference_dtype(device: str, dtype: Optional[str] = None):
-    """The weights' dtype for generation: bf16 on CUDA (what training used), fp32 on CPU; ``dtype`` overrides."""
+def inference_dtype(device: str, dtype=None):
+    """The weights' dtype for generation: bf16 on CUDA (what training used), fp32 on CPU.
+
+    ``dtype`` overrides: a ``torch.dtype`` or one of ``bf16``/``bfloat16``, ``fp16``/``float16``, ``fp32``/``float32``.
+    """
     import torch
 
-    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "fp32": torch.float32, "float32": torch.float32}
     if dtype is not None:
         if dtype not in names:
             raise ValueError(f"dtype must be one of {sorted(names)}, got {dtype!r}")
@@ -174,19 +291,84 @@ def inference_dtype(device: str, dtype: Optional[str] = None):
     return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
 
 
+REGION_REFERENCE = re.compile(r"<region(\d+)>")
+CHAT_ROLES = {"user": "human", "assistant": "gpt"}
+
+
+def chat_request(image: ImageLike, messages: Sequence[dict], boxes: Sequence[Sequence[float]],
+                 preamble: str = GPT4ROI_PREAMBLE) -> RegionRequest:
+    """The :class:`RegionRequest` that asks the last of ``messages`` about ``image`` and its ``boxes``.
+
+    ``messages`` are ``{"role": "user"|"assistant", "content": str}``, alternating from a user message and
+    ending with one; ``boxes[k-1]`` (pixels, xyxy) is the box users write as ``<regionk>``. The mapping to
+    GPT4RoI's prompt format, as its own demo does it:
+
+    - the first mention of ``<regionk>`` in the conversation becomes ``regionk <bbox>`` and that ``<bbox>``
+      takes ``boxes[k-1]``; later mentions become plain ``regionk`` (its region token is already in context);
+    - the request's boxes are the mentioned boxes in the order of their first mention, so boxes nobody
+      mentions are not given to the model;
+    - the first user message is prefixed with ``preamble`` (``The <image> provides an overview of the
+      picture.\n``), which places the image.
+
+    Raises :class:`~gpt4roi_sft.errors.DataError` naming the message for a bad role or order, a non-string
+    content, a ``<regionk>`` without a box, or literal ``<image>``/``<bbox>`` text (the model's own tokens).
+    """
+    from gpt4roi_sft.constants import BBOX_TOKEN, IMAGE_TOKEN
+    from gpt4roi_sft.errors import DataError
+
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise DataError("messages: must be a non-empty list of {role, content}")
+    turns: List[dict] = []
+    order: List[int] = []  # 0-based box indices in order of first mention
+
+    def reference(match: re.Match) -> str:
+        k = int(match.group(1))
+        if not 1 <= k <= len(boxes):
+            have = {0: "no boxes were given", 1: "the only box is <region1>"}.get(
+                len(boxes), f"the boxes are <region1>..<region{len(boxes)}>")
+            raise DataError(f"{where}: <region{k}> names no box ({have})")
+        if k - 1 in order:
+            return f"region{k}"
+        order.append(k - 1)
+        return f"region{k} {BBOX_TOKEN}"
+
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict) or msg.get("role") not in CHAT_ROLES:
+            raise DataError(f"{where}: needs a role of {' or '.join(CHAT_ROLES)} and a content")
+        expected = "user" if i % 2 == 0 else "assistant"
+        if msg["role"] != expected:
+            raise DataError(f"{where}.role: expected {expected!r} (messages alternate, starting with user)")
+        content = msg.get("content")
+        if not isinstance(content, str):
+            raise DataError(f"{where}.content: must be a string")
+        for token in (IMAGE_TOKEN, BBOX_TOKEN):
+            if token in content:
+                raise DataError(f"{where}.content: contains {token}; refer to boxes as <region1>, <region2>, ...")
+        if msg["role"] == "user":
+            content = REGION_REFERENCE.sub(reference, content)
+            if i == 0:
+                content = preamble + content
+        turns.append({"from": CHAT_ROLES[msg["role"]], "value": content})
+    if messages[-1].get("role") != "user":
+        raise DataError(f"messages[{len(messages) - 1}]: the last message must be the user's question")
+    return RegionRequest(image, turns[-1]["value"], [list(boxes[k]) for k in order], history=turns[:-1])
+
+
 def load_captioner(model_dir: str, template: str = "gpt4roi_v0", settings: Optional[DecodeSettings] = None,
                    adapter_dir: Optional[str] = None, device: Optional[str] = None,
-                   dtype: Optional[str] = None) -> RegionCaptioner:
+                   torch_dtype=None) -> RegionCaptioner:
     """Load a model directory (optionally with a LoRA adapter applied by ``peft``) into a captioner.
 
-    ``device`` defaults to CUDA when present; weights load in :func:`inference_dtype` (bf16 on CUDA).
+    ``device`` defaults to CUDA when present; weights load in ``torch_dtype`` (a dtype or its name), by default
+    :func:`inference_dtype` of the device: bf16 on CUDA, fp32 on the CPU.
     """
     import torch
 
     from gpt4roi_sft import load_model
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, processor = load_model(model_dir, torch_dtype=inference_dtype(device, dtype))
+    model, processor = load_model(model_dir, torch_dtype=inference_dtype(device, torch_dtype))
     if adapter_dir:
         from peft import PeftModel
 
