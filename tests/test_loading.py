@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from gpt4roi_sft.model.convert_gpt4roi import convert_gpt4roi_state_dict
+from gpt4roi_sft.model.checkpoint_keys import convert_gpt4roi_state_dict
 from gpt4roi_sft.model.loading import CheckpointError, load_model
 from gpt4roi_sft.tiny import build_tiny_model, tiny_tokenizer_corpus
 from gpt4roi_sft.tokenization import train_llama_like_tokenizer

@@ -2,7 +2,7 @@
 
 Follows ``MLVLROIQueryModule`` of jshilong/GPT4RoI (gpt4roi/models/layers.py); sub-module names mirror
 it (``mlvl_fuse.input_conv``, ``mlvl_fuse.fuse_convs.{i}.conv/gn``, ``pconvs``, ``flatten_linear``) so the
-released checkpoint maps one to one (see :mod:`gpt4roi_sft.model.convert_gpt4roi`).
+released checkpoint maps one to one (see :mod:`gpt4roi_sft.model.checkpoint_keys`).
 
 Pipeline for four ViT layers of patch features, each (I, G*G, C_vit) with G the patch grid:
   1. reshape to maps (I, C_vit, G, G); bilinearly resize (align_corners=True) to 8G, 4G, 2G, G: the
