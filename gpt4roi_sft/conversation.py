@@ -303,24 +303,3 @@ def tokenize_conversation(
     if not any(lab != IGNORE_INDEX for lab in labels):
         logger.warning("conversation has no trained token (empty answers?)")
     return TokenizedConversation(ids, labels, 2 * (num_pairs - keep))
-
-
-def expand_image_tokens(input_ids: Sequence[int], labels: Optional[Sequence[int]], image_token_id: int,
-                        num_image_tokens: int, source_token_id: Optional[int] = None):
-    """Expand every ``source_token_id`` (default: ``image_token_id``) into ``num_image_tokens`` copies of
-    ``image_token_id``, never trained (``IGNORE_INDEX``). Returns ``(ids, labels)`` lists; labels None if not given.
-    """
-    source = image_token_id if source_token_id is None else source_token_id
-    if labels is not None and len(labels) != len(input_ids):
-        raise ValueError(f"{len(labels)} labels for {len(input_ids)} input ids")
-    ids_out, labels_out = [], ([] if labels is not None else None)
-    for k, tok in enumerate(input_ids):
-        if tok == source:
-            ids_out.extend([int(image_token_id)] * num_image_tokens)
-            if labels_out is not None:
-                labels_out.extend([IGNORE_INDEX] * num_image_tokens)
-        else:
-            ids_out.append(int(tok))
-            if labels_out is not None:
-                labels_out.append(int(labels[k]))
-    return ids_out, labels_out
