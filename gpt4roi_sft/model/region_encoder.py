@@ -154,6 +154,21 @@ class RegionEncoder(nn.Module):
         )
         self.to_llm = nn.Linear(hidden_size, output_size)
 
+    @classmethod
+    def from_config(cls, config) -> "RegionEncoder":
+        """The encoder a :class:`~gpt4roi_sft.model.configuration.GPT4RoIConfig` describes: its ``region_*``
+        fields, the tower's width and image size, and the LLM's width."""
+        return cls(
+            vision_hidden_size=config.vision_config.hidden_size,
+            hidden_size=config.region_hidden_size,
+            output_size=config.text_config.hidden_size,
+            image_size=config.image_size,
+            roi_output_size=config.roi_output_size,
+            fuse_rounds=config.region_fuse_rounds,
+            gn_groups=config.region_gn_groups,
+            mode=config.region_mode,
+        )
+
     def init_weights(self):
         """GPT4RoI's init: convs ~ N(0, 0.01), zero bias; linears and norms keep PyTorch defaults."""
         for m in self.modules():
