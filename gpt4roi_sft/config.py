@@ -75,7 +75,7 @@ class LoraSection:
     r: int = 128
     alpha: int = 256
     dropout: float = 0.05
-    target_modules: str = "all-linear"  # "all-linear", or comma-separated module names / a regex, LLM only
+    target_modules: str = "all-linear"  # "all-linear", or comma-separated module names (q_proj,v_proj), LLM only
     modules_to_save: List[str] = field(default_factory=lambda: ["region_encoder", "multi_modal_projector"])
     qlora: bool = False  # 4-bit (bitsandbytes NF4) frozen base
 
