@@ -17,10 +17,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
+from gpt4roi_sft.conversation import TEMPLATES
 from gpt4roi_sft.errors import ConfigError
 
 FREEZE_PRESETS = ("none", "stage1", "stage2", "llm")
-TEMPLATES = ("gpt4roi_v0", "vicuna_v1", "chat_template")
 PRECISIONS = ("bf16", "fp32")
 SCHEDULERS = ("cosine", "linear", "constant")
 
@@ -38,7 +38,7 @@ class ModelSection:
 class DataSection:
     train: str = ""  # "a.jsonl" or "a.jsonl:0.7,b.jsonl:0.3" (mixing ratios)
     image_root: str = ""  # image paths in the records are relative to it
-    template: str = "gpt4roi_v0"
+    template: str = "gpt4roi_v0"  # a name in gpt4roi_sft.conversation.TEMPLATES
     max_length: int = 2048
     packing: bool = False
     group_by_length: bool = False
@@ -75,7 +75,7 @@ class LoraSection:
     r: int = 128
     alpha: int = 256
     dropout: float = 0.05
-    target_modules: str = "all-linear"  # "all-linear", or comma-separated module names / a regex, LLM only
+    target_modules: str = "all-linear"  # "all-linear", or comma-separated module names (q_proj,v_proj), LLM only
     modules_to_save: List[str] = field(default_factory=lambda: ["region_encoder", "multi_modal_projector"])
     qlora: bool = False  # 4-bit (bitsandbytes NF4) frozen base
 

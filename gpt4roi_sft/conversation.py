@@ -7,7 +7,9 @@ turns one by one and adding up their lengths is what puts LLaVA-style masks off 
 (a BOS per piece, separators that merge with their neighbours in context); mapping character spans of the
 whole text cannot drift.
 
-Templates:
+A template is one :class:`ConversationTemplate` object (its segments, generation prompt, stop strings and
+label rule) in :data:`TEMPLATES`, the registry that config validation, the dataset, inference and the tiny
+tokenizer read; adding a template is adding one entry there.
 
 - ``gpt4roi_v0``: GPT4RoI's training format (``conv_v1_2`` system, ``_add_speaker_and_signal``):
   ``{system}\\n\\n### Human: {x}\\n### Assistant: {y}\\n ... ### ``. As in GPT4RoI the whole assistant
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from gpt4roi_sft.constants import IGNORE_INDEX
 from gpt4roi_sft.errors import ConfigError, DataError
@@ -41,7 +43,6 @@ VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
-TEMPLATES = ("gpt4roi_v0", "vicuna_v1", "chat_template")
 ROLES = ("human", "gpt")
 
 # (text, trained) pieces whose concatenation is the rendered conversation.
@@ -62,9 +63,141 @@ class TokenizedConversation:
     num_dropped_turns: int = 0
 
 
-def _check_template(template: str) -> None:
-    if template not in TEMPLATES:
-        raise ConfigError(f"unknown conversation template {template!r}; choose one of {', '.join(TEMPLATES)}")
+class ConversationTemplate:
+    """One conversation format: how messages render, what trains, how generation is prompted and stopped.
+
+    ``segments`` renders a complete conversation as ``(text, trained)`` pieces: the trained flags *are* the
+    label rule. ``generation_prompt`` renders messages ending with a human turn followed by the open assistant
+    turn, matching the training text up to where the answer starts. ``stop_strings`` end a generated answer
+    (beside the tokenizer's EOS). ``add_special_tokens`` says whether the tokenizer adds its BOS to the rendered
+    text (False when the template writes its own). ``vocabulary`` lists the fixed strings the template writes,
+    which a tokenizer trained for it (the tiny test models') must cover.
+    """
+
+    name: str
+    stop_strings: Tuple[str, ...] = ()
+    add_special_tokens: bool = True
+    vocabulary: Tuple[str, ...] = ()
+
+    def segments(self, messages: Sequence[dict], tokenizer=None) -> Segments:
+        raise NotImplementedError
+
+    def generation_prompt(self, messages: Sequence[dict], tokenizer=None) -> str:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class RoleTemplate(ConversationTemplate):
+    """``{system}{system_end}``, then each message as ``{role} {value}{end}``, then ``closing``.
+
+    ``roles`` and ``ends`` are the (human, assistant) headers and the text after each message. Label rule: an
+    answer's value and end are trained, its header too when ``train_role``; with ``train_stop`` the stop string
+    that opens the text after an answer (the next human turn, or the closing) is trained as well.
+    """
+
+    name: str
+    system: str
+    system_end: str
+    roles: Tuple[str, str]
+    ends: Tuple[str, str]
+    stop_strings: Tuple[str, ...]
+    closing: str = ""
+    train_role: bool = False
+    train_stop: bool = False
+
+    @property
+    def vocabulary(self) -> Tuple[str, ...]:
+        return (self.system, *self.roles)
+
+    def _after_answer(self, text: str) -> Segments:
+        stop = self.stop_strings[0] if self.stop_strings else ""
+        if self.train_stop and stop and text.startswith(stop):
+            return [(stop, True), (text[len(stop):], False)]
+        return [(text, False)]
+
+    def _turns(self, messages: Sequence[dict]) -> Segments:
+        segs: Segments = [(self.system + self.system_end, False)]
+        for k, m in enumerate(messages):
+            assistant = m["from"] == "gpt"
+            role, end = self.roles[assistant], self.ends[assistant]
+            text = f"{role} {m['value']}{end}"
+            if assistant:
+                header = "" if self.train_role else f"{role} "
+                segs += [(header, False), (text[len(header):], True)]
+            elif k > 0:  # turns alternate, so every human turn but the first follows an answer
+                segs += self._after_answer(text)
+            else:
+                segs.append((text, False))
+        return segs
+
+    def segments(self, messages: Sequence[dict], tokenizer=None) -> Segments:
+        return [s for s in self._turns(messages) + self._after_answer(self.closing) if s[0]]
+
+    def generation_prompt(self, messages: Sequence[dict], tokenizer=None) -> str:
+        return "".join(t for t, _ in self._turns(messages)) + self.roles[1]
+
+
+@dataclass(frozen=True)
+class ChatTemplate(ConversationTemplate):
+    """The tokenizer's own Jinja ``chat_template`` (it writes its own BOS; the template decides how answers end)."""
+
+    name: str
+    add_special_tokens: bool = False
+
+    @staticmethod
+    def _chat(messages: Sequence[dict]) -> List[dict]:
+        role = {"human": "user", "gpt": "assistant"}
+        return [{"role": role[m["from"]], "content": m["value"]} for m in messages]
+
+    @staticmethod
+    def _render(tokenizer, chat: List[dict], add_generation_prompt: bool) -> str:
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("template 'chat_template' needs a tokenizer that has a chat_template")
+        return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def segments(self, messages: Sequence[dict], tokenizer=None) -> Segments:
+        chat = self._chat(messages)
+        segs: Segments = []
+        done = 0  # characters of the full rendering already covered by segments
+        for k, msg in enumerate(chat):
+            if msg["role"] != "assistant":
+                continue
+            before = self._render(tokenizer, chat[:k], add_generation_prompt=True)
+            after = self._render(tokenizer, chat[: k + 1], add_generation_prompt=False)
+            if not after.startswith(before) or len(before) < done:
+                raise ConfigError(
+                    "the tokenizer's chat template does not render conversations prefix by prefix "
+                    "(a shorter conversation is not a prefix of a longer one), so assistant spans cannot be found"
+                )
+            segs += [(before[done:], False), (after[len(before):], True)]
+            done = len(after)
+        full = self._render(tokenizer, chat, add_generation_prompt=False)
+        if not full.startswith("".join(t for t, _ in segs)):
+            raise ConfigError("the tokenizer's chat template renders the full conversation differently from its prefixes")
+        segs.append((full[done:], False))
+        return [s for s in segs if s[0]]
+
+    def generation_prompt(self, messages: Sequence[dict], tokenizer=None) -> str:
+        return self._render(tokenizer, self._chat(messages), add_generation_prompt=True)
+
+
+TEMPLATES: Dict[str, ConversationTemplate] = {
+    t.name: t
+    for t in (
+        RoleTemplate("gpt4roi_v0", GPT4ROI_SYSTEM, "\n\n", roles=("### Human:", "### Assistant:"), ends=("\n", "\n"),
+                     stop_strings=("###",), closing="### ", train_role=True, train_stop=True),
+        RoleTemplate("vicuna_v1", VICUNA_SYSTEM, " ", roles=("USER:", "ASSISTANT:"), ends=(" ", "</s>"),
+                     stop_strings=("</s>",)),
+        ChatTemplate("chat_template"),
+    )
+}
+
+
+def get_template(name: str) -> ConversationTemplate:
+    """The registered template called ``name``; an unknown name is a :class:`ConfigError` listing the known ones."""
+    if name not in TEMPLATES:
+        raise ConfigError(f"unknown conversation template {name!r}; choose one of {', '.join(TEMPLATES)}")
+    return TEMPLATES[name]
 
 
 def validate_messages(messages: Sequence[dict], where: str = "conversations", require_answer: bool = True) -> None:
@@ -86,58 +219,9 @@ def validate_messages(messages: Sequence[dict], where: str = "conversations", re
         raise DataError(f"{where}: the conversation must end with a 'gpt' message")
 
 
-def _to_chat_messages(messages: Sequence[dict]) -> List[dict]:
-    role = {"human": "user", "gpt": "assistant"}
-    return [{"role": role[m["from"]], "content": m["value"]} for m in messages]
-
-
-def _render_chat(tokenizer, chat: List[dict], add_generation_prompt: bool) -> str:
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise ConfigError("template 'chat_template' needs a tokenizer that has a chat_template")
-    return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
 def render_segments(template: str, messages: Sequence[dict], tokenizer=None) -> Segments:
     """Render a complete conversation (ending with a gpt message) as ``(text, trained)`` segments."""
-    _check_template(template)
-    if template == "gpt4roi_v0":
-        segs: Segments = [(GPT4ROI_SYSTEM + "\n\n", False)]
-        for k, m in enumerate(messages):
-            if m["from"] == "human":
-                # The '###' opening a human turn that follows an answer is where the model must stop.
-                segs += [("###", k > 0), (f" Human: {m['value']}\n", False)]
-            else:
-                segs.append((f"### Assistant: {m['value']}\n", True))
-        segs += [("###", True), (" ", False)]
-        return segs
-    if template == "vicuna_v1":
-        segs = [(VICUNA_SYSTEM + " ", False)]
-        for m in messages:
-            if m["from"] == "human":
-                segs.append((f"USER: {m['value']} ASSISTANT: ", False))
-            else:
-                segs.append((m["value"] + "</s>", True))
-        return segs
-    chat = _to_chat_messages(messages)
-    segs = []
-    done = 0  # characters of the full rendering already covered by segments
-    for k, msg in enumerate(chat):
-        if msg["role"] != "assistant":
-            continue
-        before = _render_chat(tokenizer, chat[:k], add_generation_prompt=True)
-        after = _render_chat(tokenizer, chat[: k + 1], add_generation_prompt=False)
-        if not after.startswith(before) or len(before) < done:
-            raise ConfigError(
-                "the tokenizer's chat template does not render conversations prefix by prefix "
-                "(a shorter conversation is not a prefix of a longer one), so assistant spans cannot be found"
-            )
-        segs += [(before[done:], False), (after[len(before):], True)]
-        done = len(after)
-    full = _render_chat(tokenizer, chat, add_generation_prompt=False)
-    if not full.startswith("".join(t for t, _ in segs)):
-        raise ConfigError("the tokenizer's chat template renders the full conversation differently from its prefixes")
-    segs.append((full[done:], False))
-    return [s for s in segs if s[0]]
+    return get_template(template).segments(messages, tokenizer)
 
 
 def build_prompt(template: str, messages: Sequence[dict], tokenizer=None) -> str:
@@ -146,24 +230,16 @@ def build_prompt(template: str, messages: Sequence[dict], tokenizer=None) -> str
     The text matches the training rendering up to the point where the answer starts, so the model
     continues as it learned to; cut the output at :func:`stop_strings`.
     """
-    _check_template(template)
+    tpl = get_template(template)
     validate_messages(messages, where="prompt", require_answer=False)
     if messages[-1]["from"] != "human":
         raise DataError("prompt: the last message must be a 'human' message (the assistant turn is left open)")
-    if template == "chat_template":
-        return _render_chat(tokenizer, _to_chat_messages(messages), add_generation_prompt=True)
-    history = list(messages[:-1])
-    if template == "gpt4roi_v0":
-        text = "".join(t for t, _ in render_segments(template, history)[:-2]) if history else GPT4ROI_SYSTEM + "\n\n"
-        return text + f"### Human: {messages[-1]['value']}\n### Assistant:"
-    text = "".join(t for t, _ in render_segments(template, history)) if history else VICUNA_SYSTEM + " "
-    return text + f"USER: {messages[-1]['value']} ASSISTANT:"
+    return tpl.generation_prompt(messages, tokenizer)
 
 
 def stop_strings(template: str) -> List[str]:
     """Strings at which a generated answer ends (beside the tokenizer's EOS)."""
-    _check_template(template)
-    return {"gpt4roi_v0": ["###"], "vicuna_v1": ["</s>"], "chat_template": []}[template]
+    return list(get_template(template).stop_strings)
 
 
 def _label_tokens(segments: Segments, offsets, input_ids: List[int]) -> List[int]:
@@ -192,14 +268,10 @@ def _label_tokens(segments: Segments, offsets, input_ids: List[int]) -> List[int
     return labels
 
 
-def _tokenize_segments(tokenizer, template: str, segments: Segments) -> Tuple[List[int], List[int]]:
+def _tokenize(tokenizer, template: ConversationTemplate, messages: Sequence[dict]) -> Tuple[List[int], List[int]]:
+    segments = template.segments(messages, tokenizer)
     text = "".join(t for t, _ in segments)
-    # The chat template writes its own BOS into the text; the others rely on the tokenizer adding it.
-    enc = tokenizer(
-        text,
-        add_special_tokens=(template != "chat_template"),
-        return_offsets_mapping=True,
-    )
+    enc = tokenizer(text, add_special_tokens=template.add_special_tokens, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     return ids, _label_tokens(segments, enc["offset_mapping"], ids)
 
@@ -214,42 +286,20 @@ def tokenize_conversation(
     region); the caller drops the regions of the dropped turns. If even the first pair does not fit, a
     :class:`DataError` is raised.
     """
-    _check_template(template)
+    tpl = get_template(template)
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError("tokenize_conversation needs a fast tokenizer (it maps characters to tokens via offsets)")
     validate_messages(messages)
     num_pairs = len(messages) // 2
     keep = num_pairs
-    ids, labels = _tokenize_segments(tokenizer, template, render_segments(template, messages, tokenizer))
+    ids, labels = _tokenize(tokenizer, tpl, messages)
     while max_length is not None and len(ids) > max_length:
         keep -= 1
         if keep == 0:
             raise DataError(
                 f"conversation too long: its first human/gpt pair alone is {len(ids)} tokens > max_length {max_length}"
             )
-        kept = messages[: 2 * keep]
-        ids, labels = _tokenize_segments(tokenizer, template, render_segments(template, kept, tokenizer))
+        ids, labels = _tokenize(tokenizer, tpl, messages[: 2 * keep])
     if not any(lab != IGNORE_INDEX for lab in labels):
         logger.warning("conversation has no trained token (empty answers?)")
     return TokenizedConversation(ids, labels, 2 * (num_pairs - keep))
-
-
-def expand_image_tokens(input_ids: Sequence[int], labels: Optional[Sequence[int]], image_token_id: int,
-                        num_image_tokens: int, source_token_id: Optional[int] = None):
-    """Expand every ``source_token_id`` (default: ``image_token_id``) into ``num_image_tokens`` copies of
-    ``image_token_id``, never trained (``IGNORE_INDEX``). Returns ``(ids, labels)`` lists; labels None if not given.
-    """
-    source = image_token_id if source_token_id is None else source_token_id
-    if labels is not None and len(labels) != len(input_ids):
-        raise ValueError(f"{len(labels)} labels for {len(input_ids)} input ids")
-    ids_out, labels_out = [], ([] if labels is not None else None)
-    for k, tok in enumerate(input_ids):
-        if tok == source:
-            ids_out.extend([int(image_token_id)] * num_image_tokens)
-            if labels_out is not None:
-                labels_out.extend([IGNORE_INDEX] * num_image_tokens)
-        else:
-            ids_out.append(int(tok))
-            if labels_out is not None:
-                labels_out.append(int(labels[k]))
-    return ids_out, labels_out

@@ -25,20 +25,15 @@ from gpt4roi_sft.atomic import apply_default_mode, make_temp_dir
 from gpt4roi_sft.config import Config, load_config
 from gpt4roi_sft.errors import UserError
 from gpt4roi_sft.train import checkpoint as ckpt
-from gpt4roi_sft.train.modes import apply_training_mode
+from gpt4roi_sft.train.modes import apply_training_mode, load_model_from_config
 
 log = logging.getLogger(__name__)
 
 
 def rebuild_trained_model(step_dir: Path, cfg: Optional[Config] = None, dtype: torch.dtype = torch.float32):
     """The model as training held it at ``step_dir`` (peft-wrapped for LoRA), plus its processor."""
-    from gpt4roi_sft.model.loading import load_model
-
     cfg = cfg or load_config(str(step_dir / "config.yaml"))
-    kwargs = {"torch_dtype": dtype}
-    if cfg.model.vision_tower:
-        kwargs["vision_tower"] = cfg.model.vision_tower
-    model, processor = load_model(cfg.model.path, **kwargs)
+    model, processor = load_model_from_config(cfg, dtype)
     # QLoRA adapters are exported onto a full-precision base (merging into 4-bit weights loses precision).
     cfg.lora.qlora = False
     model = apply_training_mode(model, cfg)

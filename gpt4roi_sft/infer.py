@@ -130,6 +130,8 @@ class RegionCaptioner:
         ``stopping_criteria``) replace or extend :meth:`generation_kwargs` for this call."""
         import torch
 
+        from gpt4roi_sft.data.model_inputs import move_to_device
+
         if not requests:
             return []
         texts = [self.render(r) for r in requests]
@@ -138,9 +140,7 @@ class RegionCaptioner:
         # Boxes crossing the border by rounding are clipped, as GLaMM's evaluation effectively does.
         batch = self.processor(images=images, texts=texts, boxes=boxes, padding_side="left", clip_boxes=True)
         param = next(self.model.parameters())
-        batch = _to_device(batch, param.device)
-        if batch.get("pixel_values") is not None:
-            batch["pixel_values"] = batch["pixel_values"].to(param.dtype)
+        batch = move_to_device(batch, param.device, param.dtype)
         with torch.inference_mode():
             out = self.model.generate(**batch, **{**self.generation_kwargs(), **generate_overrides})
         new_tokens = _new_tokens(out, batch["input_ids"])
@@ -256,21 +256,6 @@ def _new_tokens(out, input_ids):
     if out.shape[1] >= prompt_len and torch.equal(out[:, :prompt_len].to(input_ids.device), input_ids):
         return out[:, prompt_len:]
     return out
-
-
-def _to_device(batch, device):
-    """Move every tensor (and every tensor inside a list, e.g. per-image boxes) of ``batch`` to ``device``."""
-    import torch
-
-    moved = {}
-    for key, value in dict(batch).items():
-        if isinstance(value, torch.Tensor):
-            moved[key] = value.to(device)
-        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
-            moved[key] = [v.to(device) for v in value]
-        else:
-            moved[key] = value
-    return moved
 
 
 def inference_dtype(device: str, dtype=None):

@@ -43,6 +43,16 @@ def item(n, tag, image=True, num_boxes=1, masks=False):
 
 
 # ------------------------------------------------------------------------------------------- padding
+def test_move_to_device_keeps_model_inputs_and_casts_only_images_and_masks():
+    from gpt4roi_sft.data.model_inputs import move_to_device
+
+    batch = PaddingCollator(PAD)([item(5, 1, masks=True), item(3, 2, image=False)])
+    moved = move_to_device(batch, torch.device("cpu"), torch.bfloat16)
+    assert set(moved) == {"input_ids", "attention_mask", "labels", "pixel_values", "boxes", "region_masks"}
+    assert moved["pixel_values"].dtype == torch.bfloat16 and moved["region_masks"][0].dtype == torch.bfloat16
+    assert moved["boxes"][0].dtype == torch.float32 and moved["input_ids"].dtype == torch.long
+
+
 def test_padding_right_pads_ids_mask_and_ignores_labels():
     batch = PaddingCollator(PAD)([item(5, 1), item(3, 2)])
     assert batch["input_ids"].shape == (2, 5)

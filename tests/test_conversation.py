@@ -199,3 +199,17 @@ def test_prompt_must_end_with_a_human_message():
 def test_stop_strings():
     assert stop_strings("gpt4roi_v0") == ["###"]
     assert stop_strings("vicuna_v1") == ["</s>"]
+
+
+def test_a_template_added_to_the_registry_is_used_by_config_tokenization_and_generation(tokenizer, monkeypatch):
+    from gpt4roi_sft.config import load_config
+    from gpt4roi_sft.conversation import TEMPLATES, RoleTemplate
+
+    monkeypatch.setitem(TEMPLATES, "plain", RoleTemplate("plain", "Talk.", "\n", roles=("Q:", "A:"), ends=("\n", "\n"),
+                                                         stop_strings=("Q:",)))
+    assert load_config(None, ["data.template=plain"]).data.template == "plain"
+    out = tokenize_conversation(tokenizer, MESSAGES, "plain")
+    trained = pieces(tokenizer, [t for t, lab in zip(out.input_ids, out.labels) if lab != IGNORE_INDEX])
+    assert "".join(trained.split()) == "Aredcat.Twodogs."
+    assert build_prompt("plain", MESSAGES[:1]) == "Talk.\nQ: <image>\nWhat is region1 <bbox>?\nA:"
+    assert stop_strings("plain") == ["Q:"]

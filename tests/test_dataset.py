@@ -218,3 +218,19 @@ def test_lengths_are_cheap_estimates_that_grow_with_the_record(tmp_path, root, t
     ds = make(write_jsonl(tmp_path / "d.jsonl", [region_record(n_pairs=1), region_record(n_pairs=3)]), root, tokenizer)
     lengths = ds.lengths()
     assert lengths.shape == (2,) and lengths[1] > lengths[0] > NUM_IMAGE_TOKENS
+
+
+def test_item_equals_the_processor_encoding_of_the_rendered_conversation(tmp_path, root, tokenizer):
+    from gpt4roi_sft.conversation import render_segments
+    from gpt4roi_sft.model.processing import GPT4RoIProcessor
+
+    record = region_record()
+    transform = ImageTransform(size=28)
+    ds = ConversationDataset(write_jsonl(tmp_path / "d.jsonl", [record]), str(root), tokenizer, transform,
+                             image_token_id=IMAGE_ID, num_image_tokens=NUM_IMAGE_TOKENS)
+    item = ds[0]
+    processor = GPT4RoIProcessor(tokenizer, transform, NUM_IMAGE_TOKENS)
+    text = "".join(t for t, _ in render_segments("gpt4roi_v0", record["conversations"]))
+    out = processor(images=[Image.open(root / "img.png")], texts=[text], boxes=[[r["bbox"] for r in record["regions"]]])
+    assert torch.equal(out["input_ids"][0], item["input_ids"])
+    assert torch.equal(out["pixel_values"][0], item["pixel_values"]) and torch.equal(out["boxes"][0], item["boxes"])

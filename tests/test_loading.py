@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from gpt4roi_sft.model.convert_gpt4roi import convert_gpt4roi_state_dict
+from gpt4roi_sft.model.checkpoint_keys import convert_gpt4roi_state_dict
 from gpt4roi_sft.model.loading import CheckpointError, load_model
 from gpt4roi_sft.tiny import build_tiny_model, tiny_tokenizer_corpus
 from gpt4roi_sft.tokenization import train_llama_like_tokenizer
@@ -176,3 +176,13 @@ def test_tiny_cli_writes_a_directory_load_model_opens(tmp_path):
     assert rc.returncode == 0, rc.stderr[-2000:]
     model, proc = load_model(str(tmp_path / "t"))
     assert model.config.num_image_tokens == 64 and proc.num_image_tokens == 64
+
+
+def test_load_model_from_config_applies_the_recipe_dtype_and_attention(tiny_dir):
+    from gpt4roi_sft.config import load_config
+    from gpt4roi_sft.train.modes import load_model_from_config
+
+    cfg = load_config(None, [f"model.path={tiny_dir}", "model.attn_implementation=eager"])
+    model, processor = load_model_from_config(cfg, torch.bfloat16)
+    assert model.config._attn_implementation == "eager"
+    assert model.language_model.dtype == torch.bfloat16 and processor.num_image_tokens == 64

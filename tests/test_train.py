@@ -252,7 +252,7 @@ def _one_batch(model_dir, data, n=2):
 
 
 def test_loss_counts_exactly_the_assistant_tokens(tiny_model_dir, synthetic_pix2cap):
-    from gpt4roi_sft.train.loop import MODEL_INPUT_KEYS
+    from gpt4roi_sft.data.model_inputs import MODEL_INPUT_KEYS
 
     model, processor, batch, records = _one_batch(tiny_model_dir, synthetic_pix2cap)
     labels = batch["labels"]
@@ -275,7 +275,7 @@ def test_loss_counts_exactly_the_assistant_tokens(tiny_model_dir, synthetic_pix2
 
 def test_adapter_gradients_are_nonzero_after_step_one_with_gradient_checkpointing(tiny_model_dir, synthetic_pix2cap):
     from gpt4roi_sft.config import load_config
-    from gpt4roi_sft.train.loop import MODEL_INPUT_KEYS
+    from gpt4roi_sft.data.model_inputs import MODEL_INPUT_KEYS
     from gpt4roi_sft.train.modes import apply_training_mode
 
     model, _, batch, _ = _one_batch(tiny_model_dir, synthetic_pix2cap)

@@ -123,7 +123,7 @@ def generation_throughput(engine, items: List[dict], args, device, dtype) -> dic
     ``--gen-new-tokens`` new tokens (``min_new_tokens``) so random weights do the same work as a trained model.
     """
     from gpt4roi_sft.data.collator import PaddingCollator
-    from gpt4roi_sft.train.loop import move_to_device
+    from gpt4roi_sft.data.model_inputs import move_to_device
     from gpt4roi_sft.train.modes import unwrap_base_model
 
     model = unwrap_base_model(engine.module)

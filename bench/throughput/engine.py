@@ -62,8 +62,8 @@ def real_config(image_size: int, attn: str):
 
 
 def tiny_bench_config(attn: str):
-    """The tiny test model's config (``gpt4roi_sft.tiny``), with the synthetic vocabulary's token ids."""
-    from gpt4roi_sft.tiny import tiny_config
+    """The tiny test model's config (``gpt4roi_sft.model.tiny``), with the synthetic vocabulary's token ids."""
+    from gpt4roi_sft.model.tiny import tiny_config
 
     config = tiny_config(vocab_size=1200, image_token_id=3, bbox_token_id=4, pad_token_id=PAD_ID)
     config._attn_implementation = attn

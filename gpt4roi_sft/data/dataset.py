@@ -18,8 +18,9 @@ import torch
 from PIL import Image
 
 from gpt4roi_sft.constants import BBOX_TOKEN, IMAGE_TOKEN
-from gpt4roi_sft.conversation import expand_image_tokens, tokenize_conversation
+from gpt4roi_sft.conversation import tokenize_conversation
 from gpt4roi_sft.data.image_transform import ImageTransform
+from gpt4roi_sft.data.model_inputs import SampleEncoder
 from gpt4roi_sft.data.schema import validate_record
 from gpt4roi_sft.errors import ConfigError, DataError
 
@@ -116,6 +117,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         for tok, tid in ((IMAGE_TOKEN, self._tokenizer_image_id), (BBOX_TOKEN, self._tokenizer_bbox_id)):
             if tid is None or tid == tokenizer.unk_token_id or tokenizer(tok, add_special_tokens=False)["input_ids"] != [tid]:
                 raise ConfigError(f"the tokenizer must hold {tok} as one added token (add it before building the dataset)")
+        self.encoder = SampleEncoder(image_transform, self.image_token_id, self.num_image_tokens,
+                                     bbox_token_id=self._tokenizer_bbox_id, source_image_token_id=self._tokenizer_image_id)
         self.indexes = [index_jsonl(p) for p in self.paths]
         self.source_sizes = [len(ix.offsets) for ix in self.indexes]
         self._starts = np.cumsum([0] + self.source_sizes)
@@ -154,10 +157,6 @@ class ConversationDataset(torch.utils.data.Dataset):
         """Check the record schema (:func:`gpt4roi_sft.data.schema.validate_record`); raise :class:`DataError` naming ``where``."""
         validate_record(record, where, image_root=self.image_root if check_files else None, require_masks=self.load_masks)
 
-    def _expand_image(self, ids: List[int], labels: List[int]):
-        return expand_image_tokens(ids, labels, self.image_token_id, self.num_image_tokens,
-                                   source_token_id=self._tokenizer_image_id)
-
     def build_item(self, record: dict, where: str) -> dict:
         """Validate, tokenize and transform one parsed record into a training item."""
         self.validate_record(record, where)
@@ -168,20 +167,10 @@ class ConversationDataset(torch.utils.data.Dataset):
             tok = tokenize_conversation(self.tokenizer, messages, self.template, max_length=budget)
         except DataError as exc:
             raise DataError(f"{where}: {exc}") from None
-        ids, labels = self._expand_image(tok.input_ids, tok.labels)
         kept_messages = messages[: len(messages) - tok.num_dropped_turns]
         num_regions = sum(m["value"].count(BBOX_TOKEN) for m in kept_messages)
         regions = (record.get("regions") or [])[:num_regions]
-        if ids.count(self._tokenizer_bbox_id) != num_regions:
-            raise DataError(f"{where}: {ids.count(self._tokenizer_bbox_id)} {BBOX_TOKEN} tokens after tokenization for {num_regions} regions")
-        item = {
-            "input_ids": torch.tensor(ids, dtype=torch.long),
-            "labels": torch.tensor(labels, dtype=torch.long),
-            "pixel_values": None,
-            "boxes": torch.zeros((0, 4), dtype=torch.float32),
-            "id": str(record.get("id", where)),
-            "num_dropped_turns": tok.num_dropped_turns,
-        }
+        image, boxes, masks = None, np.zeros((0, 4)), None
         if has_image:
             image_path = os.path.join(self.image_root, record["image"])
             try:
@@ -190,20 +179,16 @@ class ConversationDataset(torch.utils.data.Dataset):
             except OSError as exc:
                 raise DataError(f"{where}: cannot read image {image_path} ({exc})") from None
             width, height = image.size
-            boxes = np.zeros((0, 4))
             if regions:  # boxes are in the record's pixel frame; follow the file if it was resized since
                 sx, sy = width / float(record["width"]), height / float(record["height"])
                 boxes = np.asarray([r["bbox"] for r in regions], dtype=np.float64).reshape(-1, 4) * [sx, sy, sx, sy]
-            masks = None
             if self.load_masks:
                 masks = [self._region_mask(r, where, (height, width)) for r in regions]
-            out = self.image_transform(image, boxes, masks, where=where, clip=True)
-            item["pixel_values"] = out.pixel_values
-            item["boxes"] = out.boxes
-            if self.load_masks:
-                item["region_masks"] = out.masks
-        elif self.load_masks:
+        item = self.encoder(tok.input_ids, tok.labels, image, boxes, masks, where=where, clip=True)
+        if self.load_masks and not has_image:
             item["region_masks"] = torch.zeros((0, self.image_transform.size, self.image_transform.size))
+        item["id"] = str(record.get("id", where))
+        item["num_dropped_turns"] = tok.num_dropped_turns
         return item
 
     def _region_mask(self, region: dict, where: str, shape) -> np.ndarray:

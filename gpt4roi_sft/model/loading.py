@@ -6,7 +6,7 @@ Layouts, told apart by ``config.json``:
   (b) this project's own directories (``model_type: gpt4roi``);
   (c) an LLM directory plus ``vision_tower=<CLIP dir>``: projector and region encoder start fresh;
   (d) original LLaVA (``LlavaLlamaForCausalLM`` with ``mm_vision_tower``, ``model.mm_projector.*``),
-      including GPT4RoI's merged checkpoint (``model.spi_module.*``, see :mod:`.convert_gpt4roi`).
+      including GPT4RoI's merged checkpoint (``model.spi_module.*``, see :mod:`.checkpoint_keys`).
 
 Every weight in the files must find a home and every weight of the model must be loaded, except the
 parts that start fresh in that layout; otherwise :class:`CheckpointError` names the weight. Missing
@@ -30,7 +30,7 @@ from gpt4roi_sft.constants import BBOX_TOKEN, IMAGE_TOKEN
 from gpt4roi_sft.data.image_transform import ImageTransform
 from gpt4roi_sft.errors import ConfigError, UserError
 from gpt4roi_sft.model.configuration import GPT4RoIConfig
-from gpt4roi_sft.model.convert_gpt4roi import convert_llava_original_state_dict, is_gpt4roi_state_dict
+from gpt4roi_sft.model.checkpoint_keys import convert_llava_original_state_dict, is_gpt4roi_state_dict
 from gpt4roi_sft.model.modeling import GPT4RoIForCausalLM, default_attn_implementation
 from gpt4roi_sft.model.processing import GPT4RoIProcessor
 

@@ -83,16 +83,7 @@ class GPT4RoIForCausalLM(GPT4RoIPreTrainedModel, GenerationMixin):
         vcfg, tcfg = config.vision_config, config.text_config
         self.vision_tower = CLIPVisionModel(vcfg)
         self.multi_modal_projector = MultiModalProjector(vcfg.hidden_size, tcfg.hidden_size, config.projector_type)
-        self.region_encoder = RegionEncoder(
-            vision_hidden_size=vcfg.hidden_size,
-            hidden_size=config.region_hidden_size,
-            output_size=tcfg.hidden_size,
-            image_size=config.image_size,
-            roi_output_size=config.roi_output_size,
-            fuse_rounds=config.region_fuse_rounds,
-            gn_groups=config.region_gn_groups,
-            mode=config.region_mode,
-        )
+        self.region_encoder = RegionEncoder.from_config(config)
         self.language_model = AutoModelForCausalLM.from_config(tcfg)
         self.post_init()
         if config.freeze_vision_tower:

@@ -3,7 +3,8 @@
 Texts are used as given (templates belong to :mod:`gpt4roi_sft.conversation` or the caller). Each
 ``<image>`` becomes ``num_image_tokens`` image tokens; each ``<bbox>`` stays one token and takes the next
 box of its sample. Boxes arrive in pixels of the given image and leave as xyxy fractions of the square
-image the tower sees.
+image the tower sees. Each sample becomes an item through :class:`~gpt4roi_sft.data.model_inputs.SampleEncoder`
+and the batch is padded by :class:`~gpt4roi_sft.data.collator.PaddingCollator`, as training items are.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ import json
 import os
 from typing import Optional, Sequence
 
-import torch
 from transformers import AutoTokenizer, BatchFeature
 
 from gpt4roi_sft.atomic import write_json_atomic
 from gpt4roi_sft.constants import BBOX_TOKEN, CLIP_MEAN, CLIP_STD, IMAGE_TOKEN
-from gpt4roi_sft.conversation import expand_image_tokens
+from gpt4roi_sft.data.collator import PaddingCollator
 from gpt4roi_sft.data.image_transform import ImageTransform
-from gpt4roi_sft.errors import BoxError, ConfigError, DataError
+from gpt4roi_sft.data.model_inputs import SampleEncoder, expand_image_tokens
+from gpt4roi_sft.errors import ConfigError, DataError
 
 PROCESSOR_CONFIG_NAME = "gpt4roi_processor.json"
 
@@ -42,6 +43,11 @@ class GPT4RoIProcessor:
     @property
     def bbox_token_id(self) -> int:
         return self.tokenizer.convert_tokens_to_ids(BBOX_TOKEN)
+
+    @property
+    def encoder(self) -> SampleEncoder:
+        """The item builder the training dataset uses too (same expansion, box checks and image transform)."""
+        return SampleEncoder(self.image_transform, self.image_token_id, self.num_image_tokens, self.bbox_token_id)
 
     def expand_image_tokens(self, input_ids: Sequence[int], labels: Optional[Sequence[int]] = None):
         """Replace each image token by ``num_image_tokens`` copies; their labels are ``IGNORE_INDEX``.
@@ -79,48 +85,19 @@ class GPT4RoIProcessor:
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
 
-        rows, pixel_values, box_tensors, mask_tensors = [], [], [], []
+        encoder = self.encoder
+        items = []
         for i, text in enumerate(texts):
             ids = self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
-            n_image = ids.count(self.image_token_id)
-            n_bbox = ids.count(self.bbox_token_id)
             sample_boxes = boxes[i] if boxes is not None and boxes[i] is not None else []
-            if len(sample_boxes) != n_bbox:
-                raise BoxError(f"sample {i}: {len(sample_boxes)} boxes for {n_bbox} {BBOX_TOKEN} tokens")
             image = images[i] if images is not None else None
-            if n_image > 1:
-                raise DataError(f"sample {i}: {n_image} {IMAGE_TOKEN} tokens; one image per sample is supported")
-            if n_image == 1 and image is None:
-                raise DataError(f"sample {i}: the text has {IMAGE_TOKEN} but no image was given")
-            if image is not None and n_image == 0:
-                raise DataError(f"sample {i}: an image was given but the text has no {IMAGE_TOKEN}")
-            if n_bbox and image is None:
-                raise DataError(f"sample {i}: {n_bbox} {BBOX_TOKEN} tokens need an image")
-            if image is not None:
-                masks = region_masks[i] if region_masks is not None else None
-                out = self.image_transform(image, sample_boxes, masks, where=f"sample {i}", clip=clip_boxes)
-                pixel_values.append(out.pixel_values)
-                box_tensors.append(out.boxes)
-                if out.masks is not None:
-                    mask_tensors.append(out.masks)
-            rows.append(self.expand_image_tokens(ids)[0])
-
-        length = max(len(r) for r in rows)
+            masks = region_masks[i] if region_masks is not None else None
+            items.append(encoder(ids, None, image, sample_boxes, masks, where=f"sample {i}", clip=clip_boxes))
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((n, length), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((n, length), dtype=torch.long)
-        for i, r in enumerate(rows):
-            sl = slice(length - len(r), length) if padding_side == "left" else slice(0, len(r))
-            input_ids[i, sl] = torch.tensor(r, dtype=torch.long)
-            attention_mask[i, sl] = 1
-        data = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "pixel_values": torch.stack(pixel_values) if pixel_values else None,
-            "boxes": box_tensors,
-        }
+        batch = PaddingCollator(pad_id, padding_side=padding_side)(items)
+        data = {key: batch[key] for key in ("input_ids", "attention_mask", "pixel_values", "boxes")}
         if region_masks is not None:
-            data["region_masks"] = mask_tensors
+            data["region_masks"] = [it["region_masks"] for it in items if "region_masks" in it]
         return BatchFeature(data)
 
     def batch_decode(self, *args, **kwargs):

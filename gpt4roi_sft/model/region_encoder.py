@@ -2,7 +2,7 @@
 
 Follows ``MLVLROIQueryModule`` of jshilong/GPT4RoI (gpt4roi/models/layers.py); sub-module names mirror
 it (``mlvl_fuse.input_conv``, ``mlvl_fuse.fuse_convs.{i}.conv/gn``, ``pconvs``, ``flatten_linear``) so the
-released checkpoint maps one to one (see :mod:`gpt4roi_sft.model.convert_gpt4roi`).
+released checkpoint maps one to one (see :mod:`gpt4roi_sft.model.checkpoint_keys`).
 
 Pipeline for four ViT layers of patch features, each (I, G*G, C_vit) with G the patch grid:
   1. reshape to maps (I, C_vit, G, G); bilinearly resize (align_corners=True) to 8G, 4G, 2G, G: the
@@ -153,6 +153,21 @@ class RegionEncoder(nn.Module):
             nn.LayerNorm(hidden_size),
         )
         self.to_llm = nn.Linear(hidden_size, output_size)
+
+    @classmethod
+    def from_config(cls, config) -> "RegionEncoder":
+        """The encoder a :class:`~gpt4roi_sft.model.configuration.GPT4RoIConfig` describes: its ``region_*``
+        fields, the tower's width and image size, and the LLM's width."""
+        return cls(
+            vision_hidden_size=config.vision_config.hidden_size,
+            hidden_size=config.region_hidden_size,
+            output_size=config.text_config.hidden_size,
+            image_size=config.image_size,
+            roi_output_size=config.roi_output_size,
+            fuse_rounds=config.region_fuse_rounds,
+            gn_groups=config.region_gn_groups,
+            mode=config.region_mode,
+        )
 
     def init_weights(self):
         """GPT4RoI's init: convs ~ N(0, 0.01), zero bias; linears and norms keep PyTorch defaults."""

@@ -16,16 +16,20 @@ from typing import Any, Dict
 import numpy as np
 import torch
 from gpt4roi_sft.config import Config, load_deepspeed_json, zero_stage
+from gpt4roi_sft.data.model_inputs import move_to_device
 from gpt4roi_sft.errors import UserError
 from gpt4roi_sft.train import checkpoint as ckpt
 from gpt4roi_sft.train.deepspeed_config import fill_auto_values
 from gpt4roi_sft.train.distributed import Collectives, training_device
-from gpt4roi_sft.train.modes import apply_training_mode, model_dtype, trainable_parameter_count, unwrap_base_model
+from gpt4roi_sft.train.modes import (
+    apply_training_mode,
+    load_model_from_config,
+    model_dtype,
+    trainable_parameter_count,
+    unwrap_base_model,
+)
 
 log = logging.getLogger(__name__)
-
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "boxes", "region_masks", "labels")
-
 
 class NonFiniteLossError(UserError):
     """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
@@ -53,21 +57,6 @@ def lr_lambda_for(cfg: Config, total_steps: int):
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
-
-
-def move_to_device(batch: Dict[str, Any], device: torch.device, float_dtype: torch.dtype) -> Dict[str, Any]:
-    """Model inputs only, on ``device``; images and masks in the model's float dtype."""
-
-    def move(value, cast: bool):
-        if isinstance(value, torch.Tensor):
-            if cast and value.is_floating_point():
-                return value.to(device=device, dtype=float_dtype)
-            return value.to(device)
-        if isinstance(value, (list, tuple)):
-            return [move(v, cast) for v in value]
-        return value
-
-    return {k: move(batch[k], k in ("pixel_values", "region_masks")) for k in MODEL_INPUT_KEYS if batch.get(k) is not None}
 
 
 def build_engine(model, cfg: Config, world_size: int, hidden_size: int, total_steps: int, on_cpu: bool):
@@ -108,7 +97,6 @@ def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    from gpt4roi_sft.model.loading import load_model
     from gpt4roi_sft.train.data_stream import build_stream
     from gpt4roi_sft.train.metrics_log import MetricsLog, plot_loss
 
@@ -129,10 +117,7 @@ def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
     seed_everything(cfg.train.seed)
 
     dtype = model_dtype(cfg.train.precision)
-    load_kwargs: Dict[str, Any] = {"torch_dtype": dtype, "attn_implementation": cfg.model.attn_implementation}
-    if cfg.model.vision_tower:
-        load_kwargs["vision_tower"] = cfg.model.vision_tower
-    model, processor = load_model(cfg.model.path, **load_kwargs)
+    model, processor = load_model_from_config(cfg, dtype)
     if cfg.lora.qlora:
         from gpt4roi_sft.train.qlora import quantize_language_model_4bit
 

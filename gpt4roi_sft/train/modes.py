@@ -1,7 +1,8 @@
-"""What trains: GPT4RoI's freeze presets, LoRA (peft) and QLoRA, applied the same way at train and export time.
+"""What trains: the recipe's base model, GPT4RoI's freeze presets, LoRA (peft) and QLoRA, applied the same way at
+train and export time.
 
-Export rebuilds the exact module tree training saved (same presets, same LoRA wrapping), so parameter names
-in a checkpoint always line up with the model export builds.
+Export rebuilds the exact module tree training saved (same model loading, same presets, same LoRA wrapping), so
+parameter names in a checkpoint always line up with the model export builds.
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ VISION_PREFIX = "vision_tower"
 REGION_PREFIX = "region_encoder"
 PROJECTOR_PREFIX = "multi_modal_projector"
 LLM_PREFIX = "language_model"
+
+
+def load_model_from_config(cfg: Config, torch_dtype: torch.dtype):
+    """``(model, processor)`` of the recipe's ``model`` section (path, vision tower, attention), in ``torch_dtype``."""
+    from gpt4roi_sft.model.loading import load_model
+
+    return load_model(cfg.model.path, vision_tower=cfg.model.vision_tower or None, torch_dtype=torch_dtype,
+                      attn_implementation=cfg.model.attn_implementation)
 
 
 def _part(name: str) -> str:

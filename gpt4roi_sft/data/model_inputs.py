@@ -1,0 +1,112 @@
+"""One sample -> one model-input item, and a collated batch -> the model's device: shared by training and inference.
+
+The dataset (a conversation record, tokenized with its label mask) and the processor (a prompt text) both turn
+token ids, an image and its pixel boxes into an item through :class:`SampleEncoder`, and both batch items with
+:class:`~gpt4roi_sft.data.collator.PaddingCollator`; training and generation move batches with
+:func:`move_to_device`. The shapes are the model inputs of docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+
+from gpt4roi_sft.constants import BBOX_TOKEN, IGNORE_INDEX, IMAGE_TOKEN
+from gpt4roi_sft.data.image_transform import ImageTransform
+from gpt4roi_sft.errors import BoxError, DataError
+
+# The keyword arguments of GPT4RoIForCausalLM.forward / generate that a batch may carry.
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "boxes", "region_masks", "labels")
+
+
+def expand_image_tokens(input_ids: Sequence[int], labels: Optional[Sequence[int]], image_token_id: int,
+                        num_image_tokens: int, source_token_id: Optional[int] = None):
+    """Expand every ``source_token_id`` (default: ``image_token_id``) into ``num_image_tokens`` copies of
+    ``image_token_id``, never trained (``IGNORE_INDEX``). Returns ``(ids, labels)`` lists; labels None if not given.
+    """
+    source = image_token_id if source_token_id is None else source_token_id
+    if labels is not None and len(labels) != len(input_ids):
+        raise ValueError(f"{len(labels)} labels for {len(input_ids)} input ids")
+    ids_out, labels_out = [], ([] if labels is not None else None)
+    for k, tok in enumerate(input_ids):
+        if tok == source:
+            ids_out.extend([int(image_token_id)] * num_image_tokens)
+            if labels_out is not None:
+                labels_out.extend([IGNORE_INDEX] * num_image_tokens)
+        else:
+            ids_out.append(int(tok))
+            if labels_out is not None:
+                labels_out.append(int(labels[k]))
+    return ids_out, labels_out
+
+
+class SampleEncoder:
+    """Token ids (+ labels), an image and its pixel boxes (+ masks) -> one item of model inputs.
+
+    ``source_image_token_id`` is the tokenizer's ``<image>`` (default: ``image_token_id``, the token the model
+    expects ``num_image_tokens`` copies of); ``bbox_token_id`` is the tokenizer's ``<bbox>``.
+    """
+
+    def __init__(self, image_transform: ImageTransform, image_token_id: int, num_image_tokens: int,
+                 bbox_token_id: int, source_image_token_id: Optional[int] = None):
+        self.image_transform = image_transform
+        self.image_token_id = int(image_token_id)
+        self.num_image_tokens = int(num_image_tokens)
+        self.bbox_token_id = int(bbox_token_id)
+        self.source_image_token_id = self.image_token_id if source_image_token_id is None else int(source_image_token_id)
+
+    def __call__(self, input_ids: Sequence[int], labels: Optional[Sequence[int]] = None, image=None, boxes=(),
+                 masks=None, where: str = "", clip: bool = False) -> Dict[str, Any]:
+        """The item ``{"input_ids": (L,) long, "labels": (L,) long, "pixel_values": (3, S, S) float or None,
+        "boxes": (N, 4) float xyxy fractions of the square, "region_masks": (N, S, S) float (only with masks)}``.
+
+        ``image`` is a PIL image or None; ``boxes`` are pixel xyxy of ``image``, one per ``<bbox>`` token in order;
+        ``masks`` (N, H, W) binary. ``labels`` default to nothing trained. Errors name ``where``: a box count that
+        differs from the ``<bbox>`` count (both named), an ``<image>`` count that does not fit ``image``, bad boxes
+        (``clip`` clips boxes crossing the border instead).
+        """
+        n_image = list(input_ids).count(self.source_image_token_id)
+        n_bbox = list(input_ids).count(self.bbox_token_id)
+        if len(boxes) != n_bbox:
+            raise BoxError(f"{where}: {len(boxes)} boxes for {n_bbox} {BBOX_TOKEN} tokens")
+        if n_image > 1:
+            raise DataError(f"{where}: {n_image} {IMAGE_TOKEN} tokens; one image per sample is supported")
+        if n_image == 1 and image is None:
+            raise DataError(f"{where}: the text has {IMAGE_TOKEN} but no image was given")
+        if image is not None and n_image == 0:
+            raise DataError(f"{where}: an image was given but the text has no {IMAGE_TOKEN}")
+        if n_bbox and image is None:
+            raise DataError(f"{where}: {n_bbox} {BBOX_TOKEN} tokens need an image")
+        if labels is None:
+            labels = [IGNORE_INDEX] * len(input_ids)
+        ids, labels = expand_image_tokens(input_ids, labels, self.image_token_id, self.num_image_tokens,
+                                          source_token_id=self.source_image_token_id)
+        item = {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "pixel_values": None,
+            "boxes": torch.zeros((0, 4), dtype=torch.float32),
+        }
+        if image is not None:
+            out = self.image_transform(image, boxes, masks, where=where, clip=clip)
+            item["pixel_values"] = out.pixel_values
+            item["boxes"] = out.boxes
+            if out.masks is not None:
+                item["region_masks"] = out.masks
+        return item
+
+
+def move_to_device(batch: Dict[str, Any], device, float_dtype: torch.dtype) -> Dict[str, Any]:
+    """The model inputs of ``batch`` (those not None) on ``device``; images and masks in the model's float dtype."""
+
+    def move(value, cast: bool):
+        if isinstance(value, torch.Tensor):
+            if cast and value.is_floating_point():
+                return value.to(device=device, dtype=float_dtype)
+            return value.to(device)
+        if isinstance(value, (list, tuple)):
+            return [move(v, cast) for v in value]
+        return value
+
+    return {k: move(batch[k], k in ("pixel_values", "region_masks")) for k in MODEL_INPUT_KEYS if batch.get(k) is not None}
