@@ -73,7 +73,7 @@ def build_dataset(jsonl: Path, image_root: Path, image_size: int, max_length: in
     from gpt4roi_sft.constants import IMAGE_TOKEN
     from gpt4roi_sft.data.dataset import ConversationDataset
     from gpt4roi_sft.data.image_transform import ImageTransform
-    from gpt4roi_sft.tiny import tiny_tokenizer_corpus
+    from quickstart.tiny_model import tiny_tokenizer_corpus
     from gpt4roi_sft.tokenization import train_llama_like_tokenizer
 
     tokenizer = train_llama_like_tokenizer(tiny_tokenizer_corpus())

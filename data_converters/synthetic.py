@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_converters.templates import GPT4ROI_VG, VG_EVAL_QUESTION, region_question
+from data_converters.templates import GPT4ROI_VG, region_question
 from gpt4roi_sft.atomic import write_json_atomic
-from gpt4roi_sft.constants import GPT4ROI_PREAMBLE
+from gpt4roi_sft.constants import GPT4ROI_PREAMBLE, VG_EVAL_QUESTION
 from gpt4roi_sft.errors import UserError, run_cli
 
 log = logging.getLogger(__name__)

@@ -32,9 +32,6 @@ GPT4ROI_VG: tuple[str, ...] = (
     "What is the region outlined by <spi_descript> in the picture like, please? Could you give me a detailed description?",
 )
 
-# The single question of the VG region-captioning test protocol (GLaMM / Pix2Cap evaluate_VG).
-VG_EVAL_QUESTION = "Can you give a description of the region mentioned by region1 <bbox>?"
-
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {"gpt4roi_vg": GPT4ROI_VG}
 
 

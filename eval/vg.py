@@ -27,7 +27,7 @@ from eval.caption_metrics import format_metrics_table, score_captions, scoring_u
 from eval.harness import HarnessConfig
 from eval.prediction_store import PredictionStore
 from gpt4roi_sft.atomic import write_json_atomic, write_text_atomic
-from gpt4roi_sft.constants import GPT4ROI_PREAMBLE
+from gpt4roi_sft.constants import GPT4ROI_PREAMBLE, VG_EVAL_QUESTION
 from gpt4roi_sft.data.schema import xywh_to_xyxy
 from gpt4roi_sft.errors import ConfigError, DataError, run_cli
 from gpt4roi_sft.json_io import load_json
@@ -35,7 +35,7 @@ from gpt4roi_sft.infer import Captioner, DecodeSettings, RegionRequest
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PROMPT = GPT4ROI_PREAMBLE + "Can you give a description of the region mentioned by region1 <bbox>?"
+DEFAULT_PROMPT = GPT4ROI_PREAMBLE + VG_EVAL_QUESTION
 PARTIAL_NAME = "predictions.partial.jsonl"
 
 

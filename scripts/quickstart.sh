@@ -29,7 +29,7 @@ python -m data_converters.pix2cap --annotations "$RUN/data/annotations/pix2cap_c
 
 stage "building the tiny random base model ($RUN/tiny_model)"
 if [ ! -f "$RUN/tiny_model/config.json" ]; then
-  python -m gpt4roi_sft.tiny --out "$RUN/tiny_model" --seed 0
+  python -m quickstart.tiny_model --out "$RUN/tiny_model" --seed 0
 else
   echo "already there"
 fi

@@ -211,10 +211,10 @@ def test_cli_bad_file_prints_one_line_and_exits_2(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     """A random tiny model and a synthetic VG test file (the real producers, run as a user would)."""
-    pytest.importorskip("gpt4roi_sft.tiny", reason="the tiny-model factory is not in this checkout")
+    pytest.importorskip("quickstart.tiny_model", reason="the tiny-model factory is not in this checkout")
     pytest.importorskip("data_converters.synthetic", reason="the synthetic data generator is not in this checkout")
     base = tmp_path_factory.mktemp("tiny_vg")
-    for cmd in (["gpt4roi_sft.tiny", "--out", str(base / "model")],
+    for cmd in (["quickstart.tiny_model", "--out", str(base / "model")],
                 ["data_converters.synthetic", "--out", str(base / "syn"), "--train-images", "1", "--val-images", "2"]):
         subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT, check=True, capture_output=True, timeout=300)
     return base

@@ -151,7 +151,7 @@ def test_cuda_generation_runs_in_bf16_with_boxes_and_masks(tiny_model_dir, tmp_p
 
     from gpt4roi_sft import load_model
     from gpt4roi_sft.infer import RegionCaptioner, RegionRequest, inference_dtype
-    from gpt4roi_sft.tiny import build_tiny_model
+    from quickstart.tiny_model import build_tiny_model
 
     model_dir = build_tiny_model(tmp_path / "mask_model", region_mode="box+mask")
     model, processor = load_model(model_dir, torch_dtype=inference_dtype(DEVICE))

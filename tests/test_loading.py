@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from gpt4roi_sft.model.checkpoint_keys import convert_gpt4roi_state_dict
 from gpt4roi_sft.model.loading import CheckpointError, load_model
-from gpt4roi_sft.tiny import build_tiny_model, tiny_tokenizer_corpus
+from quickstart.tiny_model import build_tiny_model, tiny_tokenizer_corpus
 from gpt4roi_sft.tokenization import train_llama_like_tokenizer
 
 VISION = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
@@ -171,7 +171,7 @@ def test_original_llava_format_directory_loads_with_a_clip_dir(tiny_dir, tmp_pat
 
 
 def test_tiny_cli_writes_a_directory_load_model_opens(tmp_path):
-    rc = subprocess.run([sys.executable, "-m", "gpt4roi_sft.tiny", "--out", str(tmp_path / "t"), "--seed", "1"],
+    rc = subprocess.run([sys.executable, "-m", "quickstart.tiny_model", "--out", str(tmp_path / "t"), "--seed", "1"],
                         capture_output=True, text=True, timeout=300)
     assert rc.returncode == 0, rc.stderr[-2000:]
     model, proc = load_model(str(tmp_path / "t"))

@@ -6,7 +6,7 @@ from PIL import Image
 
 from gpt4roi_sft.constants import IGNORE_INDEX
 from gpt4roi_sft.model.loading import load_model
-from gpt4roi_sft.tiny import build_tiny_model
+from quickstart.tiny_model import build_tiny_model
 
 
 @pytest.fixture(scope="module")

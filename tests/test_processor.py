@@ -8,7 +8,7 @@ from gpt4roi_sft.constants import IGNORE_INDEX
 from gpt4roi_sft.data.image_transform import ImageTransform
 from gpt4roi_sft.errors import BoxError
 from gpt4roi_sft.model.processing import GPT4RoIProcessor
-from gpt4roi_sft.tiny import tiny_tokenizer_corpus
+from quickstart.tiny_model import tiny_tokenizer_corpus
 from gpt4roi_sft.tokenization import train_llama_like_tokenizer
 
 N_IMAGE_TOKENS = 16

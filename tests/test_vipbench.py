@@ -181,9 +181,9 @@ def test_fixture_cli_writes_the_official_layout(tmp_path):
 
 
 def test_tiny_model_region_mode_end_to_end_with_a_local_judge(tmp_path):
-    pytest.importorskip("gpt4roi_sft.tiny", reason="the tiny-model factory is not in this checkout")
+    pytest.importorskip("quickstart.tiny_model", reason="the tiny-model factory is not in this checkout")
     from gpt4roi_sft.infer import DecodeSettings, load_captioner
-    from gpt4roi_sft.tiny import build_tiny_model
+    from quickstart.tiny_model import build_tiny_model
 
     build_tiny_model(str(tmp_path / "model"))
     build_fixture(tmp_path / "vip", num_questions=4, seed=2)

@@ -40,8 +40,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from data_converters.templates import VG_EVAL_QUESTION
-from gpt4roi_sft.constants import GPT4ROI_PREAMBLE
+from gpt4roi_sft.constants import GPT4ROI_PREAMBLE, VG_EVAL_QUESTION
 from gpt4roi_sft.data.image_transform import validate_boxes
 from gpt4roi_sft.errors import DataError, UserError
 from gpt4roi_sft.infer import RegionCaptioner, RegionRequest, chat_request

@@ -1,6 +1,6 @@
-"""The tiny test model for the synthetic Pix2Cap data: ``python -m gpt4roi_sft.tiny --out DIR [--seed 0]``.
+"""The tiny model for the synthetic Pix2Cap data: ``python -m quickstart.tiny_model --out DIR [--seed 0]``.
 
-The factory is :mod:`gpt4roi_sft.model.tiny`; this entry gives it the synthetic generator's caption corpus
+The factory is :mod:`gpt4roi_sft.model.tiny` (the library knows nothing of the synthetic data); this entry gives it the synthetic generator's caption corpus
 (every word its captions, GPT4RoI's region-caption templates and the VG evaluation question can hold), so the
 tokenizer of the model the tests, the benchmarks and the quickstart use covers their data.
 """
@@ -26,7 +26,7 @@ def build_tiny_model(out_dir, seed: int = 0, **config_overrides) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gpt4roi_sft.tiny", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m quickstart.tiny_model", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory to write")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
