@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--workdir", type=Path, help="keep the data here; an existing one is reused")
     parser.add_argument("--out", type=Path, help="results JSON (default bench/results/<date>_cpu_segcap_eval.json)")
     args = parser.parse_args(argv)
     from bench.train_throughput import device_name
@@ -137,9 +137,14 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_segcap_") as tmp:
         work = args.workdir or Path(tmp)
         t0 = time.perf_counter()
-        gt_json, gt_dir, pred_json, pred_dir = write_dataset(work, args.images, args.width, args.height, args.seed)
+        if args.workdir and (work / "pred.json").is_file():  # a kept --workdir is reused as it is
+            gt_json, gt_dir, pred_json, pred_dir = (work / "pix2cap_coco_val.json", work / "panoptic_val2017",
+                                                    work / "pred.json", work / "pred_png")
+            args.images = len(json.loads(gt_json.read_text())["annotations"])
+        else:
+            gt_json, gt_dir, pred_json, pred_dir = write_dataset(work, args.images, args.width, args.height, args.seed)
         make_s = time.perf_counter() - t0
-        print(f"wrote {args.images} ground-truth and predicted images in {make_s:.1f} s", file=sys.stderr)
+        print(f"{args.images} ground-truth and predicted images ready in {make_s:.1f} s", file=sys.stderr)
         cmd = [sys.executable, "-m", "eval.segcap", "--gt-json", str(gt_json), "--gt-dir", str(gt_dir),
                "--pred-json", str(pred_json), "--pred-dir", str(pred_dir), "--out", str(work / "eval"),
                "--workers", str(args.workers)]

@@ -333,12 +333,13 @@ def scaled_caption_metrics(matched: Sequence[Tuple[str, str, str]], total: int,
     all, or SPICE unavailable) and 0 when there are segments but no matched pair. ``meteor``: an open
     ``eval.caption_metrics.MeteorJar`` to reuse.
     """
-    from eval.caption_metrics import score_captions
+    from eval.caption_metrics import score_captions, spice_unavailable_reason
 
-    if total == 0:
-        return {k: None for k in CAPTION_KEYS}, {k: None for k in CAPTION_KEYS}, None
-    if not matched:
-        return {k: 0.0 for k in CAPTION_KEYS}, {k: None for k in CAPTION_KEYS}, None
+    if total == 0 or not matched:
+        spice_note = spice_unavailable_reason(spice_jars)
+        zero = None if total == 0 else 0.0
+        scaled = {k: (None if k == "SPICE" and spice_note else zero) for k in CAPTION_KEYS}
+        return scaled, {k: None for k in CAPTION_KEYS}, spice_note
     refs = {key: [gt] for key, gt, _ in matched}
     preds = {key: pred for key, _, pred in matched}
     raw, spice_note = score_captions(refs, preds, spice_jars, meteor=meteor)
