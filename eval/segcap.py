@@ -220,6 +220,9 @@ def evaluate_image(gt_ann: dict, pred_ann: dict, gt_ids: np.ndarray, pred_ids: n
         if gseg.get("iscrowd", 0) == 1 or gseg["category_id"] != pseg["category_id"]:
             continue
         union = pred_area[p] + gseg["area"] - inter - intersection.get((VOID, p), 0)
+        if union <= 0:
+            raise DataError(f"ground truth {where} segment {g}: 'area' {gseg['area']} is smaller than its {inter} "
+                            f"pixels in the PNG")
         iou = inter / union
         if p not in best or iou > best[p][0]:
             best[p] = (iou, g)
@@ -564,6 +567,16 @@ def format_table(m: dict) -> str:
         rows.append(f"SPICE: not computed ({m['notes']['spice']})")
     rows.append(f"note: {COLUMN_SWAP_NOTE}")
     return "\n".join(rows) + "\n"
+
+
+def evaluate_given_segments(model_dir, data_dir, out, **kwargs) -> dict:
+    """Caption the ground-truth segments of a Pix2Cap-layout ``data_dir`` with ``model_dir`` and score them.
+
+    For reports (e.g. the quickstart's); see :func:`eval.segcap_predict.evaluate_given_segments` for ``kwargs``.
+    """
+    from eval.segcap_predict import evaluate_given_segments as predict_and_score
+
+    return predict_and_score(model_dir, data_dir, out, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -262,6 +262,21 @@ def test_mask_mode_captioner_without_masks_names_the_request():
 
 def test_evaluate_given_segments_returns_the_metrics(synthetic_pix2cap, tmp_path):
     root = synthetic_pix2cap["root"]
-    metrics = segcap_predict.evaluate_given_segments(None, root, tmp_path, max_images=1, captioner=RecordingCaptioner())
+    metrics = segcap.evaluate_given_segments(None, root, tmp_path, max_images=1, captioner=RecordingCaptioner())
     assert metrics["PQ"] == 1.0 and metrics["images"] == 1 and all(k in metrics for k in segcap.CAPTION_KEYS)
     assert json.loads((tmp_path / "metrics.json").read_text())["TP"] == metrics["TP"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_two_stage_on_cuda_with_a_mask_aware_model(synthetic_pix2cap, tmp_path):
+    from gpt4roi_sft.tiny import build_tiny_model
+
+    root = synthetic_pix2cap["root"]
+    model_dir = build_tiny_model(tmp_path / "model", seed=0, region_mode="box+mask")
+    path = tiny_mask2former(tmp_path / "m2f", [c["name"] for c in gt_of(root)["categories"]])
+    cfg = config(root, tmp_path / "out", model=model_dir, segmenter=path, max_images=2, segmenter_settings=LOOSE)
+    segcap_predict.run(cfg)  # both models load onto the GPU (no Java there: evaluate=False)
+    pred = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert sum(len(a["segments_info"]) for a in pred["annotations"]) > 0
+    assert all(isinstance(s["caption"], str) for a in pred["annotations"] for s in a["segments_info"])
