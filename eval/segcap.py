@@ -579,6 +579,15 @@ def evaluate_given_segments(model_dir, data_dir, out, **kwargs) -> dict:
     return predict_and_score(model_dir, data_dir, out, **kwargs)
 
 
+def add_nltk_data(folder: Path) -> None:
+    """Let NLTK find its data (``corpora/wordnet``) in ``folder`` too (entry points call this for ``--nltk-data``)."""
+    try:
+        import nltk
+    except ImportError:
+        raise ConfigError("--nltk-data needs nltk installed (pip install nltk)") from None
+    nltk.data.path.insert(0, str(folder))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eval.segcap", description=__doc__.split("\n\n")[0])
     p.add_argument("--gt-json", type=Path, required=True, help="ground truth, e.g. pix2cap_coco_val.json")
@@ -600,12 +609,7 @@ def main(argv=None) -> int:
     if args.workers < 1:
         raise ConfigError("--workers must be at least 1")
     if args.nltk_data is not None:
-        try:
-            import nltk
-
-            nltk.data.path.insert(0, str(args.nltk_data))
-        except ImportError:
-            raise ConfigError("--nltk-data needs nltk installed (pip install nltk)") from None
+        add_nltk_data(args.nltk_data)
     config = SegCapConfig(gt_json=args.gt_json, gt_dir=args.gt_dir, pred_json=args.pred_json, pred_dir=args.pred_dir,
                           out=args.out, workers=args.workers, spice_jars=args.spice_jars, map_meteor=args.map_meteor)
     evaluate(config)

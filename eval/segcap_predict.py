@@ -458,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="evaluator processes")
     p.add_argument("--spice-jars", type=Path, help="folder with stanford-corenlp-3.6.0.jar and -models.jar")
     p.add_argument("--map-meteor", default="auto", choices=("auto", "nltk", "pycocoevalcap"))
+    p.add_argument("--nltk-data", type=Path, help="extra NLTK data folder holding corpora/wordnet")
     return p
 
 
@@ -468,6 +469,8 @@ def main(argv=None) -> int:
         raise ConfigError("--batch-size, --max-new-tokens, --segmenter-batch-size and --workers must be at least 1")
     if args.max_images is not None and args.max_images < 1:
         raise ConfigError("--max-images must be at least 1")
+    if args.nltk_data is not None:
+        segcap.add_nltk_data(args.nltk_data)
     if args.do_sample:
         import torch
 

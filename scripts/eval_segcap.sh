@@ -2,7 +2,7 @@
 # Pix2Cap's panoptic segmentation-captioning benchmark: caption segments with our model, then score.
 # Usage: bash scripts/eval_segcap.sh --model DIR --data DIR --out DIR [--adapter DIR] [--segmenter DIR]
 #          [--segments-json FILE --segments-dir DIR] [--split val] [--batch-size N] [--max-new-tokens N]
-#          [--max-images N] [--spice-jars DIR] [--map-meteor auto|nltk|pycocoevalcap] [--no-eval]
+#          [--max-images N] [--spice-jars DIR] [--map-meteor auto|nltk|pycocoevalcap] [--nltk-data DIR] [--no-eval]
 #   without --segmenter: captions the ground-truth (or --segments-json) segments; PQ is then 100
 #   with --segmenter DIR: Mask2FormerForUniversalSegmentation segments first (two-stage)
 # --data holds annotations/pix2cap_coco_<split>.json, panoptic_<split>2017/ and <split>2017/.
