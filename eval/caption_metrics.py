@@ -109,13 +109,89 @@ def spice_score(gts: Mapping[object, List[str]], res: Mapping[object, List[str]]
     return float(np.mean(np.array([as_float(item["scores"]["All"]["f"]) for item in results])))
 
 
+class MeteorJar:
+    """pycocoevalcap's METEOR 1.5 (``meteor-1.5.jar -stdio``, started exactly as its ``Meteor`` starts it),
+    kept open so that several scorings pay its start-up (loading the paraphrase table, seconds) once.
+
+    Sentence statistics are cached by their SCORE line, so a pair scored twice is computed once;
+    :meth:`compute_score` returns what ``Meteor().compute_score(gts, res)`` returns. Start-up is lazy.
+    """
+
+    def __init__(self):
+        self.proc = None
+        self._stats: Dict[str, str] = {}
+
+    def __enter__(self) -> "MeteorJar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _ask(self, lines: List[str], num_answers: int) -> List[str]:
+        """Send ``lines`` from a writer thread (so neither pipe fills up) and read ``num_answers`` lines back."""
+        import threading
+
+        if self.proc is None:
+            import pycocoevalcap.meteor.meteor as coco_meteor
+
+            folder = os.path.dirname(os.path.abspath(coco_meteor.__file__))
+            cmd = ["java", "-jar", "-Xmx2G", coco_meteor.METEOR_JAR, "-", "-", "-stdio", "-l", "en", "-norm"]
+            self.proc = subprocess.Popen(cmd, cwd=folder, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.DEVNULL)
+
+        def write():
+            for line in lines:
+                self.proc.stdin.write((line + "\n").encode())
+            self.proc.stdin.flush()
+
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+        answers = []
+        for _ in range(num_answers):
+            raw = self.proc.stdout.readline()
+            if not raw:
+                raise RuntimeError("meteor-1.5.jar exited early (is java on PATH?)")
+            answers.append(raw.decode().strip())
+        writer.join()
+        return answers
+
+    def stats(self, gts: Mapping[object, List[str]], res: Mapping[object, List[str]]) -> List[str]:
+        """Statistics of each tokenized ``res[id][0]`` against ``gts[id]``, in the order of ``gts``."""
+        lines = []
+        for k in gts:
+            # pycocoevalcap's Meteor._stat: '|||' removed from the hypothesis, one pass of double-space collapsing
+            hypothesis = res[k][0].replace("|||", "").replace("  ", " ")
+            lines.append(" ||| ".join(("SCORE", " ||| ".join(gts[k]), hypothesis)))
+        todo = list(dict.fromkeys(line for line in lines if line not in self._stats))
+        if todo:
+            self._stats.update(zip(todo, self._ask(todo, len(todo))))
+        return [self._stats[line] for line in lines]
+
+    def evaluate(self, stats: List[str]) -> Tuple[float, List[float]]:
+        """``(corpus METEOR, per-sentence METEOR)`` of a list of statistics (one EVAL request)."""
+        answers = self._ask(["EVAL ||| " + " ||| ".join(stats)], len(stats) + 1)
+        return float(answers[-1]), [float(a) for a in answers[:-1]]
+
+    def compute_score(self, gts: Mapping[object, List[str]], res: Mapping[object, List[str]]) -> Tuple[float, List[float]]:
+        return self.evaluate(self.stats(gts, res))
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.stdin.close()
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
 def score_captions(references: Mapping[object, List[str]], predictions: Mapping[object, str],
-                   spice_jars: Optional[os.PathLike | str] = None) -> Tuple[Dict[str, Optional[float]], Optional[str]]:
+                   spice_jars: Optional[os.PathLike | str] = None,
+                   meteor: Optional[MeteorJar] = None) -> Tuple[Dict[str, Optional[float]], Optional[str]]:
     """Score ``predictions`` ``{id: caption}`` against ``references`` ``{id: [caption, ...]}``.
 
     Both must cover the same ids (as COCOEvalCap requires). Returns ``(metrics, spice_note)``: metrics has
     exactly :data:`METRIC_KEYS` (fractions; ``SPICE`` ``None`` when it cannot run) and ``spice_note`` says
-    why SPICE is missing (``None`` when it ran).
+    why SPICE is missing (``None`` when it ran). ``meteor``: an open :class:`MeteorJar` to use (and keep)
+    instead of starting pycocoevalcap's own, for callers that score more pairs afterwards.
     """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -135,7 +211,8 @@ def score_captions(references: Mapping[object, List[str]], predictions: Mapping[
     bleu, _ = Bleu(4).compute_score(gts, res)
     for n, value in enumerate(bleu, start=1):
         metrics[f"Bleu_{n}"] = float(value)
-    for name, scorer in (("METEOR", Meteor), ("ROUGE_L", Rouge), ("CIDEr", Cider)):
+    metrics["METEOR"] = float((meteor or Meteor()).compute_score(gts, res)[0])
+    for name, scorer in (("ROUGE_L", Rouge), ("CIDEr", Cider)):
         value, _ = scorer().compute_score(gts, res)
         metrics[name] = float(value)
 

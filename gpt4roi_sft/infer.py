@@ -1,7 +1,8 @@
-"""Batched region-prompted generation, shared by the VG captioning and ViP-Bench harnesses.
+"""Batched region-prompted generation, shared by the VG captioning, ViP-Bench and segmentation-captioning harnesses.
 
 A :class:`RegionRequest` is one image, one human turn containing ``<image>`` once and one ``<bbox>`` per
-region, and the regions' boxes in pixels of that image. :class:`RegionCaptioner` renders the turn with the
+region, and the regions' boxes in pixels of that image (plus their binary masks, which mask-aware models
+need). :class:`RegionCaptioner` renders the turn with the
 conversation template (open assistant turn), left-pads a batch through the model's processor, generates,
 keeps only the new tokens, cuts the text at the template's stop strings and, when asked, strips
 GPT4RoI's ``"...: "`` answer prefix.
@@ -44,12 +45,15 @@ class RegionRequest:
     pixels of ``image`` (may be empty); history: the earlier turns of a chat, ``{"from": "human"|"gpt",
     "value": str}`` alternating from a human turn (empty for a single question). ``<image>`` appears once,
     in the first human turn; the k-th ``<bbox>`` of history-then-prompt takes ``boxes[k]``.
+    masks: optional (H, W) binary arrays in pixels of ``image``, one per box; models whose ``region_mode``
+    is ``mask`` or ``box+mask`` need them, box models ignore them.
     """
 
     image: ImageLike
     prompt: str
     boxes: List[List[float]] = field(default_factory=list)
     history: List[dict] = field(default_factory=list)
+    masks: Optional[List] = None
 
 
 @dataclass
@@ -107,6 +111,8 @@ class RegionCaptioner:
         self.settings = settings or DecodeSettings()
         self._build_prompt = build_prompt
         self._stops = list(stop_strings(template))
+        # PeftModel forwards .config to its base model
+        self.needs_masks = getattr(getattr(model, "config", None), "region_mode", "box") != "box"
 
     def render(self, request: RegionRequest) -> str:
         """The full prompt text for one request (system, human turn, open assistant turn)."""
@@ -137,8 +143,15 @@ class RegionCaptioner:
         texts = [self.render(r) for r in requests]
         images = [_open_rgb(r.image) for r in requests]
         boxes = [[list(map(float, b)) for b in r.boxes] for r in requests]
+        region_masks = None
+        if self.needs_masks:
+            missing = [i for i, r in enumerate(requests) if r.masks is None or len(r.masks) != len(r.boxes)]
+            if missing:
+                raise ValueError(f"request {missing[0]}: this model's region_mode needs one mask per box")
+            region_masks = [r.masks for r in requests]
         # Boxes crossing the border by rounding are clipped, as GLaMM's evaluation effectively does.
-        batch = self.processor(images=images, texts=texts, boxes=boxes, padding_side="left", clip_boxes=True)
+        batch = self.processor(images=images, texts=texts, boxes=boxes, region_masks=region_masks,
+                               padding_side="left", clip_boxes=True)
         param = next(self.model.parameters())
         batch = move_to_device(batch, param.device, param.dtype)
         with torch.inference_mode():

@@ -211,6 +211,18 @@ def test_data_loading_bench_writes_samples_per_second(tmp_path):
     assert run["samples_per_s"] > 0
 
 
+def test_segcap_eval_bench_writes_seconds_stages_and_counts(tmp_path):
+    out = tmp_path / "segcap.json"
+    cmd = [sys.executable, str(REPO / "bench" / "segcap_eval.py"), "--images", "6", "--width", "96", "--height", "72",
+           "--workers", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["settings"]["images"] == 6 and result["seconds"] > 0
+    assert set(result["stages_s"]) == {"images", "captions", "mAP"}
+    assert result["counts"]["TP"] > 0 and result["counts"]["FP"] + result["counts"]["FN"] > 0
+
+
 def test_attention_switch_sets_and_restores_every_config():
     from bench.throughput.arms import attention_implementation
     from gpt4roi_sft.model.modeling import GPT4RoIForCausalLM
