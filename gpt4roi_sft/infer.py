@@ -147,6 +147,11 @@ class RegionCaptioner:
         ``stopping_criteria``) replace or extend :meth:`generation_kwargs` for this call."""
         if not requests:
             return []
+        return self.decode(self.new_tokens(requests, **generate_overrides))
+
+    def new_tokens(self, requests: Sequence[RegionRequest], **generate_overrides):
+        """The generated token ids (len(requests), T) of ``requests``, padded after a row's end; the fast
+        path when the captioner has one and no ``streamer`` is given, else eager ``generate``."""
         kwargs = {**self.generation_kwargs(), **generate_overrides}
         batch, n = self.prepare(requests), len(requests)
         if self._slot is not None and kwargs.get("streamer") is None:
@@ -154,8 +159,7 @@ class RegionCaptioner:
             fast_kwargs, rows = self._slot.generate_kwargs(self.model.language_model, n, length)
             batch = self._repeat_last_row(batch, rows - n)  # the static cache's shape
             kwargs.update(fast_kwargs)
-        new_tokens = self.generate(batch, **kwargs)
-        return self.decode(new_tokens[:n])
+        return self.generate(batch, **kwargs)[:n]
 
     def prepare(self, requests: Sequence[RegionRequest]):
         """The model inputs of ``requests``: left-padded, on the model's device and in its dtype.
