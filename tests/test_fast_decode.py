@@ -83,7 +83,7 @@ def test_a_longer_prompt_grows_the_static_cache(eager, image):
 
 
 def test_compiled_decode_step_gives_the_eager_greedy_tokens(eager, image):
-    requests = requests_of(image, 2)
+    requests = requests_of(image, 4)  # the first and the last share their prefill
     fast = fast_twin(eager, compile=True, compile_mode="default")
     assert torch.equal(fast.new_tokens(requests, max_new_tokens=6), eager.new_tokens(requests, max_new_tokens=6))
     assert hasattr(eager.model.language_model, "_compiled_call"), "the decode step should have been compiled"
@@ -189,3 +189,56 @@ def test_cuda_fast_path_matches_eager_on_a_7b_shaped_model_up_to_bf16_ties(tiny_
         else:
             assert first_divergence_is_a_tie(out.logits, row, step, a[step], b[step]), \
                 f"row {row} parts at step {step} where eager preferred its token by more than bf16 noise"
+
+
+def test_questions_about_one_image_run_its_vision_tower_once(eager, image):
+    seen = []
+    hook = eager.model.vision_tower.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    try:
+        fast_twin(eager).new_tokens(requests_of(image, 5), max_new_tokens=2)
+        eager.new_tokens(requests_of(image, 5), max_new_tokens=2)
+    finally:
+        hook.remove()
+    assert seen == [1, 5]
+
+
+def test_prompts_agreeing_up_to_their_region_token_are_prefilled_once(eager, image):
+    rows = []
+    hook = eager.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(tuple(kwargs["inputs_embeds"].shape[:2])) if "inputs_embeds" in kwargs
+        and kwargs["inputs_embeds"] is not None else None, with_kwargs=True)
+    requests = [RegionRequest(image, QUESTION, [[4 + 9 * i, 6, 80, 100]]) for i in range(4)]
+    try:
+        fast_twin(eager).new_tokens(requests, max_new_tokens=2)
+    finally:
+        hook.remove()
+    length = eager.prompt_length(requests[0])
+    prefix, rest = rows[0], rows[1]
+    assert prefix[0] == 1 and rest[0] == 4, "one shared prefill, then every row's own tokens"
+    assert prefix[1] + rest[1] == length and rest[1] < 10
+
+
+def test_shared_images_give_each_region_the_token_it_gets_alone(eager, image):
+    from gpt4roi_sft.model.modeling import unique_images
+
+    other = image.transpose(Image.FLIP_LEFT_RIGHT)
+    requests = [RegionRequest(img, QUESTION + " And region1 <bbox>?", [[4 + 9 * i, 6, 80, 100], [50, 10, 150, 90 - i]])
+                for i, img in enumerate([image, other, image, other, image])]
+    batch = eager.prepare(requests)
+    assert unique_images(batch["pixel_values"])[0].shape[0] == 2
+    with torch.no_grad():
+        shared = eager.model.embed_multimodal(batch["input_ids"], batch["pixel_values"], batch["boxes"], share_images=True)
+        alone = eager.model.embed_multimodal(batch["input_ids"], batch["pixel_values"], batch["boxes"])
+    assert torch.allclose(shared, alone, atol=1e-5)
+
+
+def test_rows_differing_in_one_element_are_never_shared():
+    from gpt4roi_sft.model.modeling import unique_rows
+
+    embeds = torch.randn(1, 7, 16).repeat(4, 1, 1)
+    mask = torch.ones(4, 7, dtype=torch.long)
+    embeds[2, 5, 3] += 1e-6
+    mask[3, 0] = 0
+    first, inverse = unique_rows(embeds, mask)
+    assert inverse.tolist()[0] == inverse.tolist()[1] and len(set(inverse.tolist())) == 3
+    assert first.tolist()[inverse[0]] == 0
