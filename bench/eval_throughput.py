@@ -6,9 +6,15 @@ images, its ``test_caption.json`` repeated to ``--regions`` samples) with one mo
 ``RegionCaptioner.plan`` (longest prompts first) and ``RegionCaptioner.__call__``:
 
 * fast: ``RegionCaptioner(fast=FastDecoding())``: static KV cache, the decode step compiled with CUDA graphs
-  (on the CPU: static cache, nothing compiled); batch size from free memory (``--batch-size auto``);
+  (on the CPU: static cache, nothing compiled), questions about one image sharing its vision tower, region maps
+  and prompt prefill; batch size from free memory (``--batch-size auto``);
+* fast_unshared: the same captioner with ``share_prefix`` off: every row does its own image's work, which is
+  what a test file with one region per image costs;
 * eager: ``RegionCaptioner()``: plain ``generate``, dynamic KV cache; ``--eager-batch-size`` (64: the setting
   of the earlier H200 measurement).
+
+The synthetic file asks ``regions_per_image`` questions per image (``--regions`` over ``--images`` images of
+2-3 objects each, the generator's test file repeated): sharing pays in proportion to it.
 
 Default: GPT4RoI-7B shapes (``bench/throughput/engine.real_config``, CLIP ViT-L/14 at 224 px, Vicuna-7B) with
 random bf16 weights built on the GPU, the tiny model's tokenizer; every answer is forced to ``--new-tokens``
@@ -56,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="the tiny test model on CPU (CI smoke run)")
     p.add_argument("--regions", type=int, default=None, help="regions the fast arm captions (default 1024; tiny 16)")
     p.add_argument("--eager-regions", type=int, default=None, help="regions the eager arm captions (default 128; tiny 8)")
+    p.add_argument("--unshared-regions", type=int, default=None,
+                   help="regions of a third arm: the fast path with share_prefix off, i.e. what one region per image "
+                        "costs (default 512; tiny 8; 0 skips it)")
     p.add_argument("--batch-size", default="auto", help="fast arm: prompts per batch or 'auto' (from free memory)")
     p.add_argument("--eager-batch-size", type=int, default=None, help="eager arm: prompts per batch (default 64; tiny 4)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per region (default 32; tiny 8)")
@@ -66,13 +75,14 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/<date>_<device>_eval.json)")
     args = p.parse_args(argv)
-    for name, real, small in (("regions", 1024, 16), ("eager_regions", 128, 8), ("eager_batch_size", 64, 4),
+    for name, real, small in (("regions", 1024, 16), ("eager_regions", 128, 8), ("unshared_regions", 512, 8),
+                              ("eager_batch_size", 64, 4),
                               ("new_tokens", 32, 8), ("images", 64, 4)):
         if getattr(args, name) is None:
             setattr(args, name, small if args.tiny else real)
     if args.batch_size != "auto":
         args.batch_size = int(args.batch_size)
-    if min(args.regions, args.eager_regions, args.eager_batch_size, args.new_tokens, args.images) < 1:
+    if min(args.regions, args.eager_regions, args.eager_batch_size, args.new_tokens, args.images) < 1 or args.unshared_regions < 0:
         p.error("--regions, --eager-regions, --eager-batch-size, --new-tokens and --images must be >= 1")
     return args
 
@@ -125,19 +135,27 @@ def build_models(args, workdir: Path, device: torch.device):
 
 # ------------------------------------------------------------------------------------------------- arms
 class TokenCounter:
-    """Counts the tokens a captioner generates (pads after a row's end excluded), by wrapping its ``new_tokens``."""
+    """Counts the tokens a captioner generates (pads after a row's end excluded) while in a ``with`` block, by
+    wrapping its ``new_tokens`` (the method ``__call__`` decodes through)."""
 
     def __init__(self, captioner):
+        self.captioner = captioner
         self.count = 0
-        pad = captioner.processor.tokenizer.pad_token_id
-        inner = captioner.new_tokens
+
+    def __enter__(self):
+        pad = self.captioner.processor.tokenizer.pad_token_id
+        inner = self.captioner.new_tokens
 
         def counted(requests, **overrides):
             out = inner(requests, **overrides)
             self.count += int((out != pad).sum())
             return out
 
-        captioner.new_tokens = counted
+        self.captioner.new_tokens = counted
+        return self
+
+    def __exit__(self, *exc):
+        del self.captioner.new_tokens
 
 
 def median_time(clock: Clock, fn, repeats: int) -> float:
@@ -156,18 +174,17 @@ def time_arm(name: str, captioner, samples, rows: int, args, device, workdir: Pa
     from gpt4roi_sft.infer import RegionRequest
 
     clock = Clock(device)
-    counter = TokenCounter(captioner)
     reset_peak_memory(device)
     t0 = clock.now()
     vg.generate_predictions(samples[:rows], captioner, PredictionStore(workdir / f"{name}_first.jsonl"), batch_size=rows)
     first_s = clock.now() - t0
     log.info("%s: first batch of %d (compile, capture) took %.1f s", name, rows, first_s)
 
-    counter.count = 0
     store = PredictionStore(workdir / f"{name}.jsonl")
-    t0 = clock.now()
-    vg.generate_predictions(samples, captioner, store, batch_size=rows)
-    seconds = clock.now() - t0
+    with TokenCounter(captioner) as counter:
+        t0 = clock.now()
+        vg.generate_predictions(samples, captioner, store, batch_size=rows)
+        seconds = clock.now() - t0
     new_tokens = counter.count
 
     requests = [RegionRequest(s.image_path, vg.DEFAULT_PROMPT, [s.box]) for s in samples[:rows]]
@@ -176,6 +193,7 @@ def time_arm(name: str, captioner, samples, rows: int, args, device, workdir: Pa
     batch_s = median_time(clock, lambda: captioner.new_tokens(requests), args.repeats) - prepare_s
     result = {
         "arm": name, "regions": len(samples), "batch_size": rows, "seconds": seconds,
+        "regions_per_image": len(samples) / len({s.image_path for s in samples}),
         "regions_per_s": len(samples) / seconds, "new_tokens": new_tokens, "new_tokens_per_s": new_tokens / seconds,
         "first_batch_s": first_s, "prepare_s_per_batch": prepare_s, "prefill_s_per_batch": prefill_s,
         "ms_per_decode_step": 1000 * (batch_s - prefill_s) / max(args.new_tokens - 1, 1),
@@ -201,7 +219,8 @@ def run(args) -> dict:
               "arms": {}}
     with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:
         workdir = Path(tmp)
-        annotations, image_root = vg_test_file(workdir, max(args.regions, args.eager_regions), args.images, args.seed)
+        annotations, image_root = vg_test_file(workdir, max(args.regions, args.eager_regions, args.unshared_regions),
+                                               args.images, args.seed)
         samples, _ = vg.load_vg_test(annotations, image_root)
         model, processor, label = build_models(args, workdir, device)
         settings = DecodeSettings(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
@@ -218,8 +237,14 @@ def run(args) -> dict:
                                                args, device, workdir)
             write(args, result)  # an eager figure survives a fast arm that runs out of time
         result["arms"]["fast"] = time_arm("fast", fast, samples[:args.regions], rows, args, device, workdir)
+        if args.unshared_regions:  # the same captioner (cache, compiled step), each row doing its own image's work
+            write(args, result)
+            fast.fast.share_prefix = False
+            result["arms"]["fast_unshared"] = time_arm("fast_unshared", fast, samples[:args.unshared_regions], rows,
+                                                       args, device, workdir)
     arms = result["arms"]
     result["regions_per_s"] = arms["fast"]["regions_per_s"]
+    result["regions_per_s_unshared"] = arms["fast_unshared"]["regions_per_s"] if "fast_unshared" in arms else None
     result["speedup_vs_eager"] = arms["fast"]["regions_per_s"] / arms["eager"]["regions_per_s"] if "eager" in arms else None
     if "eager" in arms:
         both = arms["eager"]["answers"]
@@ -249,9 +274,9 @@ def write(args, result: dict) -> Path:
 
 
 def format_table(result: dict) -> str:
-    rows = [("arm", "batch", "regions/s", "new tok/s", "ms/step", "prefill s/batch", "prepare s/batch", "first s", "peak GB")]
+    rows = [("arm", "batch", "regions/img", "regions/s", "new tok/s", "ms/step", "prefill s/batch", "prepare s/batch", "first s", "peak GB")]
     for a in result["arms"].values():
-        rows.append((a["arm"], str(a["batch_size"]), f"{a['regions_per_s']:.1f}", f"{a['new_tokens_per_s']:.0f}",
+        rows.append((a["arm"], str(a["batch_size"]), f"{a['regions_per_image']:.1f}", f"{a['regions_per_s']:.1f}", f"{a['new_tokens_per_s']:.0f}",
                      f"{a['ms_per_decode_step']:.1f}", f"{a['prefill_s_per_batch']:.3f}", f"{a['prepare_s_per_batch']:.3f}",
                      f"{a['first_batch_s']:.1f}", f"{a['peak_mem_gb']:.1f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -207,7 +207,8 @@ def run_eval_bench(*args, timeout=300):
 def test_eval_bench_tiny_cpu_run_times_both_arms_through_the_vg_harness(tmp_path):
     out = tmp_path / "eval.json"
     proc = run_eval_bench("--tiny", "--regions", "6", "--eager-regions", "4", "--eager-batch-size", "2",
-                          "--new-tokens", "3", "--images", "2", "--repeats", "1", "--out", str(out))
+                          "--unshared-regions", "4", "--new-tokens", "3", "--images", "2", "--repeats", "1",
+                          "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
     assert result["device"].startswith("CPU") and result["new_tokens_per_region"] == 3
@@ -219,6 +220,9 @@ def test_eval_bench_tiny_cpu_run_times_both_arms_through_the_vg_harness(tmp_path
     for key in ("new_tokens_per_s", "ms_per_decode_step", "prefill_s_per_batch", "prepare_s_per_batch", "peak_mem_gb"):
         assert isinstance(fast[key], float) and isinstance(eager[key], float), key
     assert result["answers_equal_fraction"] == 1.0  # fp32 on the CPU: the fast path answers as eager does
+    unshared = result["arms"]["fast_unshared"]
+    assert unshared["regions"] == 4 and result["regions_per_s_unshared"] == unshared["regions_per_s"] > 0
+    assert fast["regions_per_image"] == 3.0  # 6 regions of 2 synthetic images
     assert "fast vs eager" in proc.stdout
 
 
