@@ -20,7 +20,7 @@ decode steps see token ids only. Rows that ask about the same image (a VG or Pix
 regions of each image; :meth:`RegionCaptioner.plan` puts them in one batch) share that image's vision tower
 and region-encoder maps, and the prefill of their prompt up to the first region token
 (``share_prefix``): at 7B and 224 px a region's prompt costs ~4.4 TFLOP of prefill and its image ~2.3 TFLOP
-of vision tower and region maps, against ~0.1 TFLOP for the text after the region token.
+of vision tower and region maps, against ~0.15 TFLOP for the region and the text after it.
 
 The memory arithmetic (:func:`rows_for_memory`) picks how many prompts one batch holds: a token budget of
 KV-cache slots (2 x layers x KV heads x head dim per token) plus the prefill's activations, from the free
