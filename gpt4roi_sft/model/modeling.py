@@ -279,28 +279,51 @@ class GPT4RoIForCausalLM(GPT4RoIPreTrainedModel, GenerationMixin):
                                cache) -> None:
         """Fill ``cache`` (empty, B rows) with the keys and values of the prompts' common stretch: the tokens
         before the first ``<bbox>`` of any row, computed once per distinct stretch. Does nothing when no two
-        rows share it."""
+        rows share it.
+
+        A static cache is written in place, distinct stretches a few at a time, so the shared prefill never
+        holds more than an eighth of the cache's rows beside it; another cache gets all rows through ``update``.
+        """
         from transformers import DynamicCache
+        from transformers.cache_utils import StaticLayer
 
         if cache.get_seq_length() != 0:
             return
         is_bbox = input_ids == self.config.bbox_token_id
-        length = input_ids.shape[1]
+        batch, length = input_ids.shape
         first = torch.where(is_bbox.any(1), is_bbox.int().argmax(1), length)
         prefix = min(int(first.min()), length - 1)  # generate must prefill at least one token itself
         if prefix < 1:
             return
         rows, inverse = unique_rows(embeds[:, :prefix], attention_mask[:, :prefix])
-        if inverse is None:
+        if rows is None:
             return
-        # The positions transformers' generate gives a left-padded prompt: real tokens count from 0.
-        mask = attention_mask[rows, :prefix]
-        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        shared = DynamicCache(config=self.language_model.config)
-        self.language_model(inputs_embeds=embeds[rows, :prefix], attention_mask=mask, position_ids=positions,
-                            cache=shared, use_cache=True, logits_to_keep=1)
-        for layer_idx, layer in enumerate(shared.layers):
-            cache.update(layer.keys[inverse], layer.values[inverse], layer_idx)
+        text = self.language_model.config
+        static = all(type(layer) is StaticLayer for layer in cache.layers)  # plain full-attention layers
+        if static:
+            head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+            cache.early_initialization(batch_size=batch, num_heads=text.num_key_value_heads or text.num_attention_heads,
+                                       head_dim=head_dim, dtype=embeds.dtype, device=embeds.device)
+        step = max(1, batch // 8) if static else len(rows)
+        for start in range(0, len(rows), step):
+            chunk = rows[start:start + step]
+            # The positions transformers' generate gives a left-padded prompt: real tokens count from 0.
+            mask = attention_mask[chunk, :prefix]
+            positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            shared = DynamicCache(config=text)
+            self.language_model(inputs_embeds=embeds[chunk, :prefix], attention_mask=mask, position_ids=positions,
+                                cache=shared, use_cache=True, logits_to_keep=1)
+            targets = ((inverse >= start) & (inverse < start + len(chunk))).nonzero().squeeze(1)
+            local = inverse[targets] - start
+            for layer_idx, (layer, part) in enumerate(zip(cache.layers, shared.layers)):
+                if static:
+                    layer.keys[targets, :, :prefix] = part.keys[local]
+                    layer.values[targets, :, :prefix] = part.values[local]
+                else:
+                    cache.update(part.keys[local], part.values[local], layer_idx)
+        if static:
+            for layer in cache.layers:
+                layer.cumulative_length.fill_(prefix)
 
 
 def _equal_rows(*tensors: torch.Tensor):
