@@ -154,12 +154,22 @@ class RegionCaptioner:
         path when the captioner has one and no ``streamer`` is given, else eager ``generate``."""
         kwargs = {**self.generation_kwargs(), **generate_overrides}
         batch, n = self.prepare(requests), len(requests)
-        if self._slot is not None and kwargs.get("streamer") is None:
-            length = batch["input_ids"].shape[1] + kwargs["max_new_tokens"]
-            fast_kwargs, rows = self._slot.generate_kwargs(self.model.language_model, n, length)
-            batch = self._repeat_last_row(batch, rows - n)  # the static cache's shape
-            kwargs.update(fast_kwargs)
-        return self.generate(batch, **kwargs)[:n]
+        if self._slot is None or kwargs.get("streamer") is not None:
+            return self.generate(batch, **kwargs)
+        length = batch["input_ids"].shape[1] + kwargs["max_new_tokens"]
+        fast_kwargs, rows = self._slot.generate_kwargs(self.model.language_model, n, length)
+        batch = self._repeat_last_row(batch, rows - n)  # the static cache's shape
+        try:
+            return self.generate(batch, **kwargs, **fast_kwargs)[:n]
+        except Exception as exc:
+            if "compile_config" not in fast_kwargs or not _is_compile_failure(exc):
+                raise
+            # A machine where torch.compile cannot build (no compiler, a triton mismatch) still evaluates.
+            logger.warning("compiling the decode step failed (%s: %s); the run goes on with the static cache, "
+                           "uncompiled", type(exc).__name__, (str(exc).strip().splitlines() or [""])[0][:200])
+            self.fast.compile = False
+            fast_kwargs, rows = self._slot.generate_kwargs(self.model.language_model, rows, length)
+            return self.generate(batch, **kwargs, **fast_kwargs)[:n]
 
     def prepare(self, requests: Sequence[RegionRequest]):
         """The model inputs of ``requests``: left-padded, on the model's device and in its dtype.
@@ -324,6 +334,17 @@ class RegionCaptioner:
             worker.join()
         if failure:
             raise failure[0]
+
+
+def _is_compile_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) is ``torch.compile`` failing to trace or build."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    while exc is not None:
+        if isinstance(exc, TorchDynamoException):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _cancel_criterion(cancelled: Callable[[], bool]):

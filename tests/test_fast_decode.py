@@ -255,3 +255,18 @@ def test_rows_differing_in_one_element_are_never_shared():
     first, inverse = unique_rows(embeds, mask)
     assert inverse.tolist()[0] == inverse.tolist()[1] and len(set(inverse.tolist())) == 3
     assert first.tolist()[inverse[0]] == 0
+
+
+def test_a_decode_step_that_cannot_compile_falls_back_to_the_uncompiled_static_cache(eager, image, monkeypatch, caplog):
+    from torch._dynamo.exc import TorchDynamoException
+
+    def cannot_compile(config):
+        def compiled(*args, **kwargs):
+            raise TorchDynamoException("no C compiler")
+        return compiled
+
+    monkeypatch.setattr(eager.model.language_model, "get_compiled_call", cannot_compile)
+    fast = fast_twin(eager, compile=True)
+    requests = requests_of(image, 3)
+    assert fast(requests) == eager(requests)
+    assert fast.fast.compile is False and "compiling the decode step failed" in caplog.text
