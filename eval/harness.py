@@ -7,11 +7,13 @@ each item, the payload stored per answer, and the scoring. Everything around gen
 - :class:`HarnessConfig`: the fields every harness config has (subclass it, ``kw_only``);
 - :func:`add_model_args`, :func:`add_shard_args`, :func:`config_kwargs`, :func:`setup_run`: the command-line
   options behind those fields, and turning parsed options into them;
-- :func:`captioner_for` / :func:`captioner_from_args`: the model the options name, loaded on first use only;
+- :func:`captioner_for` / :func:`captioner_from_args`: the model the options name, loaded on first use only,
+  decoding on the fast path (static KV cache, compiled decode step; ``--eager`` for plain ``generate``);
 - :func:`shard`, :func:`open_store`, :func:`merge_shards`, :func:`require_complete`: one resumable
   :class:`~eval.prediction_store.PredictionStore` per shard (``OUT/<name>`` for one process,
   ``OUT/shards/<stem>.shard-III-of-KKK<suffixes>`` for several) and their merge;
-- :func:`generate_missing`: answer what a store lacks, batch by batch.
+- :func:`generate_missing`: answer what a store lacks, batch by batch (longest prompts first, ``--batch-size
+  auto`` sized from free device memory, when the captioner can plan: :meth:`RegionCaptioner.plan`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import argparse
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, TypeVar
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, TypeVar, Union
 
 from eval.prediction_store import PredictionStore
 from gpt4roi_sft.errors import ConfigError, DataError
@@ -39,19 +41,40 @@ class HarnessConfig:
     model: Optional[Path] = None
     adapter: Optional[Path] = None
     template: str = "gpt4roi_v0"
-    batch_size: int = 8
+    batch_size: Union[int, str] = "auto"  # prompts per batch, or "auto": from free device memory
     decode: DecodeSettings = field(default_factory=DecodeSettings)
+    eager: bool = False  # plain `generate` instead of the static-cache, compiled decode path
     shard_id: int = 0
     num_shards: int = 1
 
 
 # ---------------------------------------------------------------------------------------- command line
-def add_model_args(parser: argparse.ArgumentParser, *, batch_size: int = 8, max_new_tokens: int = 128) -> None:
-    """``--model --adapter --template --batch-size --max-new-tokens --do-sample --temperature --strip-prefix --seed``."""
+def batch_size_arg(text: str) -> Union[int, str]:
+    """``--batch-size``: a positive number of prompts, or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+    return value
+
+
+def add_model_args(parser: argparse.ArgumentParser, *, batch_size: Union[int, str] = "auto",
+                   max_new_tokens: int = 128) -> None:
+    """``--model --adapter --template --batch-size --eager --max-new-tokens --do-sample --temperature
+    --strip-prefix --seed``."""
     parser.add_argument("--model", type=Path, help="model directory (gpt4roi_sft.load_model)")
-    parser.add_argument("--adapter", type=Path, help="LoRA adapter directory applied with peft")
+    parser.add_argument("--adapter", type=Path, help="LoRA adapter directory, merged into the model in memory")
     parser.add_argument("--template", default="gpt4roi_v0")
-    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--batch-size", type=batch_size_arg, default=batch_size,
+                        help="prompts per batch, or 'auto' (default): as many as free GPU memory holds, at most 256 "
+                             "(8 on the CPU)")
+    parser.add_argument("--eager", action="store_true",
+                        help="decode with plain generate (dynamic KV cache, nothing compiled) instead of the static "
+                             "KV cache with a compiled decode step")
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     parser.add_argument("--do-sample", action="store_true", help="sample (GPT4RoI: temperature 0.2) instead of greedy")
     parser.add_argument("--temperature", type=float, default=GPT4ROI_TEMPERATURE)
@@ -82,7 +105,7 @@ def decode_settings_from_args(args: argparse.Namespace) -> DecodeSettings:
 def config_kwargs(args: argparse.Namespace) -> dict:
     """The :class:`HarnessConfig` fields from options added by :func:`add_model_args` (and :func:`add_shard_args`)."""
     kwargs = dict(out=args.out, model=args.model, adapter=args.adapter, template=args.template,
-                  batch_size=args.batch_size, decode=decode_settings_from_args(args))
+                  batch_size=args.batch_size, decode=decode_settings_from_args(args), eager=args.eager)
     if hasattr(args, "shard_id"):
         kwargs.update(shard_id=args.shard_id, num_shards=args.num_shards)
     return kwargs
@@ -93,8 +116,8 @@ def setup_run(args: argparse.Namespace) -> None:
     from gpt4roi_sft.console import setup_cli_logging
 
     setup_cli_logging()
-    if args.batch_size < 1 or args.max_new_tokens < 1:
-        raise ConfigError("--batch-size and --max-new-tokens must be at least 1")
+    if args.max_new_tokens < 1:
+        raise ConfigError("--max-new-tokens must be at least 1")
     if hasattr(args, "shard_id"):
         check_shard(args.shard_id, args.num_shards)
     if args.do_sample:
@@ -105,26 +128,35 @@ def setup_run(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------------- the model
 class LazyCaptioner:
-    """The captioner of ``config.model`` (+ ``config.adapter``), loaded on the first call.
+    """The captioner of ``config.model`` (+ ``config.adapter``, merged in memory), loaded on first use.
 
     A finished (or merging) run never pays for loading the model; without ``--model`` the first call
-    is a :class:`ConfigError`.
+    is a :class:`ConfigError`. It decodes on the fast path unless ``config.eager``.
     """
 
     def __init__(self, config: HarnessConfig):
         self.config = config
-        self._captioner: Optional[Captioner] = None
+        self._captioner = None
 
-    def __call__(self, requests: Sequence[RegionRequest]) -> List[str]:
+    @property
+    def captioner(self):
         if self._captioner is None:
             c = self.config
             if c.model is None:
                 raise ConfigError("--model is required to generate predictions")
+            from gpt4roi_sft.fast_decode import FastDecoding
             from gpt4roi_sft.infer import load_captioner
 
             self._captioner = load_captioner(str(c.model), c.template, c.decode,
-                                             adapter_dir=str(c.adapter) if c.adapter else None)
-        return self._captioner(requests)
+                                             adapter_dir=str(c.adapter) if c.adapter else None,
+                                             fast=None if c.eager else FastDecoding())
+        return self._captioner
+
+    def __call__(self, requests: Sequence[RegionRequest]) -> List[str]:
+        return self.captioner(requests)
+
+    def plan(self, requests: Sequence[RegionRequest], batch_size: Union[int, str]) -> List[List[int]]:
+        return self.captioner.plan(requests, batch_size)
 
 
 def captioner_for(config: HarnessConfig) -> Captioner:
@@ -184,21 +216,35 @@ def require_complete(keys: Iterable[str], records: Dict[str, dict], out: Path) -
 # ------------------------------------------------------------------------------------------ generation
 def generate_missing(items: Sequence[Item], store: PredictionStore, captioner: Captioner, *,
                      key: Callable[[Item], str], request: Callable[[Item], RegionRequest],
-                     payload: Callable[[Item, RegionRequest, str], dict], batch_size: int, desc: str) -> int:
-    """Answer every item whose ``key`` is not in ``store``, ``batch_size`` at a time; return how many were answered.
+                     payload: Callable[[Item, RegionRequest, str], dict], batch_size: Union[int, str],
+                     desc: str) -> int:
+    """Answer every item whose ``key`` is not in ``store``, batch by batch; return how many were answered.
 
-    Each batch is stored (and fsynced) before the next starts, so a killed run loses at most one batch.
+    A captioner with a ``plan(requests, batch_size)`` method (:class:`~gpt4roi_sft.infer.RegionCaptioner`)
+    orders the batches (longest prompts first) and sizes them (``"auto"``); any other callable gets the items
+    in order, ``batch_size`` at a time (8 for ``"auto"``). Each batch is stored (and fsynced) before the next
+    starts, so a killed run loses at most one batch.
     """
     from tqdm import tqdm
 
     todo = [it for it in items if key(it) not in store]
     if todo and len(todo) < len(items):
         logger.info("resuming: %d of %d items already done", len(items) - len(todo), len(items))
-    for start in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch", disable=not todo):
-        batch = todo[start:start + batch_size]
-        requests = [request(it) for it in batch]
-        answers = captioner(requests)
-        if len(answers) != len(batch):
-            raise RuntimeError(f"captioner returned {len(answers)} answers for {len(batch)} requests")
-        store.append((key(it), payload(it, r, a)) for it, r, a in zip(batch, requests, answers))
+    if not todo:
+        return 0
+    requests = [request(it) for it in todo]
+    plan = getattr(captioner, "plan", None)
+    if plan is not None:
+        batches = plan(requests, batch_size)
+    else:
+        rows = 8 if batch_size == "auto" else int(batch_size)
+        batches = [list(range(start, min(start + rows, len(todo)))) for start in range(0, len(todo), rows)]
+    with tqdm(total=len(todo), desc=desc, unit="item") as progress:
+        for batch in batches:
+            asked = [requests[i] for i in batch]
+            answers = captioner(asked)
+            if len(answers) != len(batch):
+                raise RuntimeError(f"captioner returned {len(answers)} answers for {len(batch)} requests")
+            store.append((key(todo[i]), payload(todo[i], r, a)) for i, r, a in zip(batch, asked, answers))
+            progress.update(len(batch))
     return len(todo)

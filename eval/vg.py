@@ -20,7 +20,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from eval import harness
 from eval.caption_metrics import format_metrics_table, score_captions, scoring_unavailable_reason
@@ -140,8 +140,9 @@ def _sample(entry: dict, ann: Optional[dict], image_root: Optional[Path]) -> VGS
 
 
 def generate_predictions(samples: Sequence[VGSample], captioner: Captioner, store: PredictionStore,
-                         prompt: str = DEFAULT_PROMPT, batch_size: int = 8) -> int:
-    """Caption every sample not yet in ``store``, ``batch_size`` at a time; return how many were generated."""
+                         prompt: str = DEFAULT_PROMPT, batch_size: Union[int, str] = "auto") -> int:
+    """Caption every sample not yet in ``store``, ``batch_size`` at a time (``"auto"``: as many as memory
+    holds, when the captioner can plan); return how many were generated."""
     return harness.generate_missing(samples, store, captioner, key=lambda s: str(s.sample_id),
                                     request=lambda s: RegionRequest(s.image_path, prompt, [s.box]),
                                     payload=lambda s, request, answer: {"caption": answer},
@@ -244,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="human turn with <image> and one <bbox>")
     p.add_argument("--spice-jars", type=Path, help="folder with stanford-corenlp-3.6.0.jar and -models.jar")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) bad samples instead of stopping")
-    harness.add_model_args(p, batch_size=8, max_new_tokens=64)
+    harness.add_model_args(p, max_new_tokens=64)
     harness.add_shard_args(p)
     return p
 

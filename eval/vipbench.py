@@ -34,7 +34,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -229,7 +229,7 @@ def make_request(q: VipQuestion, mode: str, backticks: bool = False) -> RegionRe
 
 
 def generate_answers(questions: Sequence[VipQuestion], captioner: Captioner, store: PredictionStore, mode: str,
-                     batch_size: int = 4, backticks: bool = False) -> int:
+                     batch_size: Union[int, str] = "auto", backticks: bool = False) -> int:
     """Answer every question not yet in ``store``; return how many were generated."""
     def payload(q: VipQuestion, request: RegionRequest, answer: str) -> dict:
         return {"question_id": q.question_id, "prompt": request.prompt, "boxes": request.boxes, "text": answer}
@@ -328,7 +328,6 @@ class VipBenchConfig(HarnessConfig):
     data: Path
     split: str
     mode: str = "region"
-    batch_size: int = 4
     decode: DecodeSettings = field(default_factory=lambda: DecodeSettings(max_new_tokens=256))
     backticks: bool = False
     judge: Optional[JudgeSettings] = None
@@ -395,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--mode", choices=MODES, default="region", help="region: source image + boxes (default); visual: drawn image")
     p.add_argument("--backtick-regions", action="store_true", help="write `regionN <bbox>` with backticks as Pix2Cap's script")
-    harness.add_model_args(p, batch_size=4, max_new_tokens=256)
+    harness.add_model_args(p, max_new_tokens=256)
     harness.add_shard_args(p)
     p.add_argument("--judge-base-url", help="OpenAI-compatible API base, e.g. http://127.0.0.1:8000/v1; "
                                             "key from JUDGE_API_KEY, else OPENAI_API_KEY")

@@ -61,6 +61,8 @@ class DecodeSettings:
     """How to decode. Greedy by default; ``do_sample=True, temperature=0.2`` is GPT4RoI's setting."""
 
     max_new_tokens: int = 128
+    # Benchmarks force a length (random weights end answers at random); 0 lets EOS end an answer at once.
+    min_new_tokens: int = 0
     do_sample: bool = False
     temperature: float = GPT4ROI_TEMPERATURE
     top_p: Optional[float] = None
@@ -100,19 +102,31 @@ class RegionCaptioner:
 
     ``model`` and ``processor`` come from ``gpt4roi_sft.load_model``; ``template`` names a conversation
     template of ``gpt4roi_sft.conversation``. Calling the captioner with N requests returns N strings.
+
+    ``fast`` (a :class:`~gpt4roi_sft.fast_decode.FastDecoding`) decodes with a static KV cache and a compiled
+    decode step (:mod:`gpt4roi_sft.fast_decode`); greedy answers are those of the eager path. A call given a
+    ``streamer`` decodes eagerly (one request, token by token: nothing to gain from a compiled step).
+    :meth:`plan` orders a run's requests into batches for either path.
     """
 
-    def __init__(self, model, processor, template: str = "gpt4roi_v0", settings: Optional[DecodeSettings] = None):
+    def __init__(self, model, processor, template: str = "gpt4roi_v0", settings: Optional[DecodeSettings] = None,
+                 fast=None):
         from gpt4roi_sft.conversation import build_prompt, stop_strings
 
         self.model = model
         self.processor = processor
         self.template = template
         self.settings = settings or DecodeSettings()
+        self.fast = fast
         self._build_prompt = build_prompt
         self._stops = list(stop_strings(template))
         # PeftModel forwards .config to its base model
         self.needs_masks = getattr(getattr(model, "config", None), "region_mode", "box") != "box"
+        self._slot = None
+        if fast is not None:
+            from gpt4roi_sft.fast_decode import StaticCacheSlot
+
+            self._slot = StaticCacheSlot(fast)
 
     def render(self, request: RegionRequest) -> str:
         """The full prompt text for one request (system, human turn, open assistant turn)."""
@@ -120,8 +134,11 @@ class RegionCaptioner:
         return self._build_prompt(self.template, messages, tokenizer=getattr(self.processor, "tokenizer", None))
 
     def generation_kwargs(self) -> dict:
+        """``generate`` arguments of the settings; decoding ends a row at EOS or at a stop string."""
         s = self.settings
-        kwargs = {"max_new_tokens": s.max_new_tokens, "do_sample": s.do_sample}
+        kwargs = {"max_new_tokens": s.max_new_tokens, "do_sample": s.do_sample, **self.stop_kwargs()}
+        if s.min_new_tokens:
+            kwargs["min_new_tokens"] = s.min_new_tokens
         if s.do_sample:
             kwargs["temperature"] = s.temperature
             if s.top_p is not None:
@@ -134,14 +151,47 @@ class RegionCaptioner:
     def __call__(self, requests: Sequence[RegionRequest], **generate_overrides) -> List[str]:
         """Answers for ``requests``; ``generate_overrides`` (e.g. ``max_new_tokens``, ``streamer``,
         ``stopping_criteria``) replace or extend :meth:`generation_kwargs` for this call."""
-        import torch
+        if not requests:
+            return []
+        return self.decode(self.new_tokens(requests, **generate_overrides))
+
+    def new_tokens(self, requests: Sequence[RegionRequest], **generate_overrides):
+        """The generated token ids (len(requests), T) of ``requests``, padded after a row's end; the fast
+        path when the captioner has one and no ``streamer`` is given, else eager ``generate``."""
+        batch, n = self.prepare(requests), len(requests)  # first: bad requests fail before anything runs
+        kwargs = {**self.generation_kwargs(), **generate_overrides}
+        if self._slot is None or kwargs.get("streamer") is not None:
+            return self.generate(batch, **kwargs)
+        length = batch["input_ids"].shape[1] + kwargs["max_new_tokens"]
+        fast_kwargs, rows = self._slot.generate_kwargs(self.model.language_model, n, length)
+        batch = self._repeat_last_row(batch, rows - n)  # the static cache's shape
+        try:
+            return self.generate(batch, **kwargs, **fast_kwargs)[:n]
+        except Exception as exc:
+            if "compile_config" not in fast_kwargs or not _is_compile_failure(exc):
+                raise
+            # A machine where torch.compile cannot build (no compiler, a triton mismatch) still evaluates.
+            logger.warning("compiling the decode step failed (%s: %s); the run goes on with the static cache, "
+                           "uncompiled", type(exc).__name__, (str(exc).strip().splitlines() or [""])[0][:200])
+            self.fast.compile = False
+            fast_kwargs, rows = self._slot.generate_kwargs(self.model.language_model, rows, length)
+            return self.generate(batch, **kwargs, **fast_kwargs)[:n]
+
+    def prepare(self, requests: Sequence[RegionRequest]):
+        """The model inputs of ``requests``: left-padded, on the model's device and in its dtype.
+
+        Images are opened on a few threads: decoding JPEGs is the largest host cost of a batch.
+        """
+        from concurrent.futures import ThreadPoolExecutor
 
         from gpt4roi_sft.data.model_inputs import move_to_device
 
-        if not requests:
-            return []
         texts = [self.render(r) for r in requests]
-        images = [_open_rgb(r.image) for r in requests]
+        if len(requests) > 1:
+            with ThreadPoolExecutor(max_workers=min(8, len(requests))) as pool:
+                images = list(pool.map(_open_rgb, [r.image for r in requests]))
+        else:
+            images = [_open_rgb(r.image) for r in requests]
         boxes = [[list(map(float, b)) for b in r.boxes] for r in requests]
         region_masks = None
         if self.needs_masks:
@@ -153,15 +203,76 @@ class RegionCaptioner:
         batch = self.processor(images=images, texts=texts, boxes=boxes, region_masks=region_masks,
                                padding_side="left", clip_boxes=True)
         param = next(self.model.parameters())
-        batch = move_to_device(batch, param.device, param.dtype)
+        return move_to_device(batch, param.device, param.dtype)
+
+    def generate(self, batch, **kwargs):
+        """The new tokens (B, T) that ``model.generate`` gives for a prepared ``batch``."""
+        import torch
+
         with torch.inference_mode():
-            out = self.model.generate(**batch, **{**self.generation_kwargs(), **generate_overrides})
-        new_tokens = _new_tokens(out, batch["input_ids"])
+            out = self.model.generate(**batch, **kwargs)
+        return _new_tokens(out, batch["input_ids"])
+
+    def decode(self, new_tokens) -> List[str]:
+        """Answers from new tokens: cut at the template's stop strings, prefix stripped when the settings ask."""
         decoded = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         answers = [cut_at_stop_strings(t, self._stops) for t in decoded]
         if self.settings.strip_prefix:
             answers = [strip_answer_prefix(a) for a in answers]
         return answers
+
+    def _repeat_last_row(self, batch, copies: int):
+        """``batch`` with ``copies`` more rows, each a copy of its last (with that row's images and boxes)."""
+        import torch
+
+        if copies <= 0:
+            return batch
+        ids = batch["input_ids"]
+        images = int((ids[-1] == self.processor.image_token_id).sum()) // self.processor.num_image_tokens
+        out = dict(batch)
+        out["input_ids"] = torch.cat([ids, ids[-1:].expand(copies, -1)])
+        out["attention_mask"] = torch.cat([batch["attention_mask"], batch["attention_mask"][-1:].expand(copies, -1)])
+        if images:
+            pixels = batch["pixel_values"][-images:]
+            out["pixel_values"] = torch.cat([batch["pixel_values"]] + [pixels] * copies)
+            for key in ("boxes", "region_masks"):
+                if batch.get(key) is not None:
+                    out[key] = list(batch[key]) + list(batch[key][-images:]) * copies
+        return out
+
+    def plan(self, requests: Sequence[RegionRequest], batch_size: Union[int, str] = "auto") -> List[List[int]]:
+        """Batches of indices into ``requests``: longest prompts first, then by image, ``batch_size`` per batch.
+
+        Sorting puts prompts of nearly one length together (little padding), makes the first batch the
+        longest, so the fast path's static cache has its final size from the first call on, and puts the
+        questions about one image side by side, where the fast path shares the image's work. ``"auto"``:
+        as many rows as the free device memory holds for the longest prompt and ``max_new_tokens`` each
+        (:func:`~gpt4roi_sft.fast_decode.rows_for_memory`), at most ``FastDecoding.max_rows`` (256 for the
+        eager path); :data:`~gpt4roi_sft.fast_decode.CPU_ROWS` on the CPU.
+        """
+        lengths = [self.prompt_length(r) for r in requests]
+        images = [str(r.image) if isinstance(r.image, (str, Path)) else f"<{id(r.image)}>" for r in requests]
+        order = sorted(range(len(requests)), key=lambda i: (-lengths[i], images[i]))
+        if not order:
+            return []
+        rows = self.auto_batch_size(lengths[order[0]]) if batch_size == "auto" else int(batch_size)
+        if rows < 1:
+            raise ValueError(f"batch_size must be at least 1 or 'auto', got {batch_size!r}")
+        return [order[i:i + rows] for i in range(0, len(order), rows)]
+
+    def auto_batch_size(self, longest_prompt: int) -> int:
+        """Rows per batch for prompts of up to ``longest_prompt`` tokens, from the free device memory."""
+        from gpt4roi_sft.fast_decode import CPU_ROWS, FastDecoding, available_bytes, rows_for_memory
+
+        fast = self.fast or FastDecoding()
+        param = next(self.model.parameters())
+        free = available_bytes(param.device, self._slot.held_bytes if self._slot is not None else 0)
+        if free is None:
+            return CPU_ROWS
+        rows = rows_for_memory(free * fast.memory_fraction, longest_prompt, self.settings.max_new_tokens,
+                               self.model.config, param.dtype, fast.max_rows, fast.length_multiple)
+        logger.info("batch size %d (%.1f GiB free, prompts of up to %d tokens)", rows, free / 2**30, longest_prompt)
+        return rows
 
     def prompt_length(self, request: RegionRequest, tokenizer=None) -> int:
         """Tokens the model reads for ``request``: its rendered prompt with each ``<image>`` expanded.
@@ -236,6 +347,17 @@ class RegionCaptioner:
             worker.join()
         if failure:
             raise failure[0]
+
+
+def _is_compile_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) is ``torch.compile`` failing to trace or build."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    while exc is not None:
+        if isinstance(exc, TorchDynamoException):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _cancel_criterion(cancelled: Callable[[], bool]):
@@ -355,22 +477,41 @@ def chat_request(image: ImageLike, messages: Sequence[dict], boxes: Sequence[Seq
 
 def load_captioner(model_dir: str, template: str = "gpt4roi_v0", settings: Optional[DecodeSettings] = None,
                    adapter_dir: Optional[str] = None, device: Optional[str] = None,
-                   torch_dtype=None) -> RegionCaptioner:
-    """Load a model directory (optionally with a LoRA adapter applied by ``peft``) into a captioner.
+                   torch_dtype=None, fast=None) -> RegionCaptioner:
+    """Load a model directory (optionally with a LoRA adapter merged into it) into a captioner.
 
     ``device`` defaults to CUDA when present; weights load in ``torch_dtype`` (a dtype or its name), by default
-    :func:`inference_dtype` of the device: bf16 on CUDA, fp32 on the CPU.
+    :func:`inference_dtype` of the device: bf16 on CUDA, fp32 on the CPU. ``adapter_dir`` is merged into the
+    base weights in memory (:func:`merge_adapter`; the files on disk are untouched), so generation never runs
+    through unmerged ``peft`` layers. ``fast``: a :class:`~gpt4roi_sft.fast_decode.FastDecoding` for the
+    static-cache, compiled decode path (``None``: eager ``generate``).
     """
     import torch
 
     from gpt4roi_sft import load_model
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, processor = load_model(model_dir, torch_dtype=inference_dtype(device, torch_dtype))
+    dtype = inference_dtype(device, torch_dtype)
+    # With an adapter the base loads in fp32, the adapter is added in fp32 and the sum is rounded once to `dtype`:
+    # the weights an fp32 merged export gives when it is loaded in `dtype`.
+    model, processor = load_model(model_dir, torch_dtype=torch.float32 if adapter_dir else dtype)
     if adapter_dir:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter_dir)
-        logger.info("applied adapter %s", adapter_dir)
+        model = merge_adapter(model, adapter_dir).to(dtype)
     model = model.to(device).eval()
-    return RegionCaptioner(model, processor, template=template, settings=settings)
+    return RegionCaptioner(model, processor, template=template, settings=settings, fast=fast)
+
+
+def merge_adapter(model, adapter_dir: str):
+    """``model`` with the LoRA adapter of ``adapter_dir`` merged into its weights (``peft``'s
+    ``merge_and_unload``): plain ``nn.Linear`` layers again, and the adapter's trained copies of whole modules
+    (``modules_to_save``: region encoder, projector) in place of the base's. Merging happens in the model's
+    dtype, on its device; the adapter files are only read."""
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    left = [name for name, module in merged.named_modules() if isinstance(module, BaseTunerLayer)]
+    if left:
+        raise RuntimeError(f"{adapter_dir}: {len(left)} adapter layer(s) were not merged, e.g. {left[0]}")
+    logger.info("merged adapter %s", adapter_dir)
+    return merged

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # VG region captioning (GLaMM's protocol): generate, then score with pycocoevalcap.
 # Usage: bash scripts/eval_vg.sh --model DIR --annotations FILE --image-root DIR --out DIR
-#          [--adapter DIR] [--batch-size N] [--max-new-tokens N] [--spice-jars DIR] [--prompt STR]
+#          [--adapter DIR] [--batch-size N|auto] [--eager] [--max-new-tokens N] [--spice-jars DIR] [--prompt STR]
 #          [--template gpt4roi_v0] [--do-sample --temperature 0.2] [--skip-bad]
 #          [--shard-id I --num-shards K]     then: bash scripts/eval_vg.sh merge --annotations FILE --out DIR --num-shards K
 # Writes OUT/predictions.json, metrics.json, metrics.txt, summary.json; a rerun resumes.

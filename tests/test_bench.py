@@ -199,6 +199,39 @@ def test_real_shape_mode_refuses_to_run_on_cpu(tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
+def run_eval_bench(*args, timeout=300):
+    cmd = [sys.executable, str(REPO / "bench" / "eval_throughput.py"), *args]
+    return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def test_eval_bench_tiny_cpu_run_times_both_arms_through_the_vg_harness(tmp_path):
+    out = tmp_path / "eval.json"
+    proc = run_eval_bench("--tiny", "--regions", "6", "--eager-regions", "4", "--eager-batch-size", "2",
+                          "--unshared-regions", "4", "--new-tokens", "3", "--images", "2", "--repeats", "1",
+                          "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["device"].startswith("CPU") and result["new_tokens_per_region"] == 3
+    assert result["regions_per_s"] == result["arms"]["fast"]["regions_per_s"] > 0
+    fast, eager = result["arms"]["fast"], result["arms"]["eager"]
+    assert (fast["regions"], eager["regions"], eager["batch_size"]) == (6, 4, 2)
+    assert fast["batch_size"] == 8  # --batch-size auto on the CPU
+    assert fast["new_tokens"] == 6 * 3 and eager["new_tokens"] == 4 * 3  # min_new_tokens forces the length
+    for key in ("new_tokens_per_s", "ms_per_decode_step", "prefill_s_per_batch", "prepare_s_per_batch", "peak_mem_gb"):
+        assert isinstance(fast[key], float) and isinstance(eager[key], float), key
+    assert result["answers_equal_fraction"] == 1.0  # fp32 on the CPU: the fast path answers as eager does
+    unshared = result["arms"]["fast_unshared"]
+    assert unshared["regions"] == 4 and result["regions_per_s_unshared"] == unshared["regions_per_s"] > 0
+    assert fast["regions_per_image"] == 3.0  # 6 regions of 2 synthetic images
+    assert "fast vs eager" in proc.stdout
+
+
+def test_eval_bench_7b_mode_refuses_to_run_on_cpu(tmp_path):
+    proc = run_eval_bench("--out", str(tmp_path / "x.json"), timeout=120)
+    assert proc.returncode != 0 and "needs a CUDA GPU" in proc.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_data_loading_bench_writes_samples_per_second(tmp_path):
     out = tmp_path / "loading.json"
     cmd = [sys.executable, str(REPO / "bench" / "data_loading.py"), "--images", "4", "--workers", "0", "--passes", "1",

@@ -169,3 +169,26 @@ def test_stream_raises_the_decoding_error(captioner, image, monkeypatch):
     req = RegionRequest(image, GPT4ROI_PREAMBLE + "What is region1 <bbox>?", [BOXES[0]])
     with pytest.raises(RuntimeError, match="device lost"):
         list(captioner.stream(req))
+
+
+def test_an_adapter_is_merged_in_memory_and_its_files_are_left_as_they_were(tiny_model_dir, image, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from gpt4roi_sft import load_model
+
+    base, processor = load_model(tiny_model_dir)
+    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                           init_lora_weights=False))  # random B: the adapter changes the outputs
+    lora.save_pretrained(str(tmp_path / "adapter"))
+    files = {f.name: f.read_bytes() for f in (tmp_path / "adapter").iterdir()}
+    merged = load_captioner(tiny_model_dir, adapter_dir=str(tmp_path / "adapter"), device="cpu")
+    assert not any(isinstance(m, BaseTunerLayer) for m in merged.model.modules())
+    assert {f.name: f.read_bytes() for f in (tmp_path / "adapter").iterdir()} == files
+    req = RegionRequest(image, GPT4ROI_PREAMBLE + "What is region1 <bbox>?", [BOXES[0]])
+    batch = merged.prepare([req])
+    plain, _ = load_model(tiny_model_dir)
+    with torch.no_grad():
+        want = lora.eval()(**batch).logits
+        assert (want - plain.eval()(**batch).logits).abs().max() > 1e-2, "the adapter should change the outputs"
+        assert torch.allclose(merged.model(**batch).logits, want, atol=1e-4)

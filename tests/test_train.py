@@ -118,6 +118,7 @@ def test_evaluating_base_plus_adapter_generates_what_the_merged_export_generates
     prompt = "The <image> provides an overview of the picture.\nCan you give a description of the region mentioned by region1 <bbox>?"
     requests = [RegionRequest(str(img), prompt, [[4, 4, 60, 60]]) for img in images]
     assert with_adapter(requests) == merged(requests)
+    assert type(with_adapter.model) is type(merged.model), "the adapter is merged in memory, not run through peft"
 
 
 def test_zero3_full_finetune_two_processes_gathers_full_weights_and_exports(tiny_model_dir, synthetic_pix2cap, tmp_path):

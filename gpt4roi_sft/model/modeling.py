@@ -119,8 +119,13 @@ class GPT4RoIForCausalLM(GPT4RoIPreTrainedModel, GenerationMixin):
         pixel_values: Optional[torch.Tensor] = None,
         boxes: Optional[list[torch.Tensor]] = None,
         region_masks: Optional[list[torch.Tensor]] = None,
+        share_images: bool = False,
     ) -> torch.Tensor:
         """Token embeddings (B, L, D) with image features and region tokens written in place.
+
+        ``share_images`` (generation): images that are equal pixel for pixel go through the vision tower and
+        the region encoder's multi-level maps once, with the boxes of all their rows (GPT4RoI's maps cost
+        ~2 TFLOP per image at 224 px, more than the prefill of a VG prompt's text).
 
         Raises ``ValueError`` when image-token runs and images, or ``<bbox>`` tokens and boxes, disagree
         in number (both counts are named).
@@ -151,8 +156,13 @@ class GPT4RoIForCausalLM(GPT4RoIPreTrainedModel, GenerationMixin):
 
         if not have_images:  # keep the vision/region path in the graph (ZeRO-3): a dummy image, weight 0
             pixel_values = embeds.new_zeros(1, 3, cfg.image_size, cfg.image_size)
+        inverse = None
+        if share_images and have_images:
+            pixel_values, inverse = unique_images(pixel_values)
         hidden_states = self._vision_hidden_states(pixel_values)
         image_features = self.multi_modal_projector(hidden_states[cfg.vision_feature_layer][:, 1:]).to(embeds.dtype)
+        if inverse is not None:
+            image_features = image_features[inverse]
         if have_images:
             embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
         else:
@@ -165,7 +175,13 @@ class GPT4RoIForCausalLM(GPT4RoIPreTrainedModel, GenerationMixin):
                 raise ValueError(f"region_mode {cfg.region_mode!r} needs region_masks")
             # Boxes and masks may arrive on the host (processor output); the encoder runs where the embeddings are.
             masks = [m.to(embeds.device) for m in region_masks] if needs_masks else None
-            region_tokens = self.region_encoder(layer_features, [b.to(embeds.device) for b in boxes], masks)
+            boxes = [b.to(embeds.device) for b in boxes]
+            if inverse is not None:
+                boxes, masks, order = regions_by_image(boxes, masks, inverse)
+                region_tokens = self.region_encoder(layer_features, boxes, masks)
+                region_tokens = region_tokens.new_empty(region_tokens.shape).index_copy_(0, order, region_tokens)
+            else:
+                region_tokens = self.region_encoder(layer_features, boxes, masks)
             embeds = embeds.masked_scatter(bbox_mask.unsqueeze(-1), region_tokens.to(embeds.dtype))
         else:
             first = [f[:1] for f in layer_features]
@@ -236,18 +252,142 @@ class GPT4RoIForCausalLM(GPT4RoIPreTrainedModel, GenerationMixin):
         pixel_values: Optional[torch.Tensor] = None,
         boxes: Optional[list[torch.Tensor]] = None,
         region_masks: Optional[list[torch.Tensor]] = None,
+        share_prefix: bool = False,
         **generate_kwargs,
     ) -> torch.LongTensor:
         """Decode after a (left-padded) multimodal prompt; returns only the new tokens (B, T_new).
 
         The prompt is embedded once with its image and regions; decoding then runs in the language model
         with its KV cache. ``generate_kwargs`` are those of ``transformers``' ``generate``
-        (``max_new_tokens``, ``do_sample``, ``temperature``, ``eos_token_id``, ...).
+        (``max_new_tokens``, ``do_sample``, ``temperature``, ``eos_token_id``, ``cache``, ...).
+
+        ``share_prefix`` (with an empty ``cache`` of B rows): rows that show the same image share its vision
+        tower and region maps, and rows whose prompts agree up to the first ``<bbox>`` (same tokens, same
+        image: every region question about one image) are prefilled up to there once, their keys and values
+        copied into each row's cache; ``generate`` then prefills only the rest. Exact arithmetic gives the
+        same tokens; in floating point the shared rows' prefill runs in a smaller batch.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        embeds = self.embed_multimodal(input_ids, pixel_values, boxes, region_masks)
+        embeds = self.embed_multimodal(input_ids, pixel_values, boxes, region_masks, share_images=share_prefix)
+        cache = generate_kwargs.get("cache")
+        if share_prefix and cache is not None:
+            self._prefill_shared_prefix(embeds, input_ids, attention_mask, cache)
         return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+
+    def _prefill_shared_prefix(self, embeds: torch.Tensor, input_ids: torch.LongTensor, attention_mask: torch.Tensor,
+                               cache) -> None:
+        """Fill ``cache`` (empty, B rows) with the keys and values of the prompts' common stretch: the tokens
+        before the first ``<bbox>`` of any row, computed once per distinct stretch. Does nothing when no two
+        rows share it.
+
+        A static cache is written in place, distinct stretches a few at a time, so the shared prefill never
+        holds more than an eighth of the cache's rows beside it; another cache gets all rows through ``update``.
+        """
+        from transformers import DynamicCache
+        from transformers.cache_utils import StaticLayer
+
+        if cache.get_seq_length() != 0:
+            return
+        is_bbox = input_ids == self.config.bbox_token_id
+        batch, length = input_ids.shape
+        first = torch.where(is_bbox.any(1), is_bbox.int().argmax(1), length)
+        prefix = min(int(first.min()), length - 1)  # generate must prefill at least one token itself
+        if prefix < 1:
+            return
+        rows, inverse = unique_rows(embeds[:, :prefix], attention_mask[:, :prefix])
+        if rows is None:
+            return
+        text = self.language_model.config
+        static = all(type(layer) is StaticLayer for layer in cache.layers)  # plain full-attention layers
+        if static:
+            head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+            cache.early_initialization(batch_size=batch, num_heads=text.num_key_value_heads or text.num_attention_heads,
+                                       head_dim=head_dim, dtype=embeds.dtype, device=embeds.device)
+        step = max(1, batch // 8) if static else len(rows)
+        for start in range(0, len(rows), step):
+            chunk = rows[start:start + step]
+            # The positions transformers' generate gives a left-padded prompt: real tokens count from 0.
+            mask = attention_mask[chunk, :prefix]
+            positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            shared = DynamicCache(config=text)
+            self.language_model(inputs_embeds=embeds[chunk, :prefix], attention_mask=mask, position_ids=positions,
+                                cache=shared, use_cache=True, logits_to_keep=1)
+            targets = ((inverse >= start) & (inverse < start + len(chunk))).nonzero().squeeze(1)
+            local = inverse[targets] - start
+            for layer_idx, (layer, part) in enumerate(zip(cache.layers, shared.layers)):
+                if static:
+                    layer.keys[targets, :, :prefix] = part.keys[local]
+                    layer.values[targets, :, :prefix] = part.values[local]
+                else:
+                    cache.update(part.keys[local], part.values[local], layer_idx)
+        if static:
+            for layer in cache.layers:
+                layer.cumulative_length.fill_(prefix)
+
+
+def _equal_rows(*tensors: torch.Tensor):
+    """``(representatives, inverse)`` of the rows (first dimension) that are equal bit for bit in every one of
+    ``tensors``: ``t[representatives][inverse] == t`` for each; ``(None, None)`` when all rows differ.
+
+    Rows are grouped by a hash of their bits (integer arithmetic, so equal rows hash alike whatever order a
+    reduction takes), then checked against their group's first row: a hash collision costs the sharing, it
+    never merges rows that differ.
+    """
+    n, device = tensors[0].shape[0], tensors[0].device
+    bits = [t.reshape(n, -1).contiguous().view(torch.int16) for t in tensors]  # every dtype here is >= 16 bits
+    generator = torch.Generator().manual_seed(0)
+    signature = torch.zeros(n, dtype=torch.int64, device=device)
+    for b in bits:
+        for start in range(0, b.shape[1], _HASH_CHUNK):
+            part = b[:, start:start + _HASH_CHUNK].long()
+            coeff = torch.randint(1, 2**16, (part.shape[1],), generator=generator).to(device)
+            signature = (signature + (part * coeff).sum(1)) % _HASH_PRIME  # |sum| < 2^47: no overflow
+    _, inverse = torch.unique(signature, return_inverse=True)
+    distinct = int(inverse.max()) + 1
+    if distinct == n:
+        return None, None
+    first = torch.full((distinct,), n, device=device).scatter_reduce(0, inverse, torch.arange(n, device=device), "amin")
+    source = first[inverse]
+    for b in bits:
+        for start in range(0, b.shape[1], _HASH_CHUNK):
+            part = b[:, start:start + _HASH_CHUNK]
+            if not torch.equal(part[source], part):
+                return None, None
+    return first, inverse
+
+
+_HASH_CHUNK = 1 << 16
+_HASH_PRIME = (1 << 61) - 1
+
+
+def unique_images(pixel_values: torch.Tensor):
+    """``(distinct images (U, 3, S, S), inverse (I,))`` with ``distinct[inverse] == pixel_values``;
+    ``(pixel_values, None)`` when no two images are equal."""
+    first, inverse = _equal_rows(pixel_values)
+    return (pixel_values, None) if first is None else (pixel_values[first], inverse)
+
+
+def unique_rows(embeds: torch.Tensor, attention_mask: torch.Tensor):
+    """``(representative rows (U,), inverse (B,))`` of rows whose embeddings (B, P, D) and mask (B, P) are
+    equal; ``(None, None)`` when all rows differ."""
+    return _equal_rows(embeds, attention_mask)
+
+
+def regions_by_image(boxes: list[torch.Tensor], masks: Optional[list[torch.Tensor]], inverse: torch.Tensor):
+    """The boxes (and masks) of I images regrouped onto their U distinct images, and ``order``: for each
+    region in the regrouped order, its index in the original (image order, then box order)."""
+    distinct = int(inverse.max()) + 1
+    starts = [0]
+    for b in boxes:
+        starts.append(starts[-1] + len(b))
+    runs = [[] for _ in range(distinct)]
+    for image, u in enumerate(inverse.tolist()):
+        runs[u].append(image)
+    grouped_boxes = [torch.cat([boxes[i] for i in runs[u]]) for u in range(distinct)]
+    grouped_masks = [torch.cat([masks[i] for i in runs[u]]) for u in range(distinct)] if masks is not None else None
+    order = [k for u in range(distinct) for i in runs[u] for k in range(starts[i], starts[i + 1])]
+    return grouped_boxes, grouped_masks, torch.tensor(order, device=inverse.device)
 
 
 __all__ = ["GPT4RoIForCausalLM", "GPT4RoIPreTrainedModel", "MultiModalProjector", "default_attn_implementation"]
