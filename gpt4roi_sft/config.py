@@ -267,11 +267,18 @@ def parse_override(item: str) -> Tuple[List[str], Any]:
 
 
 def parse_deepspeed_override(item: str) -> Tuple[List[str], Any]:
-    """``"zero_optimization.overlap_comm=false"`` -> (["zero_optimization", "overlap_comm"], False)."""
+    """``"zero_optimization.overlap_comm=false"`` -> (["zero_optimization", "overlap_comm"], False).
+
+    The value is read as JSON (so ``5e8`` is a number), else as YAML, else kept as the string.
+    """
     key, sep, raw = item.partition("=")
     parts = [p for p in key.strip().split(".") if p]
     if not sep or not parts:
         raise ConfigError(f"deepspeed.overrides: {item!r} must look like section.key=value")
+    try:
+        return parts, json.loads(raw)
+    except json.JSONDecodeError:
+        pass
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
