@@ -334,15 +334,16 @@ def test_tiny_gpu_run_has_a_peak_and_a_working_flex_arm(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_tiny_gpu_run_times_every_lever(tmp_path):
-    """Every lever of the 7B benchmark runs on this GPU (the tiny model), so the real run drops none."""
+    """The levers of the 7B benchmark run on this GPU (the tiny model), so the real run drops none.
+
+    (compile is checked by tests/test_speedups.py; here it would only add its compile time.)"""
     out = tmp_path / "levers.json"
     env = {k: v for k, v in ENV.items() if k != "DS_ACCELERATOR"}
-    arms = ["baseline=padded", "packed=packed", "fast=packed+nodrop+liger+channels_last+ds_sync_free",
-            "compiled=packed+nodrop+liger+channels_last+ds_sync_free+compile"]
-    cmd = [sys.executable, str(REPO / "bench" / "train_throughput.py"), "--tiny", "--precision", "bf16", "--warmup", "3",
+    arms = ["baseline=padded", "packed=packed", "fast=packed+nodrop+liger+channels_last+ds_sync_free"]
+    cmd = [sys.executable, str(REPO / "bench" / "train_throughput.py"), "--tiny", "--precision", "bf16", "--warmup", "2",
            "--steps", "2", "--pack-tokens", "1024", *[f"--arm={a}" for a in arms], "--max-budget-search",
            "--search-limit", "2048", "--out", str(out), "--port", str(free_port())]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
     dropped = {k: a["failed"] for k, a in result["arms"].items() if "failed" in a}
