@@ -133,6 +133,7 @@ class LogWindow:
 
     def reset(self, step: int) -> None:
         self.first_step = step + 1
+        self.checked = step  # the last step known to have a finite loss
         self.loss = torch.zeros((), dtype=torch.float64, device=self.device)  # sum over steps of each step's loss x world
         self.tokens = 0
         self.steps = 0
@@ -252,11 +253,13 @@ def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
         totals = comm.sum_to_host(values)
         loss = totals[0] / (world * max(window.steps, 1))
         if not math.isfinite(loss):
-            span = f"step {step}" if window.first_step == step else f"steps {window.first_step}-{step}"
+            first = window.checked + 1
+            span = f"step {step}" if first == step else f"steps {first}-{step}"
             raise NonFiniteLossError(
                 f"loss is {loss} at {span} (found {what}); stopping. The last good checkpoint is kept in {root}. "
                 "Lower train.learning_rate, use bf16 rather than fp16, or check the data around this step."
             )
+        window.checked = step
         return loss, (totals[2] / world if grad_norm is not None else None), totals[1]
 
     engine.train()
