@@ -18,7 +18,7 @@
 # skipped and named at the end with the command that runs it. One failure or timeout leaves the others' results.
 #
 # Settings (7B shapes, random bf16 weights, LoRA r=128 on every LLM linear + region encoder and projector trained,
-# micro-batches filled to 4096 tokens, >= 20 timed steps per arm, arms interleaved on one engine):
+# micro-batches filled to 3072 tokens, >= 20 timed steps per arm, arms interleaved on one engine):
 #   levers-224     ZeRO-2, 224 px: padded baseline | packed | +LoRA dropout 0 | +Liger | +channels-last | +DeepSpeed sync-free
 #   levers-336     ZeRO-2, 336 px: padded baseline | packed | packed with every lever above
 #   zero1-224      ZeRO-1, 224 px: packed with every lever (compare with the same arm of levers-224)
@@ -49,7 +49,7 @@ if [ "$SMOKE" = 1 ]; then
   export DS_ACCELERATOR=cpu OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
   # the tiny model: samples of 120-320 tokens, so budgets and rows shrink with them; 2 timed steps per arm
   COMMON=(--tiny --warmup 1 --steps 2 --pack-tokens 1024 --pack-length 512)
-  BIG=2048 SEARCH=(--search-limit 2048) COMPILE_WARMUP=(--warmup 2 --steps 1)
+  BIG=2048 SEARCH=(--search-limit 2048 --pack-length 512) COMPILE_WARMUP=(--warmup 2 --steps 1)
   LIGER=""  # Liger needs CUDA: only levers-224's own liger arm runs (and is dropped with its reason)
   BUDGET_S="${BUDGET_S:-1500}" GPU_CHECK_S="${GPU_CHECK_S:-120}" MIN_SETTING_S="${MIN_SETTING_S:-60}"
   T_LEVERS=240 T_336=200 T_ZERO1=200 T_COMPILE=600 T_SEARCH=200
@@ -60,8 +60,11 @@ else
     "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
   fi
-  COMMON=(--warmup 3 --steps 20 --pack-tokens 4096 --pack-length 2048)
-  BIG=8192 SEARCH=(--search-limit 131072) COMPILE_WARMUP=(--warmup 4 --steps 20)
+  # 3072 tokens per micro-batch in one row: the padded baseline of the same samples (~4 samples padded to the
+  # longest, ~10 MB of activations per token without levers) still fits an 80 GB card; larger budgets are the
+  # search settings' (rows of 2048 there, as data.max_length makes them in training)
+  COMMON=(--warmup 3 --steps 20 --pack-tokens 3072 --pack-length 3072)
+  BIG=8192 SEARCH=(--search-limit 131072 --pack-length 2048) COMPILE_WARMUP=(--warmup 4 --steps 20)
   LIGER="+liger"
   BUDGET_S="${BUDGET_S:-570}" GPU_CHECK_S="${GPU_CHECK_S:-230}" MIN_SETTING_S="${MIN_SETTING_S:-75}"
   T_LEVERS=200 T_336=140 T_ZERO1=100 T_COMPILE=200 T_SEARCH=150

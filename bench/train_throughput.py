@@ -238,7 +238,7 @@ def main(argv=None) -> int:
         print(summary_table([json.loads(path.read_text()) for path in args.summarize]))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "gpt4roi_sft.train.speedups"):  # levers switch every step
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     result = run(args)
