@@ -39,7 +39,6 @@ from typing import Dict, List, Optional
 if __package__ in (None, ""):  # run as a script: make the repository root importable for `bench.*`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
 import torch
 
 from bench.flops import FlopModel, measure_matmul_rate, peak_flops_for
