@@ -7,7 +7,7 @@
 #   bash bench/run_gpu.sh --no-gpu-check --only compile-224,search-336   # a follow-up call: only these settings
 #
 # Before the GPU call (on this machine, once):
-#   grep -qx '/.whl/' .git/info/exclude || echo '/.whl/' >> .git/info/exclude
+#   mkdir -p .whl && echo '*' > .whl/.gitignore          # git ignores the folder, so it travels only by carry
 #   mkdir -p .whl && cp /work/shared/gpu-wheels/*.whl .whl/ && rm .whl/bitsandbytes-*.whl   # QLoRA is not timed
 #   python -m pip download 'liger-kernel==0.8.5' --no-deps -d .whl                        # the `gpu` extra, 0.9 MB
 # and call the device tool with carry [".whl"] and timeout_s 600.
