@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import importlib
+import importlib.metadata
 import json
 import os
 import re
@@ -29,14 +30,15 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("torch", "torchvision", "transformers", "peft", "deepspeed", "bitsandbytes", "accelerate", "triton")
+PACKAGES = ("torch", "torchvision", "transformers", "peft", "deepspeed", "bitsandbytes", "accelerate", "triton", "liger_kernel")
 
 
 def versions() -> dict:
     found = {"python": sys.version.split()[0]}
     for name in PACKAGES:
         try:
-            found[name] = getattr(importlib.import_module(name), "__version__", "?")
+            version = getattr(importlib.import_module(name), "__version__", None)
+            found[name] = version or importlib.metadata.version(name.replace("_", "-"))
         except Exception as exc:  # a broken optional install is a fact worth recording, not a crash
             found[name] = f"unavailable ({type(exc).__name__})"
     try:

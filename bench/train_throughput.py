@@ -1,22 +1,28 @@
-"""Training throughput and MFU of GPT4RoI fine-tuning: packed ("ours") against padded ("baseline") batches.
+"""Training throughput and MFU of GPT4RoI fine-tuning: arms of batching and throughput levers, timed on one engine.
 
-Both arms run through the project's real trainer path (``apply_training_mode`` + ``build_engine``: DeepSpeed
-ZeRO, bf16, LoRA r=128 on all LLM linears with the region encoder and projector trained) on the *same*
-synthetic Pix2Cap-shaped samples in the same process, one after the other, each after its own warm-up:
+Every arm runs through the project's real trainer path (``apply_training_mode`` + ``build_engine``: DeepSpeed
+ZeRO, bf16, LoRA r=128 on all LLM linears with the region encoder and projector trained) on synthetic
+Pix2Cap-shaped samples, in the same process, with the timed steps of all arms interleaved:
 
-* ours: :class:`PackingCollator` (one row per micro-batch by default, ``position_ids``, no
-  ``attention_mask``: the model keeps attention inside each sample) plus the model's own speed-ups;
-* baseline: :class:`PaddingCollator`, padding to the longest sample of the micro-batch.
+* ``baseline=padded``: :class:`PaddingCollator`, padding to the longest sample of the micro-batch;
+* ``ours=packed``: :class:`PackingCollator` rows (``position_ids``, no ``attention_mask``: the model keeps
+  attention inside each sample), widths rounded to ``--pad-to-multiple``;
+* more arms via ``--arm NAME=COLLATE[+LEVER...][@BUDGET]``: the levers of ``bench/throughput/levers.py``
+  (LoRA dropout 0, Liger kernels, channels-last, regional compile, DeepSpeed sync-free), switched on and off
+  between steps on the same engine, and token budgets per micro-batch (``--pack-tokens``, ``data.pack_tokens``).
 
-Default: real shapes with random weights, built in bf16 directly on the GPU and never written to disk
-(Vicuna-7B: 32 layers, width 4096, 32 heads, vocab 32000, MLP 11008; CLIP ViT-L/14 at ``--image-size``;
-the region encoder at GPT4RoI's defaults). ``--tiny``: the tiny test model on CPU, a few steps, so the code
-path runs in CI. Reports real (unpadded) tokens/s, MFU against the device's dense bf16 peak and against a
-GEMM rate measured in the same run (see ``bench/flops.py``), peak memory, and speedup over the baseline;
-writes ``bench/results/<date>_<device>[_<tag>].json`` and prints a table.
+Arms with the same grouping see the *same* samples in every step. Default: real shapes with random weights,
+built in bf16 directly on the GPU and never written to disk (Vicuna-7B: 32 layers, width 4096, 32 heads, vocab
+32000, MLP 11008; CLIP ViT-L/14 at ``--image-size``; the region encoder at GPT4RoI's defaults). ``--tiny``: the
+tiny test model on CPU, a few steps, so the code path runs in CI. Reports real (unpadded) tokens/s over the
+total time and as the median of the steps, MFU against the device's dense bf16 peak and against a GEMM rate
+measured in the same run (see ``bench/flops.py``), peak memory, speedups over the baseline (total and median),
+the distinct row shapes and the outlier steps; optionally the largest token budget that fits
+(``--max-budget-search``); writes ``bench/results/<date>_<device>[_<tag>].json`` and prints a table.
 
-    python bench/train_throughput.py --tiny                        # CPU smoke run
-    python bench/train_throughput.py --image-size 336 --steps 10   # one GPU
+    python bench/train_throughput.py --tiny                                     # CPU smoke run
+    python bench/train_throughput.py --image-size 336 --pack-tokens 4096 \
+        --arm baseline=padded --arm packed=packed --arm fast=packed+nodrop+liger   # one GPU
 """
 
 from __future__ import annotations
@@ -28,57 +34,75 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Dict, List, Optional
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable for `bench.*`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
 import torch
 
 from bench.flops import FlopModel, measure_matmul_rate, peak_flops_for
-from bench.throughput.arms import find_max_micro_batch, generation_throughput, time_arms
+from bench.throughput.arms import Arm, find_max_budget, generation_throughput, time_arms
 from bench.throughput.engine import (ROOT, ZERO_CONFIGS, build_model, init_single_process_group, prepare_engine,
                                      real_config, tiny_bench_config)
+from bench.throughput.levers import ArmSpec, LeverSwitch, parse_arm, parse_arms
 from bench.throughput.report import build_result, format_table, results_path, summary_table
-from bench.throughput.samples import PAD_ID, SampleShape, collate_steps, pad_packed_batch, sample_stats, synthetic_sample
+from bench.throughput.samples import PAD_ID, SamplePool, SampleShape, collate_groups, pad_packed_batch, sample_stats
 
 log = logging.getLogger("bench.train_throughput")
 
 
 # -------------------------------------------------------------------------------------------------- main
+DEFAULT_ARMS = ["baseline=padded", "ours=packed"]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="the tiny test model on CPU (CI smoke run)")
     p.add_argument("--image-size", type=int, default=224, choices=(224, 336), help="CLIP ViT-L/14 input side (real mode)")
-    p.add_argument("--micro-batch", type=int, default=None, help="samples per optimizer step (default 4; tiny 2)")
-    p.add_argument("--steps", type=int, default=None, help="timed optimizer steps per arm (default 10; tiny 2)")
+    p.add_argument("--micro-batch", type=int, default=None, help="samples per optimizer step without --pack-tokens (default 4; tiny 2)")
+    p.add_argument("--pack-tokens", type=int, default=None,
+                   help="token budget per micro-batch for every arm (data.pack_tokens); default: --micro-batch samples")
+    p.add_argument("--arm", action="append", default=None, metavar="NAME=COLLATE[+LEVER...][@BUDGET]",
+                   help="an arm to time (repeatable); levers: nodrop, liger, channels_last, compile, ds_sync_free "
+                        f"(bench/throughput/levers.py). Default: {' '.join(DEFAULT_ARMS)}")
+    p.add_argument("--steps", type=int, default=None, help="timed optimizer steps per arm (default 20; tiny 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps before each arm (default 3; tiny 2)")
-    p.add_argument("--zero", choices=sorted(ZERO_CONFIGS), default="2", help="ds_configs/zero{2,3,3_offload}.json")
+    p.add_argument("--zero", choices=sorted(ZERO_CONFIGS), default="2", help="ds_configs/zero{1,2,3,3_offload}.json")
+    p.add_argument("--ds-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="deepspeed.overrides item, e.g. zero_optimization.overlap_comm=false (repeatable)")
     p.add_argument("--client-optimizer", action="store_true",
                    help="with --zero 3_offload: torch AdamW instead of DeepSpeed's CPU Adam (no C++ build)")
     p.add_argument("--full-ft", action="store_true", help="full fine-tuning (all but the vision tower) instead of LoRA")
     p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default 128; tiny 8)")
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="the recipes' LoRA dropout (arms with nodrop run without)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--precision", choices=("bf16", "fp32"), default=None,
                    help="default bf16; tiny fp32 (CPUs without bf16 matrix units run bf16 far slower)")
     p.add_argument("--attn", default=None, help="attention implementation the model is built with (default: sdpa)")
     p.add_argument("--ours-attn", default=None,
-                   help="attention for the packed arm only, e.g. flex_attention (block-sparse packed masks; "
-                        "CUDA only: no flex backward on CPU); default: as --attn")
+                   help="attention for the packed arms only, e.g. flex_attention (CUDA only); default: as --attn")
     p.add_argument("--pack-length", type=int, default=None,
-                   help="tokens per packed row (default: micro-batch x --max-len, i.e. one row per micro-batch)")
+                   help="tokens per packed row (data.max_length); default 2048 (tiny 512) with --pack-tokens, "
+                        "else micro-batch x --max-len (one row per micro-batch)")
+    p.add_argument("--pad-to-multiple", type=int, default=128, help="packed row widths rounded up to this (data.pad_to_multiple)")
     p.add_argument("--min-len", type=int, default=None, help="shortest sample in tokens (default 600; tiny 120)")
     p.add_argument("--max-len", type=int, default=None, help="longest sample in tokens (default 1500; tiny 320)")
     p.add_argument("--matmul-size", type=int, default=None, help="GEMM side for the in-run matmul rate (default 8192; CPU 1024)")
     p.add_argument("--flex-arm", action="store_true",
-                   help="add a third arm: packed rows padded to one fixed length, flex attention (block-sparse; "
+                   help="add an arm: the first packed arm's rows padded to one fixed length, flex attention (block-sparse; "
                         "CUDA only, dropped with a note if its warm-up fails)")
-    p.add_argument("--skip-baseline", action="store_true", help="time only the packed arm (speedup left null)")
+    p.add_argument("--skip-baseline", action="store_true", help="time no padded arm (speedups left null)")
     p.add_argument("--eval-generation", action="store_true", help="also time batched generation (regions/s)")
     p.add_argument("--gen-batch", type=int, default=None, help="prompts per generate call (default 16; tiny 2)")
     p.add_argument("--gen-new-tokens", type=int, default=None, help="tokens generated per region (default 32; tiny 4)")
-    p.add_argument("--max-microbatch-search", action="store_true", help="find the largest packed micro-batch that fits (GPU only)")
-    p.add_argument("--search-limit", type=int, default=64)
+    p.add_argument("--max-budget-search", action="store_true",
+                   help="last: find the largest data.pack_tokens that trains a step without running out of memory")
+    p.add_argument("--search-levers", default="", help="levers the search runs with, e.g. nodrop+liger")
+    p.add_argument("--search-checkpointing", choices=("off", "both"), default="both",
+                   help="search without activation checkpointing, then (both) with it, switched on at run time")
+    p.add_argument("--search-start", type=int, default=None, help="first budget tried (default 4096; tiny 512)")
+    p.add_argument("--search-limit", type=int, default=None, help="largest budget tried (default 131072; tiny 2048)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--port", type=int, default=None, help="MASTER_PORT of the one-process group (default: $MASTER_PORT or 29531)")
     p.add_argument("--tag", default="", help="suffix of the results file name (e.g. lora-z2-224)")
@@ -90,25 +114,65 @@ def parse_args(argv=None):
     if args.summarize:
         return args
     tiny = args.tiny
-    for name, real, small in (("micro_batch", 4, 2), ("steps", 10, 2), ("warmup", 3, 2), ("lora_r", 128, 8),
+    for name, real, small in (("micro_batch", 4, 2), ("steps", 20, 2), ("warmup", 3, 2), ("lora_r", 128, 8),
                               ("min_len", 600, 120), ("max_len", 1500, 320), ("gen_batch", 16, 2), ("gen_new_tokens", 32, 4),
-                              ("precision", "bf16", "fp32")):
+                              ("precision", "bf16", "fp32"), ("search_start", 4096, 512), ("search_limit", 131072, 2048)):
         if getattr(args, name) is None:
             setattr(args, name, small if tiny else real)
+    if args.pack_length is None:
+        args.pack_length = (512 if tiny else 2048) if args.pack_tokens else args.micro_batch * args.max_len
     if args.min_len > args.max_len:
         p.error(f"--min-len {args.min_len} exceeds --max-len {args.max_len}")
     if args.steps < 1 or args.micro_batch < 1 or args.warmup < 0:
         p.error("--steps and --micro-batch must be >= 1, --warmup >= 0")
+    if args.pack_length < args.max_len:
+        p.error(f"--pack-length {args.pack_length} is shorter than the longest sample (--max-len {args.max_len})")
+    try:
+        args.arms = parse_arms(args.arm or DEFAULT_ARMS)
+        args.search_lever_set = frozenset(parse_arm("search=packed" + "".join("+" + l for l in args.search_levers.split("+") if l)).levers)
+    except ValueError as exc:
+        p.error(str(exc))
+    if args.skip_baseline:
+        args.arms = [a for a in args.arms if a.collate != "padded"]
+    for arm in args.arms:
+        budget = arm.budget or args.pack_tokens
+        if budget is not None and budget < args.max_len:
+            p.error(f"arm {arm.name}: budget {budget} is below the longest sample (--max-len {args.max_len})")
+    if not any(a.collate == "packed" for a in args.arms):
+        p.error("at least one packed arm is needed (the headline figures are the fastest packed arm's)")
     return args
 
 
+def build_arms(args, pool: SamplePool, n_steps: int) -> Dict[str, Arm]:
+    """Every arm's collated micro-batches: arms with the same grouping (budget) hold the same samples per step."""
+    from gpt4roi_sft.data.collator import PackingCollator, PaddingCollator
+
+    groups: Dict[Optional[int], List[List[dict]]] = {}
+    arms: Dict[str, Arm] = {}
+    for spec in args.arms:
+        budget = spec.budget or args.pack_tokens
+        if budget not in groups:
+            groups[budget] = pool.groups(n_steps, args.micro_batch, budget)
+        if spec.collate == "padded":
+            collator = PaddingCollator(PAD_ID)
+        else:
+            collator = PackingCollator(args.pack_length, PAD_ID, pad_to_multiple=args.pad_to_multiple)
+        arms[spec.name] = Arm(spec, collate_groups(groups[budget], collator), [sample_stats(g) for g in groups[budget]],
+                              attn=args.ours_attn if spec.collate == "packed" else None,
+                              required=spec.collate == "padded" or spec == args.arms[0])
+    if args.flex_arm:  # the first packed arm's rows at one fixed length (a multiple of flex attention's 128-token blocks)
+        first = next(a for a in arms.values() if a.spec.collate == "packed")
+        fixed = -(-max(b["input_ids"].shape[1] for b in first.batches) // 128) * 128
+        spec = ArmSpec("ours_flex", "packed", first.spec.levers, first.spec.budget)
+        arms["ours_flex"] = Arm(spec, [pad_packed_batch(b, fixed) for b in first.batches], first.stats, attn="flex_attention")
+    return arms
+
+
 def run(args) -> dict:
-    """Build, time both arms (and the extras), and return the result dict (also written to disk)."""
+    """Build, time the arms (and the extras), and return the result dict (also written to disk)."""
     import tempfile
 
     from deepspeed.accelerator import get_accelerator
-
-    from gpt4roi_sft.data.collator import PackingCollator, PaddingCollator
 
     on_cpu = get_accelerator().device_name() == "cpu"
     if not args.tiny and on_cpu:
@@ -129,11 +193,8 @@ def run(args) -> dict:
 
     shape = SampleShape(config.num_image_tokens, config.image_size, config.text_config.vocab_size, config.image_token_id,
                         config.bbox_token_id, min_len=args.min_len, max_len=args.max_len)
-    rng = np.random.default_rng(args.seed)
-    n_steps = args.warmup + args.steps
-    items = [synthetic_sample(shape, rng, i) for i in range(n_steps * args.micro_batch)]
-    stats = [sample_stats(items[i : i + args.micro_batch]) for i in range(0, len(items), args.micro_batch)]
-    pack_len = args.pack_length or args.micro_batch * args.max_len
+    pool = SamplePool(shape, args.seed)
+    arms = build_arms(args, pool, args.warmup + args.steps)
 
     peak = None if on_cpu else peak_flops_for(torch.cuda.get_device_name(device))
     matmul_n = args.matmul_size or (1024 if on_cpu else 8192)
@@ -141,33 +202,33 @@ def run(args) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="bench_ds_") as workdir:
         engine, stage, counts = prepare_engine(model, args, on_cpu, Path(workdir))
-        packed = collate_steps(items, args.micro_batch, PackingCollator(pack_len, PAD_ID))
-        arms = {"ours": packed}
-        if args.flex_arm:  # packed rows at one fixed length (a multiple of flex attention's 128-token blocks)
-            fixed = -(-pack_len // 128) * 128
-            arms["ours_flex"] = [pad_packed_batch(b, fixed) for b in packed]
-        if not args.skip_baseline:
-            arms["baseline"] = collate_steps(items, args.micro_batch, PaddingCollator(PAD_ID))
-        arms = time_arms(engine, arms, stats, args.warmup, device, dtype, flop_model, peak, matmul_rate,
-                         attn={"ours": args.ours_attn, "ours_flex": "flex_attention"})
+        switch = LeverSwitch(engine, device)
+        results = time_arms(engine, arms, args.warmup, device, dtype, flop_model, peak, matmul_rate, switch)
         generation = None
         if args.eval_generation:
             if stage == 3:
                 log.warning("--eval-generation skipped under ZeRO-3 (parameters are partitioned)")
             else:
-                generation = generation_throughput(engine, items, args, device, dtype)
-        search = None
-        if args.max_microbatch_search:
-            if on_cpu:
-                log.warning("--max-microbatch-search needs a GPU; skipped")
-            else:
-                extra_rng = np.random.default_rng(args.seed + 1)
-                search = find_max_micro_batch(engine, lambda n: [synthetic_sample(shape, extra_rng, i) for i in range(n)],
-                                              args.max_len, device, dtype, args.search_limit)
+                generation = generation_throughput(engine, pool.items, args, device, dtype)
+        searches = None
+        if args.max_budget_search:
+            searches = []
+            for checkpointing in ((False, True) if args.search_checkpointing == "both" else (False,)):
+                if checkpointing:
+                    from gpt4roi_sft.train.modes import unwrap_base_model
 
-    return build_result(args, config=config, device=device, attn=attn, arms=arms, stats=stats, items=items,
-                        flop_model=flop_model, peak=peak, matmul_rate=matmul_rate, matmul_n=matmul_n,
-                        pack_len=pack_len, counts=counts, generation=generation, search=search)
+                    unwrap_base_model(engine.module).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                start = max(args.search_start, searches[-1]["max_pack_tokens"]) if searches else args.search_start
+                found = find_max_budget(engine, pool, switch, args.search_lever_set, args.pack_length, args.pad_to_multiple,
+                                        device, dtype, start, args.search_limit)
+                found.update(gradient_checkpointing=checkpointing, levers=sorted(args.search_lever_set))
+                searches.append(found)
+                if "stopped_by" in found:
+                    break
+
+    return build_result(args, config=config, device=device, attn=attn, arms=results, flop_model=flop_model, peak=peak,
+                        matmul_rate=matmul_rate, matmul_n=matmul_n, counts=counts, generation=generation,
+                        searches=searches, items=pool.items)
 
 
 def main(argv=None) -> int:
@@ -176,7 +237,7 @@ def main(argv=None) -> int:
         print(summary_table([json.loads(path.read_text()) for path in args.summarize]))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "gpt4roi_sft.train.speedups"):  # levers switch every step
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     result = run(args)

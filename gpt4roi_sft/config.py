@@ -21,6 +21,8 @@ from gpt4roi_sft.conversation import TEMPLATES
 from gpt4roi_sft.errors import ConfigError
 
 FREEZE_PRESETS = ("none", "stage1", "stage2", "llm")
+COMPILE_PARTS = ("decoder_layers", "region_encoder")
+DEFAULT_PACKED_MULTIPLE = 128
 PRECISIONS = ("bf16", "fp32")
 SCHEDULERS = ("cosine", "linear", "constant")
 
@@ -32,6 +34,10 @@ class ModelSection:
     attn_implementation: Optional[str] = None  # None: flash_attention_2 if flash_attn imports, else sdpa
     gradient_checkpointing: bool = False
     freeze: str = "stage2"  # none: train all; stage1: region encoder only; stage2: all but the vision tower; llm: LLM frozen
+    # Throughput levers (gpt4roi_sft.train.speedups); none changes what is computed, each is off until measured.
+    liger_kernel: bool = False  # Liger's Triton RMSNorm, RoPE, SwiGLU and fused linear cross-entropy in the LLM (CUDA)
+    compile: List[str] = field(default_factory=list)  # regional torch.compile: decoder_layers, region_encoder
+    channels_last: bool = False  # region encoder convolutions on channels-last activations
 
 
 @dataclass
@@ -41,11 +47,25 @@ class DataSection:
     template: str = "gpt4roi_v0"  # a name in gpt4roi_sft.conversation.TEMPLATES
     max_length: int = 2048
     packing: bool = False
+    pack_tokens: int = 0  # > 0: each micro-batch holds samples up to this many tokens (packed; implies packing)
+    pad_to_multiple: Optional[int] = None  # row widths rounded up to a multiple; None: 128 when packing, else 1
     group_by_length: bool = False
     load_masks: bool = False
     skip_bad_records: bool = False
     validate_on_start: bool = True  # scan every record before training (fails fast on bad data)
     num_workers: int = 0
+
+    @property
+    def packed(self) -> bool:
+        """Whether micro-batches are packed rows (``packing``, or a ``pack_tokens`` budget)."""
+        return self.packing or self.pack_tokens > 0
+
+    @property
+    def row_multiple(self) -> int:
+        """What row widths are rounded up to: ``pad_to_multiple``, else 128 for packed rows and 1 for padded ones."""
+        if self.pad_to_multiple is not None:
+            return self.pad_to_multiple
+        return DEFAULT_PACKED_MULTIPLE if self.packed else 1
 
 
 @dataclass
@@ -83,6 +103,8 @@ class LoraSection:
 @dataclass
 class DeepSpeedSection:
     config: str = "ds_configs/zero2.json"
+    # Set on top of the JSON after its "auto" values: "zero_optimization.overlap_comm=false", value parsed as YAML.
+    overrides: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -201,10 +223,23 @@ def _check_choices(cfg: Config) -> None:
         ("train.save_steps", cfg.train.save_steps),
         ("train.save_total_limit", cfg.train.save_total_limit),
         ("data.max_length", cfg.data.max_length),
+        ("train.log_steps", cfg.train.log_steps),
         ("lora.r", cfg.lora.r),
     ):
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if cfg.data.pad_to_multiple is not None and cfg.data.pad_to_multiple < 1:
+        raise ConfigError(f"data.pad_to_multiple: must be >= 1, got {cfg.data.pad_to_multiple}")
+    if cfg.data.pack_tokens < 0:
+        raise ConfigError(f"data.pack_tokens: must be 0 (off) or a number of tokens, got {cfg.data.pack_tokens}")
+    if 0 < cfg.data.pack_tokens < cfg.data.max_length:
+        raise ConfigError(f"data.pack_tokens: {cfg.data.pack_tokens} is less than data.max_length={cfg.data.max_length}; "
+                          "every sample must fit one micro-batch")
+    unknown = sorted(set(cfg.model.compile) - set(COMPILE_PARTS))
+    if unknown:
+        raise ConfigError(f"model.compile: unknown part(s) {', '.join(unknown)}; choose from {', '.join(COMPILE_PARTS)}")
+    for item in cfg.deepspeed.overrides:
+        parse_deepspeed_override(item)
     if cfg.train.learning_rate <= 0:
         raise ConfigError(f"train.learning_rate: must be positive, got {cfg.train.learning_rate}")
     if not 0 <= cfg.train.warmup_ratio < 1:
@@ -229,6 +264,39 @@ def parse_override(item: str) -> Tuple[List[str], Any]:
     if isinstance(value, (dict,)):
         value = raw
     return parts, value
+
+
+def parse_deepspeed_override(item: str) -> Tuple[List[str], Any]:
+    """``"zero_optimization.overlap_comm=false"`` -> (["zero_optimization", "overlap_comm"], False).
+
+    The value is read as JSON (so ``5e8`` is a number), else as YAML, else kept as the string.
+    """
+    key, sep, raw = item.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not sep or not parts:
+        raise ConfigError(f"deepspeed.overrides: {item!r} must look like section.key=value")
+    try:
+        return parts, json.loads(raw)
+    except json.JSONDecodeError:
+        pass
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_deepspeed_overrides(ds_config: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]:
+    """``ds_config`` (changed in place and returned) with every ``deepspeed.overrides`` item set."""
+    for item in overrides:
+        parts, value = parse_deepspeed_override(item)
+        node = ds_config
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"deepspeed.overrides: {item!r}: {part!r} is not a section of the DeepSpeed config")
+        node[parts[-1]] = value
+    return ds_config
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
@@ -288,11 +356,16 @@ def validate_for_launch(cfg: Config) -> None:
         raise ConfigError(f"data.image_root: directory not found: {cfg.data.image_root}")
     if not cfg.train.output_dir:
         raise ConfigError("train.output_dir: required")
-    ds = load_deepspeed_json(cfg.deepspeed.config)
+    ds = apply_deepspeed_overrides(load_deepspeed_json(cfg.deepspeed.config), cfg.deepspeed.overrides)
     if cfg.lora.qlora and zero_stage(ds) == 3:
         raise ConfigError(
             f"lora.qlora with {cfg.deepspeed.config} (ZeRO-3): 4-bit bitsandbytes weights cannot be partitioned "
             "by ZeRO-3; use ds_configs/zero2.json (or zero1) for QLoRA"
+        )
+    if cfg.model.liger_kernel and zero_stage(ds) == 3:
+        raise ConfigError(
+            f"model.liger_kernel with {cfg.deepspeed.config} (ZeRO-3): the fused linear cross-entropy reads the output "
+            "head's weight outside its module, which ZeRO-3 partitions; use ds_configs/zero2.json (or zero1)"
         )
     if cfg.train.max_steps < 1 and cfg.train.num_epochs <= 0:
         raise ConfigError("train.max_steps or train.num_epochs must be positive")

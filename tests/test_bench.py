@@ -192,6 +192,78 @@ def test_tiny_cpu_run_writes_both_arms(tmp_path):
     assert len(table) == 3 and result["settings"]["label"] in table[2]
 
 
+def test_tiny_cpu_run_times_lever_arms_with_medians_shapes_outliers_and_a_budget_search(tmp_path):
+    out = tmp_path / "levers.json"
+    proc = run_bench("--tiny", "--warmup", "1", "--steps", "3", "--pack-tokens", "1024", "--arm", "baseline=padded",
+                     "--arm", "packed=packed", "--arm", "nodrop=packed+nodrop+channels_last+ds_sync_free",
+                     "--arm", "liger=packed+nodrop+liger", "--arm", "big=packed+nodrop@2048",
+                     "--max-budget-search", "--search-levers", "nodrop", "--search-limit", "1024", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    arms = result["arms"]
+    assert "needs a CUDA GPU" in arms["liger"]["failed"]  # dropped with its reason; the others ran
+    base, packed, fast, big = arms["baseline"], arms["packed"], arms["nodrop"], arms["big"]
+    assert base["tokens"] == packed["tokens"] == fast["tokens"] != big["tokens"]  # same grouping, same samples
+    assert max(packed["tokens_per_step_mean"], fast["tokens_per_step_mean"]) <= 1024 < big["tokens_per_step_mean"]
+    for arm in (base, packed, fast, big):
+        assert arm["steps"] == 3 and len(arm["step_times_s"]) == 3
+        assert arm["step_time_s_median"] == pytest.approx(sorted(arm["step_times_s"])[1], abs=1e-4)
+        assert arm["distinct_shapes"] == len(arm["shapes"]) >= 1
+        assert all(o["seconds"] > 1.5 * arm["step_time_s_median"] for o in arm["outlier_steps"])
+        assert arm["speedup_vs_baseline_median"] == pytest.approx(arm["tokens_per_s_median"] / base["tokens_per_s_median"])
+    assert all(w % 128 == 0 for _, w in packed["shapes"])  # packed rows rounded to --pad-to-multiple
+    assert fast["levers"]["lora.dropout=0"] and fast["levers"]["model.channels_last"] and fast["levers"]["deepspeed.overrides"]
+    assert result["ours_arm"] in ("packed", "nodrop", "big") and result["levers"] == arms[result["ours_arm"]]["levers"]
+    for key in ("tokens_per_s_median", "speedup_vs_baseline_median", "mfu_median", "mfu_vs_matmul_median"):
+        assert key in result, key
+    assert result["settings"]["pack_tokens"] == 1024 and result["settings"]["fused_adamw"] is False  # CPU: plain AdamW
+    searches = result["budget_search"]
+    assert [s["gradient_checkpointing"] for s in searches] == [False, True]
+    assert all(s["max_pack_tokens"] == 1024 and s["first_oom"] is None and s["levers"] == ["nodrop"] for s in searches)
+    assert "largest data.pack_tokens that fits" in proc.stdout
+
+
+def test_arm_specs_name_their_levers_and_budget():
+    from bench.throughput.levers import parse_arm
+
+    arm = parse_arm("fast=packed+nodrop+liger@8192")
+    assert (arm.name, arm.collate, arm.levers, arm.budget) == ("fast", "packed", {"nodrop", "liger"}, 8192)
+    assert arm.describe() == "packed+liger+nodrop@8192"
+    for bad, message in (("x=packed+turbo", "unknown lever"), ("x=padded+nodrop", "without levers"), ("packed", "NAME=COLLATE"),
+                         ("x=rows", "collate 'rows'"), ("x=packed@lots", "not a number")):
+        with pytest.raises(ValueError, match=message):
+            parse_arm(bad)
+
+
+def test_lever_switch_turns_lora_dropout_and_channels_last_off_again(tiny_model_dir):
+    from types import SimpleNamespace
+
+    from bench.throughput.levers import LeverSwitch
+    from gpt4roi_sft import load_model
+    from gpt4roi_sft.config import load_config
+    from gpt4roi_sft.model.region_encoder import RegionEncoder
+    from gpt4roi_sft.train.modes import apply_training_mode
+
+    model, _ = load_model(tiny_model_dir)
+    model = apply_training_mode(model, load_config(None, ["lora.enabled=true", "lora.r=4", "lora.dropout=0.1", "model.freeze=stage2"]))
+    switch = LeverSwitch(SimpleNamespace(module=model, optimizer=object()), torch.device("cpu"))
+
+    def dropouts():
+        return sum(isinstance(m, nn.Dropout) for n, m in model.named_modules() if "lora_dropout" in n)
+
+    def channels_last():
+        return {m.channels_last for m in model.modules() if isinstance(m, RegionEncoder)}
+
+    before = dropouts()
+    assert before > 0 and channels_last() == {False}
+    switch.set(frozenset({"nodrop", "channels_last"}))
+    assert dropouts() == 0 and channels_last() == {True}
+    switch.set(frozenset({"channels_last"}))
+    assert dropouts() == before and channels_last() == {True}
+    switch.set(frozenset())
+    assert dropouts() == before and channels_last() == {False}
+
+
 def test_real_shape_mode_refuses_to_run_on_cpu(tmp_path):
     proc = run_bench("--out", str(tmp_path / "x.json"), timeout=120)
     assert proc.returncode != 0
@@ -302,3 +374,24 @@ def test_tiny_gpu_run_has_a_peak_and_a_working_flex_arm(tmp_path):
     assert result["arms"]["ours_flex"]["tokens"] == result["arms"]["baseline"]["tokens"]
     if result["peak_tflops"] is not None:
         assert 0 < result["mfu"] < 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tiny_gpu_run_times_every_lever(tmp_path):
+    """The levers of the 7B benchmark run on this GPU (the tiny model), so the real run drops none.
+
+    (compile is checked by tests/test_speedups.py; here it would only add its compile time.)"""
+    out = tmp_path / "levers.json"
+    env = {k: v for k, v in ENV.items() if k != "DS_ACCELERATOR"}
+    arms = ["baseline=padded", "packed=packed", "fast=packed+nodrop+liger+channels_last+ds_sync_free"]
+    cmd = [sys.executable, str(REPO / "bench" / "train_throughput.py"), "--tiny", "--precision", "bf16", "--warmup", "2",
+           "--steps", "2", "--pack-tokens", "1024", *[f"--arm={a}" for a in arms], "--max-budget-search",
+           "--search-limit", "2048", "--out", str(out), "--port", str(free_port())]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    dropped = {k: a["failed"] for k, a in result["arms"].items() if "failed" in a}
+    assert not dropped, dropped
+    assert result["settings"]["fused_adamw"] is True
+    assert all(s["max_pack_tokens"] >= 1024 for s in result["budget_search"])

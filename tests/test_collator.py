@@ -13,6 +13,7 @@ from gpt4roi_sft.data.collator import (
     cu_seqlens_from_position_ids,
     pack_sequences,
     packed_sequence_lengths,
+    token_budget_groups,
 )
 from gpt4roi_sft.data.sampler import LengthGroupedSampler, MixtureSampler, parse_mixture
 from gpt4roi_sft.errors import ConfigError
@@ -90,6 +91,45 @@ def test_region_masks_travel_with_their_images():
 
 
 # ------------------------------------------------------------------------------------------- packing
+def test_padding_rounds_the_width_up_to_the_multiple():
+    batch = PaddingCollator(PAD, pad_to_multiple=8)([item(5, 1), item(3, 2)])
+    assert batch["input_ids"].shape == (2, 8)
+    assert batch["attention_mask"].sum() == batch["num_tokens"] == 8
+    assert (batch["labels"][:, 5:] == IGNORE_INDEX).all()
+
+
+def test_packed_rows_round_up_to_the_multiple_and_keep_the_loss_targets():
+    items = [item(5, 1), item(4, 2), item(6, 3)]
+    plain, rounded = PackingCollator(10, PAD)(items), PackingCollator(10, PAD, pad_to_multiple=8)(items)
+    assert plain["input_ids"].shape[1] == 9 and rounded["input_ids"].shape[1] == 16  # rows [5 + 4], [6]
+    width = plain["input_ids"].shape[1]
+    assert torch.equal(rounded["input_ids"][:, :width], plain["input_ids"])
+    assert torch.equal(rounded["labels"][:, :width], plain["labels"]) and (rounded["labels"][:, width:] == IGNORE_INDEX).all()
+    assert rounded["num_tokens"] == plain["num_tokens"] and rounded["num_label_tokens"] == plain["num_label_tokens"]
+    # each row's padding tail is one more sequence: samples keep their own position ids
+    assert packed_sequence_lengths(rounded["position_ids"]) == [5, 4, 7, 6, 10]
+
+
+def test_token_budget_groups_fill_up_to_the_budget_in_order():
+    lengths = [4, 3, 5, 2, 6, 1, 7]
+    groups = list(token_budget_groups(range(len(lengths)), 8, lambda i: lengths[i]))
+    assert [g for g, _ in groups] == [[0, 1], [2, 3], [4, 5], [6]]
+    assert [nxt for _, nxt in groups] == [2, 4, 6, None]
+    assert all(sum(lengths[i] for i in g) <= 8 for g, _ in groups)
+
+
+def test_token_budget_group_depends_only_on_the_items_from_its_start():
+    lengths = [5, 2, 4, 4, 3, 6, 2]
+    full = [g for g, _ in token_budget_groups(range(7), 9, lambda i: lengths[i])]
+    from_third = [g for g, _ in token_budget_groups(range(2, 7), 9, lambda i: lengths[i])]
+    assert full[1:] == from_third
+
+
+def test_an_item_longer_than_the_budget_is_a_group_of_its_own():
+    groups = [g for g, _ in token_budget_groups([2, 12, 3], 8, lambda n: n)]
+    assert groups == [[2], [12], [3]]
+
+
 def test_first_fit_fills_earlier_rows_first():
     assert pack_sequences([6, 5, 4, 3], max_length=10) == [[0, 2], [1, 3]]
 

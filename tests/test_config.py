@@ -111,6 +111,51 @@ def test_every_deepspeed_config_has_its_auto_values_filled(tmp_path, name):
     assert "auto" not in json.dumps(filled)
 
 
+def test_deepspeed_overrides_set_nested_keys_with_yaml_values():
+    from gpt4roi_sft.config import apply_deepspeed_overrides
+
+    cfg = load_config(None, ["deepspeed.overrides=zero_optimization.overlap_comm=false,timers.throughput.enabled=false,"
+                             "zero_optimization.reduce_bucket_size=5e8"])
+    ds = apply_deepspeed_overrides({"zero_optimization": {"stage": 2, "overlap_comm": True}}, cfg.deepspeed.overrides)
+    assert ds == {"zero_optimization": {"stage": 2, "overlap_comm": False, "reduce_bucket_size": 5e8},
+                  "timers": {"throughput": {"enabled": False}}}
+
+
+@pytest.mark.parametrize("item", ["overlap_comm", "=true"])
+def test_malformed_deepspeed_override_names_the_item(item):
+    with pytest.raises(ConfigError, match=f"deepspeed.overrides: '{item}' must look like section.key=value"):
+        load_config(None, [f"deepspeed.overrides=[{item}]"])
+
+
+def test_override_that_stages_zero_3_counts_for_the_launch_checks(tmp_path):
+    cfg = launchable_config(tmp_path, **{"model.liger_kernel": "true", "deepspeed.config": str(REPO / "ds_configs/zero2.json"),
+                                         "deepspeed.overrides": "[zero_optimization.stage=3]"})
+    with pytest.raises(ConfigError, match="model.liger_kernel with .*ZeRO-3"):
+        validate_for_launch(cfg)
+
+
+def test_token_budget_smaller_than_a_sample_is_rejected():
+    with pytest.raises(ConfigError, match="data.pack_tokens: 1000 is less than data.max_length=2048"):
+        load_config(None, ["data.pack_tokens=1000"])
+
+
+def test_token_budget_implies_packing_and_rows_of_128():
+    cfg = load_config(None, ["data.pack_tokens=8192"])
+    assert cfg.data.packed and cfg.data.row_multiple == 128
+    assert load_config(None, []).data.row_multiple == 1
+    assert load_config(None, ["data.packing=true", "data.pad_to_multiple=256"]).data.row_multiple == 256
+
+
+def test_unknown_compile_part_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="model.compile: unknown part.*decoder_layers, region_encoder"):
+        load_config(None, ["model.compile=decoder_layers,vision_tower"])
+
+
+def test_zero_log_steps_is_rejected():
+    with pytest.raises(ConfigError, match="train.log_steps: must be >= 1"):
+        load_config(None, ["train.log_steps=0"])
+
+
 def test_explicit_batch_size_that_disagrees_with_the_recipe_is_an_error(tmp_path):
     cfg = launchable_config(tmp_path, **{"train.micro_batch_size": 4})
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=8 disagrees"):

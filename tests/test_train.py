@@ -211,6 +211,49 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoin
     assert last_good is not None and all(v == v for v in losses(out).values())
 
 
+def test_non_finite_loss_between_log_steps_stops_before_the_next_save(tiny_model_dir, synthetic_pix2cap, tmp_path):
+    # No log step in the run: the device is read only before each save, and that check must catch the NaN.
+    out = tmp_path / "nan_unlogged"
+    args = recipe_args(tiny_model_dir, synthetic_pix2cap, out, "train.max_steps=40", "train.save_steps=1",
+                       "train.log_steps=100", "train.learning_rate=1e12", "train.max_grad_norm=1e30")
+    proc = subprocess.run([sys.executable, str(REPO / "train_sft.py"), *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    message = proc.stderr.lower()
+    assert ("loss is nan" in message or "loss is inf" in message) and "before saving" in message
+    bad_step = int(message.split(" at step ")[1].split()[0].strip("(")) if " at step " in message else None
+    last_good = ckpt.find_latest(out)
+    assert last_good is not None and bad_step is not None
+    assert ckpt.read_client_state(last_good)["step"] == bad_step - 1  # every step before the NaN was saved, not the NaN one
+
+
+def test_log_steps_log_the_mean_loss_of_each_window_and_the_last_step(tiny_model_dir, synthetic_pix2cap, tmp_path):
+    common = ("train.max_steps=7", "train.save_steps=7", "lora.enabled=true", "lora.r=8", "model.freeze=stage2")
+    every, windows = tmp_path / "every", tmp_path / "windows"
+    run_training(recipe_args(tiny_model_dir, synthetic_pix2cap, every, *common), nproc=1)
+    run_training(recipe_args(tiny_model_dir, synthetic_pix2cap, windows, *common, "train.log_steps=3"), nproc=1)
+    per_step, logged = losses(every), losses(windows)
+    assert sorted(logged) == [3, 6, 7]
+    for step, first in ((3, 1), (6, 4), (7, 7)):
+        expected = sum(per_step[s] for s in range(first, step + 1)) / (step - first + 1)
+        assert logged[step] == pytest.approx(expected, rel=1e-6), step
+
+
+def test_token_budget_run_resumes_with_the_uninterrupted_losses(tiny_model_dir, synthetic_pix2cap, tmp_path):
+    # Two processes fill micro-batches to 1024 tokens; each resumes from its own saved data position.
+    common = ("data.pack_tokens=1024", "train.save_steps=3", "lora.enabled=true", "lora.r=8", "lora.dropout=0.2",
+              "model.freeze=stage2", "deepspeed.config=ds_configs/zero2.json")
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    run_training(recipe_args(tiny_model_dir, synthetic_pix2cap, reference, "train.max_steps=6", *common))
+    run_training(recipe_args(tiny_model_dir, synthetic_pix2cap, resumed, "train.max_steps=3", *common))
+    step_dir = ckpt.find_latest(resumed)
+    assert {p.name for p in step_dir.glob("data_position_rank*.json")} == {"data_position_rank0.json", "data_position_rank1.json"}
+    run_training(recipe_args(tiny_model_dir, synthetic_pix2cap, resumed, "train.max_steps=6", *common))
+    ref, got = losses(reference), losses(resumed)
+    assert sorted(got) == list(range(1, 7))
+    for step in range(1, 7):
+        assert got[step] == pytest.approx(ref[step], abs=1e-6), (step, got[step], ref[step])
+
+
 def test_missing_data_file_is_reported_in_one_line_before_launch(tiny_model_dir, tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "train_sft.py"), "--config", str(REPO / "configs" / "quickstart.yaml"),

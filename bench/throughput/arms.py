@@ -1,9 +1,10 @@
-"""The timed arms (interleaved optimizer steps on one engine), generation throughput and the micro-batch search."""
+"""The timed arms (interleaved optimizer steps on one engine), generation throughput and the token-budget search."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -11,7 +12,8 @@ import torch
 
 from bench.flops import FlopModel, mfu
 from bench.throughput.device import Clock, peak_memory_gb, reset_peak_memory
-from bench.throughput.samples import EOS_ID, PAD_ID
+from bench.throughput.levers import ArmSpec, LeverSwitch, lever_settings
+from bench.throughput.samples import EOS_ID, PAD_ID, SamplePool
 
 log = logging.getLogger("bench.train_throughput")
 
@@ -41,79 +43,146 @@ def attention_implementation(model, name: Optional[str]):
             c._attn_implementation = saved[k]
 
 
-def time_arms(engine, arms: Dict[str, List[dict]], stats: List[List[dict]], warmup: int, device, dtype,
-              flop_model: FlopModel, peak: Optional[float], matmul_rate: float,
-              attn: Optional[Dict[str, Optional[str]]] = None) -> Dict[str, dict]:
-    """Warm up every arm, then run their timed optimizer steps interleaved (A B, B A, A B, ...).
+@dataclass
+class Arm:
+    """One timed arm: its spec, its collated micro-batches (warm-up first) and each step's per-sample stats."""
 
-    Interleaving puts both arms under the same machine state (clocks, temperature, other tenants of a shared
-    CPU), so their ratio is fairer than two back-to-back blocks. Step ``i`` of every arm holds the same
-    samples; tokens/s counts real tokens only, and model FLOPs come from the samples, never the padding.
-    ``attn`` maps an arm to the attention implementation its steps run with (None: the model's own).
+    spec: ArmSpec
+    batches: List[dict]
+    stats: List[List[dict]]
+    attn: Optional[str] = None  # attention implementation its steps run with (None: the model's own)
+    required: bool = False  # a required arm that cannot run fails the benchmark; others are dropped with the reason
+
+
+OUTLIER_FACTOR = 1.5  # a timed step slower than this many medians is flagged
+
+
+def time_arms(engine, arms: Dict[str, Arm], warmup: int, device, dtype, flop_model: FlopModel, peak: Optional[float],
+              matmul_rate: float, switch: LeverSwitch) -> Dict[str, dict]:
+    """Warm up every arm, then run their timed optimizer steps interleaved (A B C, C B A, A B C, ...).
+
+    Interleaving puts every arm under the same machine state (clocks, temperature, other tenants of a shared
+    CPU), so their ratios are fairer than back-to-back blocks. Each step runs with its arm's levers switched on
+    (switching happens outside the timed region); the clock synchronises the device before and after the step.
+    Arms with the same grouping hold the same samples in step ``i``; tokens/s counts real tokens only and model
+    FLOPs come from the samples, never the padding. Per arm: total-time and median-based rates, the timed steps'
+    seconds, steps slower than ``OUTLIER_FACTOR`` x the median (and whether their row shape was new to the
+    process, e.g. a fresh kernel plan or recompile), and the distinct (rows, width) shapes it ran.
     """
     from gpt4roi_sft.train.loop import micro_step
 
     clock = Clock(device)
-    attn = attn or {}
     failed: Dict[str, str] = {}
+    seen_shapes = set()
     engine.train()
 
-    def step(name: str, batch: dict) -> torch.Tensor:
-        with attention_implementation(engine.module, attn.get(name)):
+    def step(arm: Arm, batch: dict) -> torch.Tensor:
+        switch.set(arm.spec.levers)
+        with attention_implementation(engine.module, arm.attn):
             return micro_step(engine, batch, device, dtype)
 
-    for name, batches in list(arms.items()):
+    for name, arm in list(arms.items()):
         try:
-            for batch in batches[: max(warmup, 1)]:
-                step(name, batch)
-        except Exception as exc:  # an optional kernel that does not run here: drop the arm, keep the others
-            if name in ("ours", "baseline"):
+            for batch in arm.batches[: max(warmup, 1)]:
+                seen_shapes.add(tuple(batch["input_ids"].shape))
+                step(arm, batch)
+        except Exception as exc:  # a lever or kernel that does not run here: drop the arm, keep the others
+            if arm.required:
                 raise
             log.warning("arm %s dropped: its warm-up failed with %r", name, exc)
             failed[name] = repr(exc)[:500]
             del arms[name]
-    acc = {name: {"times": [], "losses": [], "tokens": 0, "padded": 0, "flops": 0.0, "samples": 0, "peak": 0.0} for name in arms}
+            _recover(engine, device)
+    switch.set(frozenset())
+    acc = {name: {"times": [], "losses": [], "tokens": [], "padded": 0, "flops": [], "samples": 0, "peak": 0.0,
+                  "shapes": [], "new": []} for name in arms}
     names = list(arms)
-    for i in range(warmup, len(stats)):
+    n_steps = min(len(a.batches) for a in arms.values()) if arms else 0
+    for i in range(warmup, n_steps):
         for name in (names if (i - warmup) % 2 == 0 else names[::-1]):
-            batch, a = arms[name][i], acc[name]
+            arm, a = arms[name], acc[name]
+            batch = arm.batches[i]
+            shape = tuple(batch["input_ids"].shape)
+            switch.set(arm.spec.levers)
             reset_peak_memory(device)
-            t0 = clock.now()
-            loss = step(name, batch)
-            a["times"].append(clock.now() - t0)
+            with attention_implementation(engine.module, arm.attn):
+                t0 = clock.now()
+                loss = micro_step(engine, batch, device, dtype)
+                a["times"].append(clock.now() - t0)
             a["peak"] = max(a["peak"], peak_memory_gb(device))
             a["losses"].append(float(loss))
-            a["tokens"] += int(batch["num_tokens"])
+            a["tokens"].append(int(batch["num_tokens"]))
             a["padded"] += int(batch["input_ids"].numel())
-            a["flops"] += flop_model.batch_flops(stats[i])["total"]
-            a["samples"] += len(stats[i])
-    results = {}
-    for name, a in acc.items():
-        seconds = sum(a["times"])
-        results[name] = {
-            "arm": name,
-            "steps": len(a["times"]),
-            "seconds": seconds,
-            "step_time_s_median": float(np.median(a["times"])),
-            "tokens": a["tokens"],
-            "tokens_in_batches": a["padded"],
-            "padding_fraction": 1.0 - a["tokens"] / max(a["padded"], 1),
-            "tokens_per_s": a["tokens"] / seconds,
-            "samples_per_s": a["samples"] / seconds,
-            "steps_per_s": len(a["times"]) / seconds,
-            "model_flops": a["flops"],
-            "achieved_tflops": a["flops"] / seconds / 1e12,
-            "mfu": mfu(a["flops"], seconds, peak),
-            "mfu_vs_matmul": mfu(a["flops"], seconds, matmul_rate),
-            "peak_mem_gb": a["peak"],
-            "final_loss": a["losses"][-1],
-            "attn_implementation": attn.get(name),
-        }
-        log.info("%s: %.1f tokens/s, %.3f s/step (median), peak memory %.2f GB", name, results[name]["tokens_per_s"],
-                 results[name]["step_time_s_median"], results[name]["peak_mem_gb"])
+            a["flops"].append(flop_model.batch_flops(arm.stats[i])["total"])
+            a["samples"] += len(arm.stats[i])
+            a["shapes"].append(shape)
+            a["new"].append(shape not in seen_shapes)
+            seen_shapes.add(shape)
+    switch.set(frozenset())
+    results = {name: arm_result(name, arms[name], a, warmup, peak, matmul_rate) for name, a in acc.items()}
     for name, error in failed.items():
         results[name] = {"arm": name, "failed": error}
     return results
+
+
+def arm_result(name: str, arm: Arm, a: dict, warmup: int, peak: Optional[float], matmul_rate: float) -> dict:
+    """Totals, medians and outliers of one arm's timed steps."""
+    times = np.asarray(a["times"])
+    tokens = np.asarray(a["tokens"], dtype=np.float64)
+    flops = np.asarray(a["flops"])
+    seconds = float(times.sum())
+    median = float(np.median(times))
+    warm_shapes = {tuple(b["input_ids"].shape) for b in arm.batches[: max(warmup, 1)]}
+    shapes = sorted(warm_shapes | set(a["shapes"]))
+
+    def med_rate(per_step, over):
+        return None if over is None else float(np.median(per_step / times / over))
+
+    outliers = [{"step": warmup + k, "seconds": round(float(t), 4), "x_median": round(float(t / median), 2),
+                 "shape": list(a["shapes"][k]), "new_shape": a["new"][k]}
+                for k, t in enumerate(times) if t > OUTLIER_FACTOR * median]
+    result = {
+        "arm": name,
+        "spec": arm.spec.describe(),
+        "levers": lever_settings(arm.spec),
+        "steps": len(times),
+        "seconds": seconds,
+        "step_times_s": [round(float(t), 4) for t in times],
+        "step_time_s_median": median,
+        "tokens": int(tokens.sum()),
+        "tokens_per_step_mean": float(tokens.mean()),
+        "tokens_in_batches": a["padded"],
+        "padding_fraction": 1.0 - float(tokens.sum()) / max(a["padded"], 1),
+        "tokens_per_s": float(tokens.sum()) / seconds,
+        "tokens_per_s_median": float(np.median(tokens / times)),
+        "samples_per_s": a["samples"] / seconds,
+        "steps_per_s": len(times) / seconds,
+        "model_flops": float(flops.sum()),
+        "achieved_tflops": float(flops.sum()) / seconds / 1e12,
+        "mfu": mfu(float(flops.sum()), seconds, peak),
+        "mfu_median": med_rate(flops, peak),
+        "mfu_vs_matmul": mfu(float(flops.sum()), seconds, matmul_rate),
+        "mfu_vs_matmul_median": med_rate(flops, matmul_rate),
+        "peak_mem_gb": a["peak"],
+        "final_loss": a["losses"][-1],
+        "attn_implementation": arm.attn,
+        "distinct_shapes": len(shapes),
+        "shapes": [list(s) for s in shapes],
+        "outlier_steps": outliers,
+    }
+    log.info("%s: %.1f tokens/s (median %.1f), %.3f s/step median, %d shapes, %d outlier step(s), peak %.2f GB", name,
+             result["tokens_per_s"], result["tokens_per_s_median"], median, len(shapes), len(outliers), result["peak_mem_gb"])
+    return result
+
+
+def _recover(engine, device) -> None:
+    """After a failed step (out of memory, a kernel that cannot run): drop partial gradients and cached blocks."""
+    try:
+        engine.zero_grad()
+    except Exception as exc:  # the engine may be past saving; the next step will tell
+        log.warning("zero_grad after a failed step: %r", exc)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def generation_throughput(engine, items: List[dict], args, device, dtype) -> dict:
@@ -161,34 +230,53 @@ def generation_throughput(engine, items: List[dict], args, device, dtype) -> dic
             "new_tokens_per_region": args.gen_new_tokens, "regions": regions, "seconds": seconds}
 
 
-def find_max_micro_batch(engine, make_items, pack_len_per_sample: int, device, dtype, limit: int) -> dict:
-    """Largest packed micro-batch (samples per step) that runs a training step without running out of memory.
+def find_max_budget(engine, pool: SamplePool, switch: LeverSwitch, levers, row_length: int, pad_to_multiple: int,
+                    device, dtype, start: int, limit: int, granularity: int = 1024) -> dict:
+    """Largest token budget per packed micro-batch that trains a step without running out of memory.
 
-    Doubles from 1 until an out-of-memory error, then bisects between the last fit and the first failure.
-    Runs last: an optimizer step interrupted by OOM can leave the engine unusable.
+    Doubles from ``start`` until an out-of-memory error (or ``limit``), then bisects to ``granularity`` tokens.
+    The micro-batch of budget ``n`` is the pool's first token-budget group (real tokens <= n), in rows of
+    ``row_length`` rounded to ``pad_to_multiple``, run with ``levers``. Runs last: an optimizer step interrupted
+    by OOM can leave the engine unusable, so a later non-OOM failure ends the search with the bound found so far.
     """
     from gpt4roi_sft.data.collator import PackingCollator
     from gpt4roi_sft.train.loop import micro_step
 
+    collate = PackingCollator(row_length, PAD_ID, pad_to_multiple=pad_to_multiple)
+    peaks: Dict[int, float] = {}
+
     def fits(n: int) -> bool:
-        batch = PackingCollator(n * pack_len_per_sample, PAD_ID)(make_items(n))
+        (group,) = pool.groups(1, 1, budget=n)
+        batch = collate(group)
+        switch.set(levers)
+        reset_peak_memory(device)
         try:
             micro_step(engine, batch, device, dtype)
-            torch.cuda.synchronize(device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            peaks[n] = peak_memory_gb(device)
+            log.info("budget %d tokens (%d real, shape %s): fits, peak %.1f GB", n, batch["num_tokens"],
+                     tuple(batch["input_ids"].shape), peaks[n])
             return True
         except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
+            log.info("budget %d tokens: out of memory", n)
+            _recover(engine, device)
             return False
 
-    good, bad, n = 0, None, 1
+    good, bad, n = 0, None, start
     try:
         while n <= limit and fits(n):
             good, n = n, n * 2
         bad = n if n <= limit else None
-        while bad is not None and bad - good > 1:
-            mid = (good + bad) // 2
+        while bad is not None and bad - good > granularity:
+            mid = (good + bad) // 2 // granularity * granularity
+            if mid <= good:
+                break
             good, bad = (mid, bad) if fits(mid) else (good, mid)
-    except Exception as exc:  # an engine left inconsistent by an earlier OOM: keep the lower bound found so far
-        log.warning("micro-batch search stopped after %d fit: %s", good, exc)
-        return {"max_micro_batch": good, "first_oom": bad, "limit": limit, "stopped_by": repr(exc)[:300]}
-    return {"max_micro_batch": good, "first_oom": bad, "limit": limit}
+    except Exception as exc:  # an engine left inconsistent by an earlier OOM: keep the bound found so far
+        log.warning("budget search stopped after %d fit: %r", good, exc)
+        return {"max_pack_tokens": good, "first_oom": bad, "limit": limit, "peak_mem_gb": peaks.get(good),
+                "stopped_by": repr(exc)[:300]}
+    finally:
+        switch.set(frozenset())
+    return {"max_pack_tokens": good, "first_oom": bad, "limit": limit, "peak_mem_gb": peaks.get(good)}

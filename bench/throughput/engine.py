@@ -16,7 +16,8 @@ from bench.throughput.samples import BOS_ID, EOS_ID, PAD_ID
 log = logging.getLogger("bench.train_throughput")
 
 ROOT = Path(__file__).resolve().parents[2]
-ZERO_CONFIGS = {"2": "ds_configs/zero2.json", "3": "ds_configs/zero3.json", "3_offload": "ds_configs/zero3_offload.json"}
+ZERO_CONFIGS = {"1": "ds_configs/zero1.json", "2": "ds_configs/zero2.json", "3": "ds_configs/zero3.json",
+                "3_offload": "ds_configs/zero3_offload.json"}
 
 
 def real_config(image_size: int, attn: str):
@@ -110,8 +111,11 @@ def training_config(args, ds_config_path: str):
         f"model.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
         "model.freeze=stage2",  # GPT4RoI stage 2: everything but the vision tower
     ]
+    if args.ds_override:
+        overrides.append("deepspeed.overrides=" + json.dumps(list(args.ds_override)))
     if not args.full_ft:
-        overrides += ["lora.enabled=true", f"lora.r={args.lora_r}", f"lora.alpha={2 * args.lora_r}", "lora.target_modules=all-linear"]
+        overrides += ["lora.enabled=true", f"lora.r={args.lora_r}", f"lora.alpha={2 * args.lora_r}", "lora.target_modules=all-linear",
+                      f"lora.dropout={args.lora_dropout}"]
     return load_config(None, overrides)
 
 
@@ -146,4 +150,7 @@ def prepare_engine(model, args, on_cpu: bool, workdir: Path):
     log.info("parameters: %d total, %d trainable", counts["total"], counts["trainable"])
     hidden = unwrap_base_model(model).config.text_config.hidden_size
     engine, _, stage = build_engine(model, cfg, 1, hidden, args.warmup + args.steps + 64, on_cpu)
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    counts["optimizer"] = f"{type(inner).__module__}.{type(inner).__name__}"
+    counts["fused_adamw"] = bool(getattr(inner, "defaults", {}).get("fused"))
     return engine, stage, counts

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import Callable, List, Optional
 
 import numpy as np
 import torch
@@ -101,3 +101,42 @@ def pad_packed_batch(batch: dict, length: int) -> dict:
 def collate_steps(items: List[dict], micro_batch: int, collator) -> List[dict]:
     """Consecutive groups of ``micro_batch`` items, collated; step i always holds the same samples in both arms."""
     return [collator(items[i : i + micro_batch]) for i in range(0, len(items) - micro_batch + 1, micro_batch)]
+
+
+class SamplePool:
+    """Synthetic samples drawn on demand, always in the same order: every arm's step ``i`` of a given grouping
+    holds the same samples, and a longer run only appends."""
+
+    def __init__(self, shape: SampleShape, seed: int):
+        self.shape = shape
+        self.rng = np.random.default_rng(seed)
+        self.items: List[dict] = []
+
+    def __getitem__(self, i: int) -> dict:
+        while len(self.items) <= i:
+            self.items.append(synthetic_sample(self.shape, self.rng, len(self.items)))
+        return self.items[i]
+
+    def groups(self, n_groups: int, micro_batch: int, budget: Optional[int] = None) -> List[List[dict]]:
+        """The first ``n_groups`` micro-batches: ``micro_batch`` samples each, or (``budget``) consecutive samples up
+        to ``budget`` tokens, grouped by the trainer's own rule (``token_budget_groups``)."""
+        if budget is None:
+            return [[self[g * micro_batch + j] for j in range(micro_batch)] for g in range(n_groups)]
+        from gpt4roi_sft.data.collator import token_budget_groups
+
+        out = []
+        for group, _ in token_budget_groups(self._endless(), budget, lambda it: len(it["input_ids"])):
+            out.append(group)
+            if len(out) == n_groups:
+                return out
+        return out
+
+    def _endless(self):
+        i = 0
+        while True:
+            yield self[i]
+            i += 1
+
+
+def collate_groups(groups: List[List[dict]], collator: Callable[[List[dict]], dict]) -> List[dict]:
+    return [collator(group) for group in groups]

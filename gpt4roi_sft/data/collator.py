@@ -7,7 +7,7 @@ the list of the I images' ``(N_i, 4)`` boxes in the same order.
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, Iterable, Iterator, List, Sequence, Tuple, TypeVar
 
 import torch
 
@@ -26,21 +26,28 @@ def _vision_inputs(items: Sequence[dict]) -> dict:
     return out
 
 
+def round_up(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple`` (row widths: fewer distinct shapes, fewer kernel plans)."""
+    return -(-n // multiple) * multiple
+
+
 class PaddingCollator:
     """Pad items to the longest one: right padding for training, left for batched generation.
 
     Returns ``input_ids``/``attention_mask``/``labels`` ``(B, L)`` (padding labelled ``IGNORE_INDEX``),
-    the vision inputs, ``num_tokens`` (non-pad tokens) and ``num_label_tokens`` (trained tokens).
+    the vision inputs, ``num_tokens`` (non-pad tokens) and ``num_label_tokens`` (trained tokens). ``L`` is the
+    longest item rounded up to a multiple of ``pad_to_multiple``.
     """
 
-    def __init__(self, pad_token_id: int, padding_side: str = "right"):
+    def __init__(self, pad_token_id: int, padding_side: str = "right", pad_to_multiple: int = 1):
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         self.pad_token_id = int(pad_token_id)
         self.padding_side = padding_side
+        self.pad_to_multiple = int(pad_to_multiple)
 
     def __call__(self, items: Sequence[dict]) -> Dict[str, object]:
-        length = max(len(it["input_ids"]) for it in items)
+        length = round_up(max(len(it["input_ids"]) for it in items), self.pad_to_multiple)
         ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(items), length), dtype=torch.long)
@@ -81,16 +88,18 @@ class PackingCollator:
     sample of its own that nothing attends to); there is no ``attention_mask`` (None), so the model must
     keep attention within samples (varlen flash-attn via :func:`cu_seqlens_from_position_ids`, or the
     block-diagonal mask transformers builds from ``position_ids``). Each sample's first label is
-    ``IGNORE_INDEX`` so no loss predicts one sample from the previous one.
+    ``IGNORE_INDEX`` so no loss predicts one sample from the previous one. Rows are as wide as the fullest
+    one, rounded up to a multiple of ``pad_to_multiple`` (so few distinct shapes reach the kernels).
     """
 
-    def __init__(self, max_length: int, pad_token_id: int):
+    def __init__(self, max_length: int, pad_token_id: int, pad_to_multiple: int = 1):
         self.max_length = int(max_length)
         self.pad_token_id = int(pad_token_id)
+        self.pad_to_multiple = int(pad_to_multiple)
 
     def __call__(self, items: Sequence[dict]) -> Dict[str, object]:
         rows = pack_sequences([len(it["input_ids"]) for it in items], self.max_length)
-        length = max(sum(len(items[i]["input_ids"]) for i in row) for row in rows)
+        length = round_up(max(sum(len(items[i]["input_ids"]) for i in row) for row in rows), self.pad_to_multiple)
         ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
         positions = torch.zeros((len(rows), length), dtype=torch.long)
@@ -119,6 +128,30 @@ class PackingCollator:
             "num_label_tokens": int((labels != IGNORE_INDEX).sum()),
         }
         return batch
+
+
+T = TypeVar("T")
+
+
+def token_budget_groups(items: Iterable[T], budget: int, length: Callable[[T], int]) -> Iterator[Tuple[List[T], T]]:
+    """Consecutive groups of ``items``, each as long as its total ``length`` stays within ``budget`` tokens.
+
+    Greedy and order-preserving: an item that would overflow the current group starts the next one, so a
+    group is a pure function of the items from its first one on (what exact resume needs). Yields
+    ``(group, next_item)`` where ``next_item`` is the item that starts the following group (None after the
+    last group of a finite iterable). An item longer than ``budget`` is a group of its own.
+    """
+    group: List[T] = []
+    used = 0
+    for item in items:
+        n = length(item)
+        if group and used + n > budget:
+            yield group, item
+            group, used = [], 0
+        group.append(item)
+        used += n
+    if group:
+        yield group, None
 
 
 def packed_sequence_lengths(position_ids: torch.Tensor) -> List[int]:

@@ -97,14 +97,18 @@ class SampleEncoder:
         return item
 
 
-def move_to_device(batch: Dict[str, Any], device, float_dtype: torch.dtype) -> Dict[str, Any]:
-    """The model inputs of ``batch`` (those not None) on ``device``; images and masks in the model's float dtype."""
+def move_to_device(batch: Dict[str, Any], device, float_dtype: torch.dtype, non_blocking: bool = False) -> Dict[str, Any]:
+    """The model inputs of ``batch`` (those not None) on ``device``; images and masks in the model's float dtype.
+
+    ``non_blocking`` copies do not wait for the kernels already queued on the device (the training loop's
+    choice; a blocking host-to-device copy synchronises the stream first).
+    """
 
     def move(value, cast: bool):
         if isinstance(value, torch.Tensor):
             if cast and value.is_floating_point():
-                return value.to(device=device, dtype=float_dtype)
-            return value.to(device)
+                return value.to(device=device, dtype=float_dtype, non_blocking=non_blocking)
+            return value.to(device, non_blocking=non_blocking)
         if isinstance(value, (list, tuple)):
             return [move(v, cast) for v in value]
         return value

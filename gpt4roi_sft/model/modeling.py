@@ -58,6 +58,29 @@ class MultiModalProjector(nn.Module):
         return x
 
 
+def check_multimodal_counts(config, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor],
+                            boxes: Optional[list]) -> None:
+    """Raise ``ValueError`` when image-token runs and images, or ``<bbox>`` tokens and boxes, disagree in number.
+
+    Counting reads ``input_ids``: free on the host, a device sync on a GPU. The training loop therefore checks
+    its host batches with this and turns the model's own check off (``validate_counts_on_device``).
+    """
+    n_image_tokens = int((input_ids == config.image_token_id).sum())
+    if n_image_tokens % config.num_image_tokens:
+        raise ValueError(f"{n_image_tokens} image tokens is not a multiple of num_image_tokens={config.num_image_tokens}")
+    n_images = n_image_tokens // config.num_image_tokens
+    n_pixels = pixel_values.shape[0] if pixel_values is not None and len(pixel_values) > 0 else 0
+    if n_pixels != n_images:
+        raise ValueError(f"input_ids hold {n_images} <image> runs but pixel_values has {n_pixels} images")
+    boxes = list(boxes) if boxes is not None else []
+    n_boxes = sum(len(b) for b in boxes)
+    n_bbox_tokens = int((input_ids == config.bbox_token_id).sum())
+    if n_boxes != n_bbox_tokens:
+        raise ValueError(f"{n_bbox_tokens} <bbox> tokens in input_ids but {n_boxes} boxes were given")
+    if n_boxes and len(boxes) != n_images:
+        raise ValueError(f"boxes has {len(boxes)} entries for {n_images} images (one list per image)")
+
+
 class GPT4RoIPreTrainedModel(PreTrainedModel):
     config_class = GPT4RoIConfig
     config: GPT4RoIConfig
@@ -76,7 +99,17 @@ class GPT4RoIPreTrainedModel(PreTrainedModel):
 
 
 class GPT4RoIForCausalLM(GPT4RoIPreTrainedModel, GenerationMixin):
-    """CLIP vision tower + projector + :class:`RegionEncoder` + causal LM (``language_model``)."""
+    """CLIP vision tower + projector + :class:`RegionEncoder` + causal LM (``language_model``).
+
+    Two run-time switches (instance attributes, never saved with the model) serve the training loop:
+    ``validate_counts_on_device`` (default True) counts image and ``<bbox>`` tokens in every forward, which is a
+    device sync on a GPU; ``linear_cross_entropy`` (default None), when set, is a fused
+    ``f(hidden (N, D), weight (V, D), labels (N,), ignore_index) -> summed loss`` that training forwards with
+    labels use instead of materialising the logits (e.g. Liger's kernel; see ``gpt4roi_sft.train.speedups``).
+    """
+
+    validate_counts_on_device = True
+    linear_cross_entropy = None
 
     def __init__(self, config: GPT4RoIConfig):
         super().__init__(config)
@@ -131,28 +164,14 @@ class GPT4RoIForCausalLM(GPT4RoIPreTrainedModel, GenerationMixin):
         in number (both counts are named).
         """
         cfg = self.config
+        if self.validate_counts_on_device or input_ids.device.type == "cpu":
+            check_multimodal_counts(cfg, input_ids, pixel_values, boxes)
         embeds = self.get_input_embeddings()(input_ids)
         image_mask = input_ids == cfg.image_token_id
         bbox_mask = input_ids == cfg.bbox_token_id
-        n_image_tokens = int(image_mask.sum())
-        if n_image_tokens % cfg.num_image_tokens:
-            raise ValueError(
-                f"{n_image_tokens} image tokens is not a multiple of num_image_tokens={cfg.num_image_tokens}"
-            )
-        n_images = n_image_tokens // cfg.num_image_tokens
         have_images = pixel_values is not None and len(pixel_values) > 0
-        if (pixel_values.shape[0] if have_images else 0) != n_images:
-            raise ValueError(
-                f"input_ids hold {n_images} <image> runs but pixel_values has "
-                f"{pixel_values.shape[0] if have_images else 0} images"
-            )
         boxes = list(boxes) if boxes is not None else []
         n_boxes = sum(len(b) for b in boxes)
-        n_bbox_tokens = int(bbox_mask.sum())
-        if n_boxes != n_bbox_tokens:
-            raise ValueError(f"{n_bbox_tokens} <bbox> tokens in input_ids but {n_boxes} boxes were given")
-        if n_boxes and len(boxes) != n_images:
-            raise ValueError(f"boxes has {len(boxes)} entries for {n_images} images (one list per image)")
 
         if not have_images:  # keep the vision/region path in the graph (ZeRO-3): a dummy image, weight 0
             pixel_values = embeds.new_zeros(1, 3, cfg.image_size, cfg.image_size)
@@ -219,6 +238,12 @@ class GPT4RoIForCausalLM(GPT4RoIPreTrainedModel, GenerationMixin):
             use_cache = False
         if past_key_values is not None:
             kwargs["cache"] = past_key_values  # transformers >= 5.2x renamed the argument
+        if labels is not None and self.training and self.linear_cross_entropy is not None:
+            # Fused loss: the LLM's last hidden states go straight into the loss kernel; no (B, L, V) logits.
+            hidden = self.language_model.get_decoder()(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs
+            ).last_hidden_state
+            return CausalLMOutputWithPast(loss=self.fused_causal_lm_loss(hidden, labels, num_items_in_batch))
         out = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -235,10 +260,26 @@ class GPT4RoIForCausalLM(GPT4RoIPreTrainedModel, GenerationMixin):
         shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
         shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
         total = F.cross_entropy(shift_logits, shift_labels, ignore_index=self.config.ignore_index, reduction="sum")
+        return self._mean_over_targets(total, shift_labels, num_items_in_batch)
+
+    def fused_causal_lm_loss(self, hidden: torch.Tensor, labels: torch.LongTensor, num_items_in_batch=None) -> torch.Tensor:
+        """:meth:`causal_lm_loss` from the last hidden states (B, L, D) through ``linear_cross_entropy`` and the
+        output head's weight, without the logits."""
+        head = self.language_model.get_output_embeddings()
+        if getattr(head, "bias", None) is not None:
+            raise ValueError("linear_cross_entropy: an output head with a bias is not supported")
+        shift_hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        shift_labels = labels[:, 1:].reshape(-1).to(hidden.device)
+        total = self.linear_cross_entropy(shift_hidden, head.weight, shift_labels, self.config.ignore_index)
+        return self._mean_over_targets(total, shift_labels, num_items_in_batch)
+
+    def _mean_over_targets(self, total: torch.Tensor, shift_labels: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+        """``total`` over the trained-token count (1 where that is 0), computed on the device without reading it back."""
         if num_items_in_batch is None:
             num_items_in_batch = (shift_labels != self.config.ignore_index).sum()
         if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(total.device)
+            count = num_items_in_batch.to(total.device, total.dtype)
+            return total / torch.where(count > 0, count, torch.ones_like(count))
         return total / (num_items_in_batch if num_items_in_batch else 1)
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
@@ -390,4 +431,5 @@ def regions_by_image(boxes: list[torch.Tensor], masks: Optional[list[torch.Tenso
     return grouped_boxes, grouped_masks, torch.tensor(order, device=inverse.device)
 
 
-__all__ = ["GPT4RoIForCausalLM", "GPT4RoIPreTrainedModel", "MultiModalProjector", "default_attn_implementation"]
+__all__ = ["GPT4RoIForCausalLM", "GPT4RoIPreTrainedModel", "MultiModalProjector", "check_multimodal_counts",
+           "default_attn_implementation"]

@@ -118,7 +118,13 @@ class RegionEncoder(nn.Module):
         fuse_rounds: rounds of cross-level mixing (GPT4RoI: 5).
         gn_groups: GroupNorm groups (GPT4RoI: 64).
         mode: ``box``, ``mask`` or ``box+mask``.
+
+    ``channels_last`` (a run-time switch, default False) runs the convolutions on channels-last (NHWC) activations,
+    the layout cuDNN's bf16 tensor-core kernels work in; the weights keep their layout (ZeRO flattens them anyway)
+    and the results are the same.
     """
+
+    channels_last = False
 
     def __init__(
         self,
@@ -187,11 +193,15 @@ class RegionEncoder(nn.Module):
                 raise ValueError(f"region level {lvl}: {p} patches do not form a square grid")
             side = g * 2 ** (NUM_LEVELS - 1 - lvl)
             grid = feat.transpose(1, 2).reshape(n, c, g, g)
-            maps.append(F.interpolate(grid, size=(side, side), mode="bilinear", align_corners=True))
+            maps.append(self._layout(F.interpolate(grid, size=(side, side), mode="bilinear", align_corners=True)))
         return self.mlvl_fuse(maps)
 
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
     def _box_features(self, maps: list[torch.Tensor], boxes: list[torch.Tensor]) -> torch.Tensor:
-        pooled = [conv(pool_boxes(fmap, boxes, self.image_size, self.roi_output_size)) for conv, fmap in zip(self.pconvs, maps)]
+        pooled = [conv(self._layout(pool_boxes(fmap, boxes, self.image_size, self.roi_output_size)))
+                  for conv, fmap in zip(self.pconvs, maps)]
         fused = F.relu(torch.stack(pooled).sum(0))
         return self.flatten_linear(fused.flatten(1))
 

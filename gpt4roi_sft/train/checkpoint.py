@@ -6,6 +6,7 @@ Layout under ``OUTPUT_DIR/checkpoints/``::
         trainable.safetensors the trainable weights, gathered to full 16/32-bit tensors (what export reads)
         client_state.json     step, consumed micro-batches, config snapshot
         rng_state_rank<r>.pt  each rank's torch / numpy / python RNG states
+        data_position_rank<r>.json  each rank's next sample, for streams that need more than the micro-batch count
         COMPLETE              written last, after every rank finished writing
     latest                    the tag of the newest COMPLETE checkpoint, replaced atomically
 
@@ -122,6 +123,17 @@ def load_rng_state(step_dir: Path, rank: int, device: Optional[torch.device] = N
         restore_rng_state(torch.load(path, map_location="cpu", weights_only=False), device)
     else:
         log.warning("%s missing; RNG state not restored for rank %d", path, rank)
+
+
+def save_data_position(step_dir: Path, rank: int, position: Optional[Dict[str, int]]) -> None:
+    """This rank's data-stream position (``{"epoch", "offset"}``), when its stream has one."""
+    if position is not None:
+        write_json_atomic(Path(step_dir) / f"data_position_rank{rank}.json", position)
+
+
+def load_data_position(step_dir: Path, rank: int) -> Optional[Dict[str, int]]:
+    path = Path(step_dir) / f"data_position_rank{rank}.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def save_trainable(step_dir: Path, state_dict: Dict[str, torch.Tensor]) -> None:

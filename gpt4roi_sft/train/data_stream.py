@@ -1,24 +1,37 @@
 """The training data as a resumable stream of micro-batches for one rank.
 
 The order of samples is a pure function of (seed, epoch, rank), so a run resumed after ``k`` micro-batches
-sees exactly the micro-batches an uninterrupted run would have seen from ``k`` on.
+sees exactly the micro-batches an uninterrupted run would have seen from ``k`` on. Two streams share that
+order: :class:`MicroBatchStream` cuts it into micro-batches of a fixed sample count (resume position: the
+number of micro-batches consumed), :class:`TokenBudgetStream` fills each micro-batch up to a token budget
+(``data.pack_tokens``; resume position: this rank's ``{"epoch", "offset"}`` of the next sample, which each
+rank saves in the checkpoint because ranks consume samples at different rates).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Iterator, List
+import math
+from typing import Dict, Iterator, List, Optional
 
 import torch
 from torch.utils.data import DataLoader
 
 from gpt4roi_sft.config import Config
+from gpt4roi_sft.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
+def _epoch_order(sampler, epoch: int) -> List[int]:
+    """This rank's sample indices for ``epoch`` (the sampler's whole share, from its start)."""
+    sampler.set_epoch(epoch)
+    return list(iter(sampler))
+
+
 class MicroBatchStream:
-    """Yields collated micro-batches forever (epoch after epoch), starting at any micro-batch position."""
+    """Yields collated micro-batches of ``micro_batch_size`` samples forever (epoch after epoch), starting at any
+    micro-batch position."""
 
     def __init__(self, dataset, sampler, collator, micro_batch_size: int, num_workers: int = 0):
         self.dataset = dataset
@@ -33,11 +46,13 @@ class MicroBatchStream:
             )
 
     def _epoch_indices(self, epoch: int) -> List[int]:
-        self.sampler.set_epoch(epoch)
-        indices = list(iter(self.sampler))
-        return indices[: self.micro_batches_per_epoch * self.micro_batch_size]
+        return _epoch_order(self.sampler, epoch)[: self.micro_batches_per_epoch * self.micro_batch_size]
 
-    def iterate_from(self, consumed_micro_batches: int) -> Iterator[dict]:
+    def position(self) -> Optional[Dict[str, int]]:
+        """Nothing beyond the count of consumed micro-batches is needed to resume."""
+        return None
+
+    def iterate_from(self, consumed_micro_batches: int, position: Optional[Dict[str, int]] = None) -> Iterator[dict]:
         epoch, offset = divmod(consumed_micro_batches, self.micro_batches_per_epoch)
         while True:
             indices = self._epoch_indices(epoch)[offset * self.micro_batch_size :]
@@ -55,6 +70,68 @@ class MicroBatchStream:
             )
             yield from loader
             epoch, offset = epoch + 1, 0
+
+
+class TokenBudgetStream:
+    """Yields micro-batches of as many consecutive samples as fit ``budget`` tokens, forever, from any position.
+
+    Samples come in this rank's order (epoch after epoch, a micro-batch may span an epoch boundary) and are
+    grouped greedily (:func:`~gpt4roi_sft.data.collator.token_budget_groups`) by their real token counts, so
+    the budget is exact and a group depends only on the samples from its first one on. :meth:`position` is the
+    ``{"epoch", "offset"}`` of the first sample of the next micro-batch, valid as soon as a micro-batch has
+    been handed out; resuming from it continues exactly. ``micro_batches_per_epoch`` is an estimate from the
+    dataset's approximate lengths, the same on every rank (it only turns ``train.num_epochs`` into steps).
+    """
+
+    def __init__(self, dataset, sampler, collator, budget: int, num_workers: int = 0):
+        self.dataset = dataset
+        self.sampler = sampler
+        self.collator = collator
+        self.budget = int(budget)
+        self.num_workers = num_workers
+        self._position = {"epoch": 0, "offset": 0}
+        per_rank = len(sampler)
+        if per_rank < 1:
+            raise ValueError("this rank gets no sample per epoch")
+        mean_length = float(dataset.lengths().mean())
+        self.micro_batches_per_epoch = max(1, math.ceil(per_rank * mean_length / self.budget))
+
+    def position(self) -> Dict[str, int]:
+        return dict(self._position)
+
+    def _items(self, epoch: int, offset: int):
+        """``((epoch, offset), item)`` for every sample of this rank from the given position on."""
+        while True:
+            indices = _epoch_order(self.sampler, epoch)[offset:]
+            loader = DataLoader(
+                self.dataset,
+                sampler=indices,
+                batch_size=None,  # single items; grouping by tokens happens here, in order
+                num_workers=self.num_workers,
+                persistent_workers=False,
+                generator=torch.Generator().manual_seed(epoch),  # never draws from the restored global RNG
+            )
+            for k, item in enumerate(loader, start=offset):
+                yield (epoch, k), item
+            epoch, offset = epoch + 1, 0
+
+    def iterate_from(self, consumed_micro_batches: int, position: Optional[Dict[str, int]] = None) -> Iterator[dict]:
+        from gpt4roi_sft.data.collator import token_budget_groups
+
+        if position is None:
+            if consumed_micro_batches:
+                raise UserError(
+                    f"resuming a data.pack_tokens run after {consumed_micro_batches} micro-batches needs this rank's "
+                    "saved data position (data_position_rank<r>.json in the checkpoint); resume with the same "
+                    "number of processes that saved it"
+                )
+            position = {"epoch": 0, "offset": 0}
+        self._position = {"epoch": int(position["epoch"]), "offset": int(position["offset"])}
+        items = self._items(self._position["epoch"], self._position["offset"])
+        for group, following in token_budget_groups(items, self.budget, lambda entry: len(entry[1]["input_ids"])):
+            (epoch, offset), _ = following  # the stream never ends, so a next sample always exists
+            self._position = {"epoch": epoch, "offset": offset}
+            yield self.collator([item for _, item in group])
 
 
 def build_dataset(cfg: Config, processor, image_token_id: int):
@@ -91,14 +168,16 @@ def build_sampler(cfg: Config, dataset, rank: int, world_size: int):
 
 
 def build_collator(cfg: Config, pad_token_id: int):
+    """Packed rows of ``<= data.max_length`` tokens (``data.packing`` or ``data.pack_tokens``), else right padding;
+    widths rounded up to ``data.pad_to_multiple`` (128 for packed rows unless set)."""
     from gpt4roi_sft.data.collator import PackingCollator, PaddingCollator
 
-    if cfg.data.packing:
-        return PackingCollator(max_length=cfg.data.max_length, pad_token_id=pad_token_id)
-    return PaddingCollator(pad_token_id=pad_token_id, padding_side="right")
+    if cfg.data.packed:
+        return PackingCollator(max_length=cfg.data.max_length, pad_token_id=pad_token_id, pad_to_multiple=cfg.data.row_multiple)
+    return PaddingCollator(pad_token_id=pad_token_id, padding_side="right", pad_to_multiple=cfg.data.row_multiple)
 
 
-def build_stream(cfg: Config, processor, image_token_id: int, rank: int, world_size: int) -> MicroBatchStream:
+def build_stream(cfg: Config, processor, image_token_id: int, rank: int, world_size: int):
     dataset = build_dataset(cfg, processor, image_token_id)
     if cfg.data.validate_on_start and rank == 0:
         dataset.validate_all()
@@ -107,4 +186,6 @@ def build_stream(cfg: Config, processor, image_token_id: int, rank: int, world_s
     if pad_id is None:
         pad_id = processor.tokenizer.eos_token_id
     collator = build_collator(cfg, pad_id)
+    if cfg.data.pack_tokens > 0:
+        return TokenBudgetStream(dataset, sampler, collator, cfg.data.pack_tokens, cfg.data.num_workers)
     return MicroBatchStream(dataset, sampler, collator, cfg.train.micro_batch_size, cfg.data.num_workers)

@@ -39,8 +39,18 @@ class Collectives:
         return dist.get_world_size()
 
     def stack(self, values: Sequence[Number], dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """``values`` as one 1-D tensor on the loop's device (no host sync for tensors already there)."""
-        return torch.stack([torch.as_tensor(v, dtype=dtype, device=self.device).reshape(()) for v in values])
+        """``values`` as one 1-D tensor on the loop's device, built without waiting for the device.
+
+        Device tensors stay where they are; Python numbers travel in non-blocking copies (a blocking
+        host-to-device copy would wait for every kernel queued before it).
+        """
+        parts = []
+        for v in values:
+            if isinstance(v, torch.Tensor):
+                parts.append(v.detach().to(device=self.device, dtype=dtype, non_blocking=True).reshape(1))
+            else:
+                parts.append(torch.tensor([v], dtype=dtype, device="cpu").to(self.device, non_blocking=True))
+        return torch.cat(parts)
 
     def sum(self, values: Sequence[Number]) -> torch.Tensor:
         """Element-wise sum over ranks of ``values``: a float64 tensor on the loop's device (not read back)."""

@@ -6,21 +6,25 @@ on CPU, one per ``--num_gpus``/``--nproc_per_node`` over gloo).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from gpt4roi_sft.config import Config, load_deepspeed_json, zero_stage
+from gpt4roi_sft.config import Config, apply_deepspeed_overrides, load_deepspeed_json, zero_stage
+from gpt4roi_sft.constants import IGNORE_INDEX
 from gpt4roi_sft.data.model_inputs import move_to_device
 from gpt4roi_sft.errors import UserError
+from gpt4roi_sft.model.modeling import check_multimodal_counts
 from gpt4roi_sft.train import checkpoint as ckpt
 from gpt4roi_sft.train.deepspeed_config import fill_auto_values
 from gpt4roi_sft.train.distributed import Collectives, training_device
+from gpt4roi_sft.train.speedups import apply_speedups
 from gpt4roi_sft.train.modes import (
     apply_training_mode,
     load_model_from_config,
@@ -60,7 +64,8 @@ def lr_lambda_for(cfg: Config, total_steps: int):
 
 
 def build_engine(model, cfg: Config, world_size: int, hidden_size: int, total_steps: int, on_cpu: bool):
-    """``deepspeed.initialize`` with the recipe's DeepSpeed JSON (``"auto"`` filled), AdamW and the LR schedule.
+    """``deepspeed.initialize`` with the recipe's DeepSpeed JSON (``"auto"`` filled, then ``deepspeed.overrides``
+    set), AdamW and the LR schedule.
 
     A DeepSpeed JSON without an ``optimizer`` section gets a client ``torch.optim.AdamW`` (fused on GPU), which
     needs no compiled extension; one with it (e.g. zero3_offload: DeepSpeed's CPU Adam) is left to DeepSpeed.
@@ -69,6 +74,7 @@ def build_engine(model, cfg: Config, world_size: int, hidden_size: int, total_st
     import deepspeed
 
     ds_config = fill_auto_values(load_deepspeed_json(cfg.deepspeed.config), cfg, world_size, hidden_size)
+    apply_deepspeed_overrides(ds_config, cfg.deepspeed.overrides)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = None
     if "optimizer" not in ds_config:
@@ -84,12 +90,61 @@ def build_engine(model, cfg: Config, world_size: int, hidden_size: int, total_st
     return engine, scheduler, zero_stage(ds_config)
 
 
-def micro_step(engine, batch: Dict[str, Any], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Forward, backward and (at accumulation boundaries) optimizer step of one micro-batch; returns the loss."""
-    out = engine(**move_to_device(batch, device, dtype))
+def trained_token_count(batch: Dict[str, Any]) -> int:
+    """Next-token targets of a host batch: labels after the first column that are not ``IGNORE_INDEX``."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def micro_step(engine, batch: Dict[str, Any], device: torch.device, dtype: torch.dtype,
+               num_items_in_batch: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Forward, backward and (at accumulation boundaries) optimizer step of one micro-batch; returns the loss.
+
+    The batch travels in non-blocking copies and the loss stays on the device: nothing here waits for the GPU.
+    ``num_items_in_batch`` (a device scalar) replaces the micro-batch's own count of trained tokens as the loss
+    denominator (see :func:`loss_denominator`).
+    """
+    inputs = move_to_device(batch, device, dtype, non_blocking=True)
+    if num_items_in_batch is not None:
+        inputs["num_items_in_batch"] = num_items_in_batch
+    out = engine(**inputs)
     engine.backward(out.loss)
     engine.step()
     return out.loss.detach()
+
+
+def loss_denominator(comm: Collectives, window: List[Dict[str, Any]], gas: int) -> torch.Tensor:
+    """The ``num_items_in_batch`` that makes one optimizer step the mean over every trained token of its window.
+
+    DeepSpeed divides each micro-batch loss by ``gas`` and averages gradients over ranks, so a micro-batch's
+    summed token losses divided by ``N / (gas * world)`` (``N`` = trained tokens of all micro-batches of the step
+    on all ranks) yield the gradient of (sum of all token losses) / ``N``, however the tokens are spread over
+    micro-batches. ``N`` is summed on the device from the host batches' counts (no host sync).
+    """
+    (labelled,) = comm.sum([sum(trained_token_count(b) for b in window)])
+    return labelled / (gas * comm.world_size)
+
+
+class LogWindow:
+    """What the loop accumulates between two log steps, on the device; read (one sync) at log and save steps."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset(0)
+
+    def reset(self, step: int) -> None:
+        self.first_step = step + 1
+        self.checked = step  # the last step known to have a finite loss
+        self.loss = torch.zeros((), dtype=torch.float64, device=self.device)  # sum over steps of each step's loss x world
+        self.tokens = 0
+        self.steps = 0
+        self.started = time.perf_counter()
+        self.grad_norm = None
+
+    def add(self, step_loss: torch.Tensor, tokens: int, grad_norm) -> None:
+        self.loss += step_loss
+        self.tokens += tokens
+        self.steps += 1
+        self.grad_norm = grad_norm
 
 
 def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
@@ -126,6 +181,7 @@ def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     model = apply_training_mode(model, cfg)
+    apply_speedups(model, cfg, device)
     counts = trainable_parameter_count(model)
     if is_rank0:
         log.info("parameters: %d total, %d trainable (%.2f%%)", counts["total"], counts["trainable"], 100 * counts["trainable"] / max(1, counts["total"]))
@@ -148,13 +204,14 @@ def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
         total_steps = max(1, math.ceil(cfg.train.num_epochs * stream.micro_batches_per_epoch / gas))
     engine, scheduler, stage = build_engine(model, cfg, world, base.config.text_config.hidden_size, total_steps, on_cpu)
 
-    start_step, consumed = 0, 0
+    start_step, consumed, data_position = 0, 0, None
     resume_dir = ckpt.find_latest(out_dir)
     if resume_dir is not None:
         engine.load_checkpoint(str(root), tag=resume_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True)
         state = ckpt.read_client_state(resume_dir)
         start_step, consumed = int(state["step"]), int(state["consumed_micro_batches"])
         ckpt.load_rng_state(resume_dir, rank, device)
+        data_position = ckpt.load_data_position(resume_dir, rank) if int(state.get("world_size", world)) == world else None
         if is_rank0:
             log.info("resumed from %s (step %d)", resume_dir, start_step)
 
@@ -171,6 +228,7 @@ def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
         engine.save_checkpoint(str(root), tag=step_dir.name, client_state=client, save_latest=False)
         trainable = ckpt.gather_trainable_state_dict(engine.module, stage, is_rank0)
         ckpt.save_rng_state(step_dir, rank, device)
+        ckpt.save_data_position(step_dir, rank, stream.position())
         if is_rank0:
             ckpt.save_trainable(step_dir, trainable)
             ckpt.write_client_state(step_dir, client)
@@ -180,44 +238,68 @@ def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
             ckpt.mark_complete_and_publish(root, step_dir, cfg.train.save_total_limit)
         comm.barrier()
 
-    batches = stream.iterate_from(consumed)
+    batches = stream.iterate_from(consumed, data_position)
+    base.validate_counts_on_device = False  # checked on the host batches below: no device sync in the forward
+    check_counts = functools.partial(check_multimodal_counts, base.config)
     last_loss = float("nan")
     step = start_step
+    window = LogWindow(device)
+    window.reset(start_step)
+
+    def read_window(step: int, what: str) -> Tuple[float, Optional[float], float]:
+        """Reduce the window over ranks and read it (the one host sync of a log or save step); stop on NaN/inf."""
+        grad_norm = window.grad_norm
+        values = [window.loss, window.tokens] + ([grad_norm] if grad_norm is not None else [])
+        totals = comm.sum_to_host(values)
+        loss = totals[0] / (world * max(window.steps, 1))
+        if not math.isfinite(loss):
+            first = window.checked + 1
+            span = f"step {step}" if first == step else f"steps {first}-{step}"
+            raise NonFiniteLossError(
+                f"loss is {loss} at {span} (found {what}); stopping. The last good checkpoint is kept in {root}. "
+                "Lower train.learning_rate, use bf16 rather than fp16, or check the data around this step."
+            )
+        window.checked = step
+        return loss, (totals[2] / world if grad_norm is not None else None), totals[1]
+
     engine.train()
     try:
         for step in range(start_step + 1, total_steps + 1):
-            t0 = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            tokens = 0
-            for _ in range(gas):
-                batch = next(batches)
-                consumed += 1
-                loss_sum += micro_step(engine, batch, device, dtype).double()
-                tokens += int(batch.get("num_tokens", batch["input_ids"].numel()))
-            loss_total, tokens_total = comm.sum_to_host([loss_sum / gas, tokens])
-            loss = loss_total / world
-            if not math.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"loss is {loss} at step {step}; stopping. The last good checkpoint is kept in {root}. "
-                    "Lower train.learning_rate, use bf16 rather than fp16, or check the data around this step."
-                )
-            last_loss = loss
-            elapsed = time.perf_counter() - t0
-            grad_norm = engine.get_global_grad_norm()
-            record = {
-                "step": step,
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "tokens_per_s": tokens_total / max(elapsed, 1e-9),
-                "step_time_s": elapsed,
-            }
+            micro = [next(batches) for _ in range(gas)]
+            consumed += gas
+            for batch in micro:
+                check_counts(batch["input_ids"], batch.get("pixel_values"), batch.get("boxes"))
+            denominator = loss_denominator(comm, micro, gas)
+            step_loss = torch.zeros((), dtype=torch.float64, device=device)
+            for batch in micro:
+                step_loss += micro_step(engine, batch, device, dtype, num_items_in_batch=denominator).double()
+            # Each micro-batch loss is its token-loss sum x gas x world / N: the step's loss is their sum / (gas x world).
+            window.add(step_loss / gas, sum(int(b.get("num_tokens", b["input_ids"].numel())) for b in micro),
+                       engine.get_global_grad_norm())
             if is_rank0:
-                metrics.log(record)
                 progress.update(1)
-                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}")
-            if step % cfg.train.save_steps == 0 or step == total_steps:
+            log_now = step % cfg.train.log_steps == 0 or step == total_steps
+            save_now = step % cfg.train.save_steps == 0 or step == total_steps
+            if log_now:
+                loss, grad_norm, tokens_total = read_window(step, "at a log step")
+                elapsed = time.perf_counter() - window.started
+                last_loss = loss
+                record = {
+                    "step": step,
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": tokens_total / max(elapsed, 1e-9),
+                    "step_time_s": elapsed / window.steps,
+                }
+                if is_rank0:
+                    metrics.log(record)
+                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                window.reset(step)
+            elif save_now:
+                read_window(step, "before saving")  # never save weights a non-finite step produced
+            if save_now:
                 save(step)
     finally:
         if progress is not None:
