@@ -72,6 +72,7 @@ def build_dataset(cfg: Config, processor, image_token_id: int):
         max_length=cfg.data.max_length,
         load_masks=cfg.data.load_masks,
         skip_bad_records=cfg.data.skip_bad_records,
+        image_layout=getattr(processor, "image_layout", "image_token"),
     )
 
 
