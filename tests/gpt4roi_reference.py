@@ -333,13 +333,18 @@ CORPUS = [
 GPT4ROI_TOKENS = ("[PAD]", "<im_patch>", "<bbox>", "<point>", "<im_start>", "<im_end>")
 
 
-def gpt4roi_tokenizer(corpus=None, vocab_size: int = 600):
-    """A bare LLaMA-like tokenizer with GPT4RoI's additions made in GPT4RoI's order (train.py, spi_llava.py)."""
+def bare_llama_tokenizer(vocab_size: int = 600):
+    """A LLaMA-like base tokenizer (``<unk>``, ``<s>``, ``</s>`` and BPE pieces; no pad token)."""
     from data_converters.templates import GPT4ROI_VG
     from gpt4roi_sft.tokenization import train_llama_like_tokenizer
 
-    corpus = list(corpus or CORPUS) + [SYSTEM, "### Human:", "### Assistant:"] + list(GPT4ROI_VG)
-    tok = train_llama_like_tokenizer(corpus, vocab_size=vocab_size, added_tokens=False)
+    corpus = list(CORPUS) + [SYSTEM, "### Human:", "### Assistant:"] + list(GPT4ROI_VG)
+    return train_llama_like_tokenizer(corpus, vocab_size=vocab_size, added_tokens=False)
+
+
+def gpt4roi_tokenizer():
+    """The bare tokenizer with GPT4RoI's additions made in GPT4RoI's order (train.py, spi_llava.py)."""
+    tok = bare_llama_tokenizer()
     base = len(tok)
     if tok.pad_token is None:
         tok.add_special_tokens({"pad_token": "[PAD]"})
