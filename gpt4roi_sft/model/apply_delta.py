@@ -145,6 +145,17 @@ class ShardedWeights:
         self._open, self._open_name = None, None
 
 
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps the freed tensors' pages in its arenas otherwise,
+    and the process would grow with the model instead of staying near one shard)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 class ShardWriter:
     """Safetensors shards of at most ``max_bytes`` (a larger tensor gets a shard of its own) plus the index."""
 
@@ -170,6 +181,7 @@ class ShardWriter:
         save_file(self.pending, os.path.join(self.out_dir, name), metadata={"format": "pt"})
         self.shards.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
+        _release_freed_memory()
 
     def finish(self) -> int:
         """Write the last shard, give shards their final names and write the index; returns the shard count."""
