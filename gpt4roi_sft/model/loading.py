@@ -316,6 +316,29 @@ def _load_llm_plus_clip(path: str, vision_tower: str, attn: str, projector_type:
     return model, AutoTokenizer.from_pretrained(path)
 
 
+def load_processor(path: str) -> Optional[GPT4RoIProcessor]:
+    """The processor of a model directory without reading its weights, or ``None`` where the processor depends on
+    them (layouts that add ``<image>``/``<bbox>`` to the tokenizer at load time).
+
+    Our own directories and GPT4RoI-layout checkpoints (``mm_use_im_start_end``) qualify; this is what
+    ``train_sft.py --check`` tokenizes the data with.
+    """
+    path = os.fspath(path)
+    raw = _read_config(path)
+    if raw.get("model_type") == "gpt4roi":
+        return GPT4RoIProcessor.from_pretrained(path)
+    if raw.get("mm_use_im_start_end") and ("mm_vision_tower" in raw or any("Llava" in a for a in raw.get("architectures") or [])):
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        vision = raw.get("mm_vision_tower")
+        size, patch = 224, 14
+        if vision and os.path.isdir(vision):
+            vcfg = CLIPVisionConfig.from_pretrained(vision)
+            size, patch = int(vcfg.image_size), int(vcfg.patch_size)
+        return GPT4RoIProcessor(tokenizer, ImageTransform(size=size, resize_mode="clip_squash"), (size // patch) ** 2,
+                                "im_start_end")
+    return None
+
+
 def load_model(
     path: str,
     vision_tower: Optional[str] = None,
@@ -368,4 +391,4 @@ def load_model(
     return model, processor
 
 
-__all__ = ["load_model", "CheckpointError", "read_state_dict", "default_region_layers", "gpt4roi_region_layers"]
+__all__ = ["load_model", "load_processor", "CheckpointError", "read_state_dict", "default_region_layers", "gpt4roi_region_layers"]
