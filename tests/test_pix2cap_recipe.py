@@ -132,3 +132,22 @@ def test_recipe_check_names_a_missing_image(every_source, released_model, tmp_pa
     files = dict(every_source, files=[broken] + every_source["files"][1:])
     proc = _check(files, released_model)
     assert proc.returncode == 2 and "missing.jpg" in proc.stderr and f"{broken} line 1" in proc.stderr
+
+
+@pytest.mark.slow
+def test_recipe_trains_from_the_released_layout_on_every_source(every_source, released_model):
+    import os
+
+    out = every_source["tmp"] / "train"
+    train = ",".join(str(f) for f in every_source["files"])
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "train_sft.py", "--config", str(RECIPE), f"data.train={train}",
+                           f"data.image_root={every_source['images']}", f"model.path={released_model}",
+                           f"train.output_dir={out}", "train.max_steps=2", "train.micro_batch_size=2",
+                           "train.precision=fp32", "train.warmup_steps=0", "model.gradient_checkpointing=false",
+                           "deepspeed.config=ds_configs/zero2.json", "train.save_steps=2", "train.tensorboard=false"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r][-1] == 2
+    assert all(r["loss"] == r["loss"] and r["loss"] < 100 for r in log if "loss" in r)
