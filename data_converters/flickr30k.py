@@ -86,8 +86,8 @@ def convert_flickr30k(data: dict, *, source_file: str, split: str = "train", ima
             stats.drop("regions_over_max", len(regions) - max_regions)
             regions = regions[:max_regions]
         listed = "".join(f"region{i} <bbox>," for i in range(1, len(regions) + 1))
-        turns = [{"from": "human", "value": GPT4ROI_PREAMBLE + rng.choice(FLICKR_ALL_REGIONS).replace(REGION_PLACEHOLDER, listed)},
-                 {"from": "gpt", "value": caption}]
+        first = GPT4ROI_PREAMBLE + rng.choice(FLICKR_ALL_REGIONS).replace(REGION_PLACEHOLDER, listed)
+        turns = [{"from": "human", "value": first}, {"from": "gpt", "value": caption}]
         for i, (_, text) in enumerate(regions, start=1):
             turns.append({"from": "human", "value": rng.choice(FLICKR_ONE_REGION).replace(REGION_PLACEHOLDER, f"region {i}")})
             turns.append({"from": "gpt", "value": text})

@@ -240,7 +240,8 @@ class ReferenceGPT4RoI(nn.Module):
         state = read_checkpoint(path)
         vit = self.vision_tower.config.hidden_size
         self.mm_projector = nn.Linear(cfg["mm_hidden_size"], cfg["hidden_size"])
-        self.spi_module = MLVLROIQueryModule(vit, cfg["hidden_size"], state["model.spi_module.roi_align.pos_embedd.0.weight"].shape[0])
+        pos_dims = state["model.spi_module.roi_align.pos_embedd.0.weight"].shape[0]
+        self.spi_module = MLVLROIQueryModule(vit, cfg["hidden_size"], pos_dims)
         take = lambda prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}  # noqa: E731
         self.mm_projector.load_state_dict(take("model.mm_projector."))
         self.spi_module.load_state_dict(take("model.spi_module."))
@@ -367,10 +368,11 @@ def _randomise(module: nn.Module, gen: torch.Generator) -> None:
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen))
 
 
-def write_tiny_gpt4roi(out_dir, seed: int = 0, vit_layers: int = 11, shards: int = 2) -> str:
+def write_tiny_gpt4roi(out_dir, seed: int = 0, vit_layers: int = 11, shards: int = 2, tokenizer=None) -> str:
     """A random tiny GPT4RoI checkpoint laid out as the released one: sharded ``pytorch_model-*.bin`` with an
     index, GPT4RoI's key names, its tokenizer additions and a LLaVA-v0 ``config.json`` whose ``mm_vision_tower``
-    is a tiny CLIP ViT (224 px, patch 14, 64 wide) saved beside it."""
+    is a tiny CLIP ViT (224 px, patch 14, 64 wide) saved beside it. ``tokenizer`` (default :func:`gpt4roi_tokenizer`)
+    sets the vocabulary."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
     out_dir = str(out_dir)
@@ -382,7 +384,7 @@ def write_tiny_gpt4roi(out_dir, seed: int = 0, vit_layers: int = 11, shards: int
                                               num_attention_heads=4, image_size=224, patch_size=14, projection_dim=64))
     _randomise(vision, gen)
     vision.save_pretrained(clip_dir)
-    tok = gpt4roi_tokenizer()
+    tok = tokenizer if tokenizer is not None else gpt4roi_tokenizer()
     llama_cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                      rms_norm_eps=1e-6, vocab_size=len(tok), hidden_act="silu")
     llama = LlamaForCausalLM(LlamaConfig(**llama_cfg))
@@ -412,3 +414,73 @@ def write_tiny_gpt4roi(out_dir, seed: int = 0, vit_layers: int = 11, shards: int
     json.dump(config, open(os.path.join(out_dir, "config.json"), "w"), indent=2)
     tok.save_pretrained(out_dir)
     return out_dir
+
+
+# -------------------------------------------------------------- LLaMA's tokenizer, as GPT4RoI's training ran it
+SP_CORPUS = CORPUS + [SYSTEM, "### Human: ### Assistant: Given There are in the image, why? What is the dog doing?",
+                      "Could you please give me a detailed description of these areas? region 1 may feature a cat",
+                      "person at region2 wants to share. 0123456789 ,.;:!?`'\"()[]"] * 3
+
+
+def train_llama_sentencepiece(out_dir, vocab_size: int = 400) -> str:
+    """A tiny ``tokenizer.model`` trained with LLaMA's SentencePiece settings (BPE, byte fallback, split digits,
+    dummy prefix, identity normalisation, whitespace kept; <unk>=0, <s>=1, </s>=2)."""
+    import sentencepiece as spm
+
+    os.makedirs(out_dir, exist_ok=True)
+    prefix = os.path.join(out_dir, "tokenizer")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(SP_CORPUS * 20), model_prefix=prefix, vocab_size=vocab_size,
+                                   model_type="bpe", byte_fallback=True, split_digits=True, add_dummy_prefix=True,
+                                   remove_extra_whitespaces=False, normalization_rule_name="identity",
+                                   character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    os.remove(prefix + ".vocab")
+    return prefix + ".model"
+
+
+def write_transformers_428_tokenizer(out_dir, sentencepiece_file: str, pad: str | None = "[PAD]",
+                                     added: bool = True) -> None:
+    """Tokenizer files as transformers 4.28's slow ``LlamaTokenizer.save_pretrained`` wrote them for GPT4RoI
+    (``tokenizer.model``, ``tokenizer_config.json``, ``special_tokens_map.json``, ``added_tokens.json``)."""
+    import sentencepiece as spm
+    import shutil
+
+    os.makedirs(out_dir, exist_ok=True)
+    shutil.copy(sentencepiece_file, os.path.join(out_dir, "tokenizer.model"))
+    size = spm.SentencePieceProcessor(model_file=sentencepiece_file).get_piece_size()
+    tok = lambda t: {"__type": "AddedToken", "content": t, "lstrip": False, "normalized": True, "rstrip": False,  # noqa: E731
+                     "single_word": False}
+    json.dump({"add_bos_token": True, "add_eos_token": False, "bos_token": tok("<s>"), "clean_up_tokenization_spaces": False,
+               "eos_token": tok("</s>"), "model_max_length": 2048, "pad_token": None, "padding_side": "right",
+               "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer", "unk_token": tok("<unk>")},
+              open(os.path.join(out_dir, "tokenizer_config.json"), "w"))
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    if pad:
+        special["pad_token"] = pad
+    json.dump(special, open(os.path.join(out_dir, "special_tokens_map.json"), "w"))
+    if added:
+        json.dump({t: size + k for k, t in enumerate(GPT4ROI_TOKENS)}, open(os.path.join(out_dir, "added_tokens.json"), "w"))
+
+
+def slow_gpt4roi_tokens(sentencepiece_file: str, text: str) -> list:
+    """What transformers 4.28's slow ``LlamaTokenizer`` with GPT4RoI's added tokens made of ``text``: ``<s>``, then the
+    text split at added tokens, the spaces beside each dropped, each remaining piece SentencePiece-encoded alone."""
+    import re
+
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=sentencepiece_file)
+    no_split = list(GPT4ROI_TOKENS) + ["<s>", "</s>", "<unk>"]
+    parts = [p for p in re.split("(" + "|".join(map(re.escape, no_split)) + ")", text) if p]
+    for i, p in enumerate(parts):
+        if p in no_split:
+            if i > 0:
+                parts[i - 1] = parts[i - 1].rstrip()
+            if i + 1 < len(parts):
+                parts[i + 1] = parts[i + 1].lstrip()
+    out = ["<s>"]
+    for p in parts:
+        if p in no_split:
+            out.append(p)
+        elif p:
+            out += sp.encode(p, out_type=str)
+    return out

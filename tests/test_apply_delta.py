@@ -1,8 +1,9 @@
 """python -m gpt4roi_sft.model.apply_delta: GPT4RoI's delta over LLaMA, shard by shard, on tiny hand-made dirs.
 
-The base is a bare LLaMA-like model (vocabulary V, no added tokens); the delta holds V + 6 embedding rows,
-GPT4RoI's projector and region weights and its tokenizer, as GPT4RoI's ``make_delta.py`` writes it. Both are
-written sharded with an index, once as safetensors and once as ``.bin``.
+The base is a bare LLaMA-like model (a SentencePiece vocabulary of V pieces, no added tokens); the delta holds
+V + 6 embedding rows, GPT4RoI's projector and region weights and its tokenizer files as transformers 4.28 saved
+them, as GPT4RoI's ``make_delta.py`` writes it. Both are written sharded with an index, once as safetensors and
+once as ``.bin``.
 """
 
 import json
@@ -15,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gpt4roi_reference import GPT4ROI_TOKENS, bare_llama_tokenizer, gpt4roi_tokenizer, write_tiny_gpt4roi
+from gpt4roi_reference import (GPT4ROI_TOKENS, slow_gpt4roi_tokens, train_llama_sentencepiece, write_tiny_gpt4roi,
+                               write_transformers_428_tokenizer)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,8 +52,11 @@ def release(tmp_path_factory):
     """A tiny GPT4RoI target (fp16, as released) split into a base and a delta the way make_delta.py does."""
     from gpt4roi_reference import read_checkpoint
 
+    from gpt4roi_sft.model.gpt4roi_tokenizer import build_gpt4roi_tokenizer
+
     root = tmp_path_factory.mktemp("release")
-    target_dir = write_tiny_gpt4roi(root / "target", seed=1)
+    sp_model = train_llama_sentencepiece(root / "sp")
+    target_dir = write_tiny_gpt4roi(root / "target", seed=1, tokenizer=build_gpt4roi_tokenizer(str(root / "sp")))
     target = {k: v.half() for k, v in read_checkpoint(target_dir).items()}
     rows = target["model.embed_tokens.weight"].shape[0]
     gen = torch.Generator().manual_seed(2)
@@ -79,23 +84,20 @@ def release(tmp_path_factory):
         expected[k] = e
     config = json.loads((Path(target_dir) / "config.json").read_text())
     return {"root": root, "base": base, "delta": delta, "expected": expected, "config": config, "rows": rows,
-            "clip": config["mm_vision_tower"]}
+            "clip": config["mm_vision_tower"], "sp_model": sp_model}
 
 
 def _write_pair(release, tmp_path, base_fmt, delta_fmt, delta_tokenizer=True, base_pad=None):
     base_dir, delta_dir = tmp_path / "llama", tmp_path / "delta"
     _save_sharded(release["base"], base_dir, base_fmt)
-    base_tok = bare_llama_tokenizer()
-    if base_pad:
-        base_tok.pad_token = base_pad  # a LLaMA/Vicuna tokenizer that already names a pad token
-    base_tok.save_pretrained(base_dir)
+    write_transformers_428_tokenizer(base_dir, release["sp_model"], pad=base_pad, added=False)
     base_cfg = {k: v for k, v in release["config"].items() if not k.startswith("mm_")}
     base_cfg.update(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=release["rows"] - 6)
     (base_dir / "config.json").write_text(json.dumps(base_cfg))
     _save_sharded(release["delta"], delta_dir, delta_fmt, shards=2)
     (delta_dir / "config.json").write_text(json.dumps(release["config"]))
     if delta_tokenizer:
-        gpt4roi_tokenizer().save_pretrained(delta_dir)
+        write_transformers_428_tokenizer(delta_dir, release["sp_model"])
     return base_dir, delta_dir
 
 
@@ -142,6 +144,45 @@ def test_tokenizer_has_gpt4roi_six_tokens_even_when_the_base_names_a_pad_token(r
     rows = release["rows"]
     assert len(tok) == rows and tok.pad_token == "[PAD]"
     assert tok.convert_tokens_to_ids(list(GPT4ROI_TOKENS)) == list(range(rows - 6, rows))
+
+
+GPT4ROI_TEXTS = [
+    "A chat between a curious human and an artificial intelligence assistant.\n\n### Human: The <im_start>"
+    "<im_patch><im_patch><im_end> provides an overview of the picture.\nCan you give a description of the region "
+    "mentioned by `region1 <bbox>`?\n### ",
+    "Could you please give me a detailed description of these areas region1 <bbox>,region2 <bbox>,?",
+    "such as <bbox> may feature a cat,<bbox> may feature a dog,.\n\nWhat is the dog doing?",
+    "Given region1 <bbox>,region2 <bbox>,Why is person at region2 here?\n### Assistant: Because 12 .\n### ",
+]
+
+
+def test_tokenizer_tokenizes_as_gpt4roi_training_did(release, tmp_path):
+    from transformers import AutoTokenizer
+
+    base_dir, delta_dir = _write_pair(release, tmp_path, "safetensors", "bin")
+    assert _apply(base_dir, delta_dir, tmp_path / "out").returncode == 0
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    tok.save_pretrained(tmp_path / "again")  # the behaviour survives being saved and loaded again
+    again = AutoTokenizer.from_pretrained(tmp_path / "again")
+    for text in GPT4ROI_TEXTS:
+        expected = slow_gpt4roi_tokens(release["sp_model"], text)
+        assert tok.convert_ids_to_tokens(tok(text).input_ids) == expected
+        assert again.convert_ids_to_tokens(again(text).input_ids) == expected
+
+
+def test_directory_with_gpt4roi_own_tokenizer_files_loads_with_the_training_tokenizer(release, tmp_path):
+
+    from gpt4roi_sft.model.loading import load_processor
+
+    base_dir, delta_dir = _write_pair(release, tmp_path, "safetensors", "bin")
+    assert _apply(base_dir, delta_dir, tmp_path / "out", "--vision-tower", release["clip"]).returncode == 0
+    merged = tmp_path / "out"
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (merged / name).unlink(missing_ok=True)
+    write_transformers_428_tokenizer(merged, release["sp_model"])  # as GPT4RoI's own apply_delta.py leaves it
+    tok = load_processor(str(merged)).tokenizer
+    for text in GPT4ROI_TEXTS:
+        assert tok.convert_ids_to_tokens(tok(text).input_ids) == slow_gpt4roi_tokens(release["sp_model"], text)
 
 
 def test_merged_directory_loads_in_gpt4roi_layout(release, tmp_path):

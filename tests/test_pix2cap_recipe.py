@@ -64,8 +64,9 @@ def every_source(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("recipe")
     raw, images, jsonl = tmp / "raw", tmp / "images", tmp / "jsonl"
     images.mkdir()
-    pix = _write_json(raw / "pix2cap_coco_train.json", panoptic({9: [seg(1, [10, 10, 50, 60], "A man in a suit."),
-                                                                 seg(2, [300, 100, 90, 80], "A tree by the road.", category_id=184)]}))
+    segments = [seg(1, [10, 10, 50, 60], "A man in a suit."),
+                seg(2, [300, 100, 90, 80], "A tree by the road.", category_id=184)]
+    pix = _write_json(raw / "pix2cap_coco_train.json", panoptic({9: segments}))
     _convert("pix2cap", "--annotations", pix, "--image-dir-prefix", "coco/train2017", "--min-square-box", 2,
              "--max-dialogues", 1, "--out", jsonl / "pix2cap_coco_train.jsonl")
     ref = _write_json(raw / "finetune_refcocog_train.json", refcocog_file())

@@ -12,11 +12,12 @@ Unlike that script nothing is loaded whole: tensors are read one by one (safeten
 output shard. Either directory may be sharded (``*.index.json``) or not, in either format. Rotary
 ``inv_freq`` buffers that old checkpoints carry are dropped (``transformers`` computes them).
 
-The tokenizer written is checked, or rebuilt, to be GPT4RoI's: the base vocabulary followed by ``[PAD]``,
-``<im_patch>``, ``<bbox>``, ``<point>``, ``<im_start>``, ``<im_end>`` (ids 32000..32005), as many tokens as the
-embedding has rows. GPT4RoI's training script adds ``[PAD]`` only when the base tokenizer has no pad token, so
-a LLaMA/Vicuna tokenizer that defines one yields 32005 tokens against 32006 rows (jshilong/GPT4RoI issue 16);
-here ``[PAD]`` is always the first added token. The output is an original-LLaVA-format directory that
+The tokenizer written is GPT4RoI's training tokenizer rebuilt from the SentencePiece model
+(:mod:`gpt4roi_sft.model.gpt4roi_tokenizer`): LLaMA's 32000 pieces followed by ``[PAD]``, ``<im_patch>``,
+``<bbox>``, ``<point>``, ``<im_start>``, ``<im_end>`` (ids 32000..32005), as many tokens as the embedding has
+rows. GPT4RoI's training script adds ``[PAD]`` only when the base tokenizer has no pad token, so a LLaMA/Vicuna
+tokenizer that defines one yields 32005 tokens against 32006 rows (jshilong/GPT4RoI issue 16); here ``[PAD]``
+is always the first added token. The output is an original-LLaVA-format directory that
 :func:`gpt4roi_sft.load_model` opens in GPT4RoI's layout (``--vision-tower`` is written into its config, else
 pass it when loading); ``python -m gpt4roi_sft.model.convert_gpt4roi`` turns it into this project's format.
 """
@@ -30,12 +31,11 @@ import logging
 import os
 import re
 import shutil
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from gpt4roi_sft.atomic import write_json_atomic
-from gpt4roi_sft.constants import GPT4ROI_ADDED_TOKENS, GPT4ROI_PAD_TOKEN
 from gpt4roi_sft.errors import ConfigError, UserError
 
 logger = logging.getLogger(__name__)
@@ -217,42 +217,25 @@ def apply_delta_tensor(key: str, delta: torch.Tensor, base: Optional[torch.Tenso
 
 
 def gpt4roi_tokenizer(delta_dir: str, base_dir: str, rows: int):
-    """GPT4RoI's tokenizer for ``rows`` embedding rows: the delta's when it is right, else rebuilt from the base.
-
-    Right means: ``rows`` tokens, the six added tokens at ``rows - 6 .. rows - 1`` in GPT4RoI's order.
-    """
+    """GPT4RoI's training tokenizer for ``rows`` embedding rows, from the delta's ``tokenizer.model`` (else the
+    base's); see :mod:`gpt4roi_sft.model.gpt4roi_tokenizer`. The delta's own tokenizer files, when they load, are
+    only compared with it."""
     from transformers import AutoTokenizer
 
-    def fits(tok) -> bool:
-        ids = tok.convert_tokens_to_ids(list(GPT4ROI_ADDED_TOKENS))
-        return len(tok) == rows and ids == list(range(rows - len(GPT4ROI_ADDED_TOKENS), rows))
+    from gpt4roi_sft.model.gpt4roi_tokenizer import (SENTENCEPIECE_FILE, TokenizerError, build_gpt4roi_tokenizer,
+                                                     check_against)
 
+    source = next((d for d in (delta_dir, base_dir) if os.path.isfile(os.path.join(d, SENTENCEPIECE_FILE))), None)
+    if source is None:
+        raise DeltaError(f"neither --delta nor --base has {SENTENCEPIECE_FILE} (LLaMA's SentencePiece model)")
     try:
-        tok = AutoTokenizer.from_pretrained(delta_dir)
-    except (OSError, ValueError, TypeError) as exc:
-        logger.warning("the delta's tokenizer does not load (%s); rebuilding it from the base", exc)
-        tok = None
-    if tok is not None and fits(tok):
-        if tok.pad_token != GPT4ROI_PAD_TOKEN:
-            tok.pad_token = GPT4ROI_PAD_TOKEN
-        return tok
-    if tok is not None:
-        logger.warning("the delta's tokenizer has %d tokens for %d embedding rows (or the added tokens are out of "
-                       "order); rebuilding GPT4RoI's from the base tokenizer", len(tok), rows)
+        tok = build_gpt4roi_tokenizer(source, rows)
+    except TokenizerError as exc:
+        raise DeltaError(str(exc)) from None
     try:
-        tok = AutoTokenizer.from_pretrained(base_dir)
-    except (OSError, ValueError, TypeError) as exc:
-        raise DeltaError(f"neither the delta nor the base ({base_dir}) has a tokenizer that loads: {exc}") from None
-    base_len = len(tok)
-    if base_len != rows - len(GPT4ROI_ADDED_TOKENS):
-        raise DeltaError(f"the base tokenizer has {base_len} tokens; GPT4RoI's {rows} rows need "
-                         f"{rows - len(GPT4ROI_ADDED_TOKENS)} before its six added tokens")
-    # [PAD] even when the base already names a pad token (issue 16: that left 32005 tokens for 32006 rows).
-    tok.add_special_tokens({"pad_token": GPT4ROI_PAD_TOKEN})
-    tok.add_tokens(list(GPT4ROI_ADDED_TOKENS[1:]), special_tokens=True)
-    if not fits(tok):
-        raise DeltaError(f"could not rebuild GPT4RoI's tokenizer: got {len(tok)} tokens, ids "
-                         f"{tok.convert_tokens_to_ids(list(GPT4ROI_ADDED_TOKENS))}")
+        check_against(tok, AutoTokenizer.from_pretrained(delta_dir), f"--delta {delta_dir}")
+    except (OSError, ValueError, TypeError):
+        pass
     return tok
 
 

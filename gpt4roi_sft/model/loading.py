@@ -14,7 +14,8 @@ parts that start fresh in that layout; otherwise :class:`CheckpointError` names 
 
 A layout (d) checkpoint written with ``mm_use_im_start_end`` (GPT4RoI-7B, GPT4RoI-P2C-7B, LLaVA v0) opens in
 GPT4RoI's own layout instead, with nothing added: the vocabulary stays as trained (32006 for GPT4RoI, the
-tokenizer's ``[PAD] <im_patch> <bbox> <point> <im_start> <im_end>`` checked against the embedding rows), the
+tokenizer's ``[PAD] <im_patch> <bbox> <point> <im_start> <im_end>`` checked against the embedding rows, and
+tokenizing as GPT4RoI's training did, see :mod:`.gpt4roi_tokenizer`), the
 processor reads prompts from the ``gpt4roi_original`` template and resizes with ``clip_squash``, the region
 levels follow GPT4RoI's ``hidden_states[-2::-3]`` reversed, last four (:func:`gpt4roi_region_layers`).
 """
@@ -246,9 +247,9 @@ def _load_llava_original(path: str, raw: dict, vision_tower: Optional[str], attn
         raise CheckpointError(f"{path}: {exc.args[0]}") from None
     select_layer = raw.get("mm_vision_select_layer", -2)
     original_layout = bool(raw.get("mm_use_im_start_end"))
-    tokenizer = AutoTokenizer.from_pretrained(path)
     if original_layout:
         rows = state["language_model.model.embed_tokens.weight"].shape[0]
+        tokenizer = _original_tokenizer(path, rows)
         _check_original_tokenizer(tokenizer, rows, path)
         text["vocab_size"] = rows
         for key, token in (("pad_token_id", tokenizer.pad_token), ("bos_token_id", tokenizer.bos_token),
@@ -257,6 +258,7 @@ def _load_llava_original(path: str, raw: dict, vision_tower: Optional[str], attn
                 text[key] = tokenizer.convert_tokens_to_ids(token)
         layers = gpt4roi_region_layers(vcfg.num_hidden_layers, select_layer)
     else:
+        tokenizer = AutoTokenizer.from_pretrained(path)
         layers = default_region_layers(vcfg.num_hidden_layers)
     projector = raw.get("mm_projector_type", "linear")
     config = GPT4RoIConfig(
@@ -279,6 +281,25 @@ def _load_llava_original(path: str, raw: dict, vision_tower: Optional[str], attn
         state.update(_clip_state(vision_path))
     model = _assemble(config, state, () if has_regions else ("region_encoder.",), path)
     return model, tokenizer
+
+
+def _original_tokenizer(path: str, rows: Optional[int] = None):
+    """A GPT4RoI-layout directory's tokenizer as GPT4RoI trained with it: rebuilt from ``tokenizer.model`` when the
+    directory has one (files written by GPT4RoI's own scripts), else its ``tokenizer.json`` (written by
+    :mod:`gpt4roi_sft.model.apply_delta`, already in that form)."""
+    from gpt4roi_sft.model.gpt4roi_tokenizer import SENTENCEPIECE_FILE, TokenizerError, build_gpt4roi_tokenizer, check_against
+
+    if os.path.isfile(os.path.join(path, SENTENCEPIECE_FILE)):
+        try:
+            tokenizer = build_gpt4roi_tokenizer(path, rows)
+        except TokenizerError as exc:
+            raise CheckpointError(str(exc)) from None
+        try:
+            check_against(tokenizer, AutoTokenizer.from_pretrained(path), path)
+        except (OSError, ValueError, TypeError):
+            pass
+        return tokenizer
+    return AutoTokenizer.from_pretrained(path)
 
 
 def _check_original_tokenizer(tokenizer, rows: int, path: str) -> None:
@@ -328,7 +349,7 @@ def load_processor(path: str) -> Optional[GPT4RoIProcessor]:
     if raw.get("model_type") == "gpt4roi":
         return GPT4RoIProcessor.from_pretrained(path)
     if raw.get("mm_use_im_start_end") and ("mm_vision_tower" in raw or any("Llava" in a for a in raw.get("architectures") or [])):
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = _original_tokenizer(path)
         vision = raw.get("mm_vision_tower")
         size, patch = 224, 14
         if vision and os.path.isdir(vision):
