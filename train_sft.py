@@ -21,8 +21,8 @@ def parse_args(argv=None):
     parser.add_argument("--config", help="YAML recipe (configs/*.yaml)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the launcher")
     parser.add_argument("--check", action="store_true",
-                        help="validate the recipe, its files and every data record (tokenized with the template "
-                             "where the model's processor allows), then exit")
+                        help="validate the recipe, its files and every data record (the first ones of each file "
+                             "built into training items where the model's processor reads without weights), then exit")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     return parser.parse_args(argv)
 

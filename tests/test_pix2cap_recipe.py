@@ -116,7 +116,7 @@ def _check(every_source, model, *overrides):
 def test_recipe_check_passes_on_hand_made_files_of_every_source(every_source, released_model):
     proc = _check(every_source, released_model)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ok = [line for line in proc.stdout.splitlines() if "gpt4roi_original tokenization OK" in line]
+    ok = [line for line in proc.stdout.splitlines() if "training items with gpt4roi_original OK" in line]
     assert [Path(line.split(":")[0]).stem for line in ok] == SOURCES
 
 

@@ -76,13 +76,17 @@ def build_dataset(cfg: Config, processor, image_token_id: int):
     )
 
 
-def check_data(cfg: Config) -> list:
+CHECK_ITEMS = 64  # records per file that --check turns into full training items
+
+
+def check_data(cfg: Config, items_per_file: int = CHECK_ITEMS) -> list:
     """What ``train_sft.py --check`` verifies of the data; returns one line per ``data.train`` file.
 
     Every record is checked against the schema (and its image file under ``data.image_root``). When the model
     directory's processor can be read without its weights (:func:`gpt4roi_sft.model.loading.load_processor`),
-    each conversation is also tokenized with ``data.template`` (whose image layout must be the processor's) and
-    its first turn must fit ``data.max_length``. The first bad record raises a ``DataError`` naming it.
+    the template's image layout must be the processor's and the first ``items_per_file`` records of each file
+    are built into training items as the trainer builds them (tokenized with ``data.template``, images read,
+    boxes and image-token runs checked). A bad record raises a ``DataError`` naming it.
     """
     import json
 
@@ -100,8 +104,12 @@ def check_data(cfg: Config) -> list:
                 image_transform=processor.image_transform, image_token_id=processor.image_token_id,
                 num_image_tokens=processor.num_image_tokens, template=cfg.data.template,
                 max_length=cfg.data.max_length, load_masks=cfg.data.load_masks, image_layout=processor.image_layout)
-            dataset.validate_all(tokenize=True)
-            lines.append(f"{path}: {len(dataset)} records, schema, images and {cfg.data.template} tokenization OK")
+            dataset.validate_all()
+            built = min(items_per_file, len(dataset))
+            for i in range(built):
+                dataset.build_item(dataset.read_record(i), dataset.where(i))
+            lines.append(f"{path}: {len(dataset)} records, schema and images OK; the first {built} built as "
+                         f"training items with {cfg.data.template} OK")
             continue
         index = index_jsonl(path)
         with open(path, "rb") as f:
