@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gpt4roi_sft.constants import BBOX_TOKEN, IM_END_TOKEN, IM_PATCH_TOKEN, IM_START_TOKEN, IMAGE_TOKEN
+from gpt4roi_sft.constants import BBOX_TOKEN, IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN
 from gpt4roi_sft.conversation import get_template, tokenize_conversation
 from gpt4roi_sft.data.image_transform import ImageTransform
-from gpt4roi_sft.data.model_inputs import SampleEncoder
+from gpt4roi_sft.data.model_inputs import LAYOUT_TOKENS, SampleEncoder
 from gpt4roi_sft.data.schema import validate_record
 from gpt4roi_sft.errors import ConfigError, DataError
 
@@ -121,8 +121,7 @@ class ConversationDataset(torch.utils.data.Dataset):
                               "gpt4roi_original)")
         self.image_layout = image_layout
         expanded = image_layout == "im_start_end"
-        needed = (IM_START_TOKEN, IM_PATCH_TOKEN, IM_END_TOKEN, BBOX_TOKEN) if expanded else (IMAGE_TOKEN, BBOX_TOKEN)
-        for tok in needed:
+        for tok in LAYOUT_TOKENS[image_layout]:
             tid = tokenizer.convert_tokens_to_ids(tok)
             if tid is None or tid == tokenizer.unk_token_id or tokenizer(tok, add_special_tokens=False)["input_ids"] != [tid]:
                 raise ConfigError(f"the tokenizer must hold {tok} as one added token (add it before building the dataset)")

@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from gpt4roi_sft.constants import BBOX_TOKEN, IGNORE_INDEX, IMAGE_TOKEN
+from gpt4roi_sft.constants import BBOX_TOKEN, IGNORE_INDEX, IM_END_TOKEN, IM_PATCH_TOKEN, IM_START_TOKEN, IMAGE_TOKEN
 from gpt4roi_sft.data.image_transform import ImageTransform
 from gpt4roi_sft.errors import BoxError, DataError
 
@@ -25,6 +25,9 @@ MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "pixel_values
 #                 <im_patch> per patch and <im_end> (tokens of the tokenizer; there is no <image> token) and
 #                 the ids arrive expanded; image_token_id is <im_patch>.
 IMAGE_LAYOUTS = ("image_token", "im_start_end")
+# The added tokens a tokenizer must hold, one token each, for each layout.
+LAYOUT_TOKENS = {"image_token": (IMAGE_TOKEN, BBOX_TOKEN),
+                 "im_start_end": (IM_START_TOKEN, IM_PATCH_TOKEN, IM_END_TOKEN, BBOX_TOKEN)}
 
 
 def expand_image_tokens(input_ids: Sequence[int], labels: Optional[Sequence[int]], image_token_id: int,

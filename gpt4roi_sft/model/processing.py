@@ -22,7 +22,7 @@ from gpt4roi_sft.constants import (BBOX_TOKEN, CLIP_MEAN, CLIP_STD, IM_END_TOKEN
                                    IMAGE_TOKEN)
 from gpt4roi_sft.data.collator import PaddingCollator
 from gpt4roi_sft.data.image_transform import ImageTransform
-from gpt4roi_sft.data.model_inputs import IMAGE_LAYOUTS, SampleEncoder, expand_image_tokens
+from gpt4roi_sft.data.model_inputs import IMAGE_LAYOUTS, LAYOUT_TOKENS, SampleEncoder, expand_image_tokens
 from gpt4roi_sft.errors import ConfigError, DataError
 
 PROCESSOR_CONFIG_NAME = "gpt4roi_processor.json"
@@ -46,9 +46,7 @@ class GPT4RoIProcessor:
     @property
     def required_tokens(self) -> tuple:
         """The added tokens the tokenizer must hold for this layout."""
-        if self.image_layout == "im_start_end":
-            return (IM_START_TOKEN, IM_PATCH_TOKEN, IM_END_TOKEN, BBOX_TOKEN)
-        return (IMAGE_TOKEN, BBOX_TOKEN)
+        return LAYOUT_TOKENS[self.image_layout]
 
     @property
     def image_token_id(self) -> int:
