@@ -16,7 +16,7 @@ The tokenizer written is GPT4RoI's training tokenizer rebuilt from the SentenceP
 (:mod:`gpt4roi_sft.model.gpt4roi_tokenizer`): LLaMA's 32000 pieces followed by ``[PAD]``, ``<im_patch>``,
 ``<bbox>``, ``<point>``, ``<im_start>``, ``<im_end>`` (ids 32000..32005), as many tokens as the embedding has
 rows. GPT4RoI's training script adds ``[PAD]`` only when the base tokenizer has no pad token, so a LLaMA/Vicuna
-tokenizer that defines one yields 32005 tokens against 32006 rows (jshilong/GPT4RoI issue 16); here ``[PAD]``
+tokenizer that defines one yields 32005 tokens against 32006 rows (jshilong/GPT4RoI#16); here ``[PAD]``
 is always the first added token. The output is an original-LLaVA-format directory that
 :func:`gpt4roi_sft.load_model` opens in GPT4RoI's layout (``--vision-tower`` is written into its config, else
 pass it when loading); ``python -m gpt4roi_sft.model.convert_gpt4roi`` turns it into this project's format.
