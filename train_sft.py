@@ -20,7 +20,9 @@ def parse_args(argv=None):
     )
     parser.add_argument("--config", help="YAML recipe (configs/*.yaml)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the launcher")
-    parser.add_argument("--check", action="store_true", help="validate the recipe and its files, then exit")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the recipe, its files and every data record (the first ones of each file "
+                             "built into training items where the model's processor reads without weights), then exit")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     return parser.parse_args(argv)
 
@@ -32,6 +34,10 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.overrides)
     validate_for_launch(cfg)
     if args.check:
+        from gpt4roi_sft.train.data_stream import check_data
+
+        for line in check_data(cfg):
+            print(line)
         print(f"config OK: {args.config or '(defaults)'}")
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

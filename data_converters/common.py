@@ -39,11 +39,12 @@ def require_keys(obj: Any, keys: Sequence[str], where: str) -> None:
 
 
 def kept_box(ann: dict, *, where: str, width: float, height: float, skip_bad: bool,
-             stats: "ConversionStats") -> list[float] | None:
+             stats: "ConversionStats", min_square_box: float = 0.0) -> list[float] | None:
     """The xyxy box of a COCO-style segment/annotation, or ``None`` when it is filtered out (and counted).
 
-    Filters (GPT4RoI / Pix2Cap SFT): crowd, ``area <= 0``, ``w < 1`` or ``h < 1``. A missing or malformed
-    box, or one outside the image, is an error naming ``where`` unless ``skip_bad`` (then counted).
+    Filters (GPT4RoI / Pix2Cap SFT): crowd, ``area <= 0``, ``w < 1`` or ``h < 1``, and with ``min_square_box``
+    boxes no larger than that in the 224 px square (:func:`small_in_square`). A missing or malformed box, or one
+    outside the image, is an error naming ``where`` unless ``skip_bad`` (then counted).
     """
     if ann.get("iscrowd", 0):
         stats.drop("crowd")
@@ -61,12 +62,32 @@ def kept_box(ann: dict, *, where: str, width: float, height: float, skip_bad: bo
         if len(bbox) == 4 and (float(bbox[2]) < 1 or float(bbox[3]) < 1):
             stats.drop("box_under_1px")
             return None
-        return coco_box_to_xyxy(bbox, width, height, where)
+        box = coco_box_to_xyxy(bbox, width, height, where)
     except (BoxError, TypeError, ValueError) as exc:
         if skip_bad:
             stats.drop("bad_box")
             return None
         raise exc if isinstance(exc, BoxError) else BoxError(f"{where}: bbox {ann['bbox']!r} is not [x, y, w, h]")
+    if min_square_box > 0 and small_in_square(box, width, height, min_square_box):
+        stats.drop("small_in_224_square")
+        return None
+    return box
+
+
+# GPT4RoI's mmdet pipelines squash images to 224 x 224 and then drop boxes not wider and taller than 2 px there
+# (``FilterAnnotationsFlickr(min_gt_bbox_wh=(2.0, 2.0))`` in its VG, RefCOCOg, Flickr30k and Pix2Cap sets).
+SQUARE_SIDE = 224
+MIN_SQUARE_BOX = 2.0
+
+
+def small_in_square(bbox: Sequence[float], width: float, height: float, min_side: float = MIN_SQUARE_BOX,
+                    side: int = SQUARE_SIDE) -> bool:
+    """Whether pixel xyxy ``bbox`` is at most ``min_side`` wide or tall once the image is squashed to ``side``."""
+    x1, y1, x2, y2 = (float(v) for v in bbox)
+    sx, sy = side / float(width), side / float(height)
+    w = min(x2 * sx, side) - max(x1 * sx, 0.0)
+    h = min(y2 * sy, side) - max(y1 * sy, 0.0)
+    return not (w > min_side and h > min_side)
 
 
 def kept_caption(ann: dict, key: str, *, where: str, stats: "ConversionStats") -> str | None:
@@ -181,15 +202,22 @@ def region_conversations(captions: Sequence[str], rng: random.Random, templates:
 
 def region_records(regions: Sequence[Region], *, record_id: str, image: str, width: int, height: int,
                    source: str, max_regions: int, rng: random.Random, templates: Sequence[str],
-                   stats: ConversionStats, numbered: bool = True) -> Iterator[dict]:
+                   stats: ConversionStats, numbered: bool = True, max_dialogues: int | None = None) -> Iterator[dict]:
     """Turn one image's regions into one or more conversation records ``<record_id>/d<k>``.
 
     ``numbered=False`` (one dialogue per source entry, e.g. a referring expression) keeps ``record_id`` as is.
     An image left without regions gives no record and is counted in ``stats.images_without_regions``.
+    ``max_dialogues`` keeps only that many dialogues per image (1: GPT4RoI's one dialogue of at most
+    ``max_regions`` random regions per image; the other regions are counted as ``regions_over_max_dialogues``).
     """
     if not regions:
         stats.images_without_regions += 1
         return
+    if max_dialogues is not None and len(regions) > max_dialogues * max_regions:
+        order = list(regions)
+        rng.shuffle(order)
+        stats.drop("regions_over_max_dialogues", len(order) - max_dialogues * max_regions)
+        regions = order[: max_dialogues * max_regions]
     chunks = split_dialogues(regions, max_regions, rng)
     if not numbered and len(chunks) > 1:
         raise ValueError(f"{record_id}: {len(chunks)} dialogues need numbered ids")
@@ -256,7 +284,17 @@ def add_output_arguments(parser: argparse.ArgumentParser, regions: bool = True) 
                         help="prefix joined to each image file name in the records' 'image' field")
     if regions:
         parser.add_argument("--max-regions", type=int, default=15, help="regions per dialogue (more -> several dialogues)")
+        parser.add_argument("--max-dialogues", type=int, default=None,
+                            help="dialogues kept per image (1: GPT4RoI's one random <= --max-regions subset; default all)")
         parser.add_argument("--templates", default="gpt4roi_vg", choices=sorted(TEMPLATE_SETS))
+
+
+
+def add_box_filter_argument(parser: argparse.ArgumentParser) -> None:
+    """``--min-square-box``: GPT4RoI's small-box filter (pass 2 for its stage-2 data)."""
+    parser.add_argument("--min-square-box", type=float, default=0.0,
+                        help="drop boxes not wider and taller than this many pixels in the image squashed to "
+                             f"{SQUARE_SIDE} px (GPT4RoI: {MIN_SQUARE_BOX}; default 0 keeps them)")
 
 
 def finish(args: argparse.Namespace, records: Iterable[dict], stats: ConversionStats) -> int:

@@ -18,7 +18,8 @@ import argparse
 from pathlib import Path
 from typing import Iterator
 
-from data_converters.common import (ConversionStats, Region, add_output_arguments, finish, image_rng, infer_split,
+from data_converters.common import (ConversionStats, Region, add_box_filter_argument, add_output_arguments, finish,
+                                    image_rng, infer_split,
                                     join_image_path, kept_box, kept_caption, region_records, require_keys,
                                     templates_by_name)
 from gpt4roi_sft.errors import DataError, run_cli
@@ -28,13 +29,14 @@ SOURCE = "pix2cap_coco"
 
 
 def segment_regions(seg: dict, *, where: str, width: int, height: int, categories: dict, things_only: bool,
-                    skip_bad: bool, mask: str, stats: ConversionStats) -> Region | None:
+                    skip_bad: bool, mask: str, stats: ConversionStats, min_square_box: float = 0.0) -> Region | None:
     """One ``segments_info`` entry -> a :class:`Region`, or ``None`` (counted in ``stats.dropped``)."""
     category = categories.get(seg.get("category_id"))
     if things_only and category is not None and not category.get("isthing", 1):
         stats.drop("stuff_things_only")
         return None
-    bbox = kept_box(seg, where=where, width=width, height=height, skip_bad=skip_bad, stats=stats)
+    bbox = kept_box(seg, where=where, width=width, height=height, skip_bad=skip_bad, stats=stats,
+                    min_square_box=min_square_box)
     if bbox is None:
         return None
     description = kept_caption(seg, "description", where=where, stats=stats)
@@ -50,7 +52,8 @@ def segment_regions(seg: dict, *, where: str, width: int, height: int, categorie
 
 def convert_pix2cap(data: dict, *, source_file: str, split: str, image_dir_prefix: str, panoptic_dir: str,
                     max_regions: int = 15, seed: int = 0, things_only: bool = False, templates=(),
-                    skip_bad: bool = False, stats: ConversionStats | None = None) -> Iterator[dict]:
+                    skip_bad: bool = False, stats: ConversionStats | None = None, min_square_box: float = 0.0,
+                    max_dialogues: int | None = None) -> Iterator[dict]:
     """Yield conversation records for a parsed Pix2Cap-COCO annotation dict, in annotation order."""
     stats = stats if stats is not None else ConversionStats()
     templates = templates or templates_by_name("gpt4roi_vg")
@@ -79,13 +82,15 @@ def convert_pix2cap(data: dict, *, source_file: str, split: str, image_dir_prefi
             if not isinstance(seg, dict):
                 raise DataError(f"{where}: expected a JSON object")
             region = segment_regions(seg, where=where, width=width, height=height, categories=categories,
-                                     things_only=things_only, skip_bad=skip_bad, mask=mask, stats=stats)
+                                     things_only=things_only, skip_bad=skip_bad, mask=mask, stats=stats,
+                                     min_square_box=min_square_box)
             if region is not None:
                 regions.append(region)
         yield from region_records(regions, record_id=f"pix2cap/{split}/{image_id}",
                                   image=join_image_path(image_dir_prefix, img["file_name"]), width=width,
                                   height=height, source=SOURCE, max_regions=max_regions,
-                                  rng=image_rng(seed, image_id), templates=templates, stats=stats)
+                                  rng=image_rng(seed, image_id), templates=templates, stats=stats,
+                                  max_dialogues=max_dialogues)
 
 
 def main(argv=None) -> int:
@@ -95,6 +100,7 @@ def main(argv=None) -> int:
     parser.add_argument("--panoptic-dir", help="folder of the panoptic PNGs in the records (default panoptic_<split>2017)")
     parser.add_argument("--things-only", action="store_true", help="keep thing segments only (drop stuff)")
     add_output_arguments(parser)
+    add_box_filter_argument(parser)
     args = parser.parse_args(argv)
     split = args.split or infer_split(args.annotations)
     prefix = args.image_dir_prefix if args.image_dir_prefix is not None else f"{split}2017"
@@ -105,7 +111,7 @@ def main(argv=None) -> int:
     records = convert_pix2cap(data, source_file=args.annotations.name, split=split, image_dir_prefix=prefix,
                               panoptic_dir=panoptic_dir, max_regions=args.max_regions, seed=args.seed,
                               things_only=args.things_only, templates=templates, skip_bad=args.skip_bad,
-                              stats=stats)
+                              stats=stats, min_square_box=args.min_square_box, max_dialogues=args.max_dialogues)
     return finish(args, records, stats)
 
 

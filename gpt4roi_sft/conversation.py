@@ -17,6 +17,13 @@ tokenizer read; adding a template is adding one entry there.
   start of the next human turn, or the closing ``### ``), which is what teaches the model to stop.
   Unlike GPT4RoI the first human turn's ``###`` (right after the system text) is not trained: it follows
   text the model never generates.
+- ``gpt4roi_original``: the same text and label rule, in the layout GPT4RoI's released checkpoints read
+  (``preprocess_multimodal`` with ``mm_use_im_start_end``): each ``<image>`` is written as ``<im_start>``,
+  256 ``<im_patch>`` and ``<im_end>`` (CLIP ViT-L/14 at 224 px), and a generation prompt ends with the open
+  ``### `` that GPT4RoI's own inference writes (its ``preprocess`` on a conversation ending with a human
+  turn), so the model itself writes ``Assistant: ...``; cut at ``###`` and keep what follows the first
+  ``": "`` (``DecodeSettings.strip_prefix``), as GPT4RoI's evaluation does. Models converted from GPT4RoI
+  checkpoints have no ``<image>`` token; their processor checks that prompts come in this layout.
 - ``vicuna_v1``: LLaVA's ``conv_vicuna_v1``: ``{system} USER: {x} ASSISTANT: {y}</s>USER: ...``;
   the answer and its ``</s>`` are trained.
 - ``chat_template``: the tokenizer's own Jinja chat template. Each assistant message's trained span is the
@@ -30,7 +37,8 @@ import logging
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from gpt4roi_sft.constants import IGNORE_INDEX
+from gpt4roi_sft.constants import (GPT4ROI_NUM_PATCHES, IGNORE_INDEX, IM_END_TOKEN, IM_PATCH_TOKEN, IM_START_TOKEN,
+                                   IMAGE_TOKEN)
 from gpt4roi_sft.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -78,6 +86,9 @@ class ConversationTemplate:
     stop_strings: Tuple[str, ...] = ()
     add_special_tokens: bool = True
     vocabulary: Tuple[str, ...] = ()
+    # How the rendered text holds an image: "image_token" keeps ``<image>`` (the processor expands the token),
+    # "im_start_end" writes GPT4RoI's ``<im_start><im_patch>...<im_end>`` (see gpt4roi_sft.data.model_inputs).
+    image_layout: str = "image_token"
 
     def segments(self, messages: Sequence[dict], tokenizer=None) -> Segments:
         raise NotImplementedError
@@ -93,6 +104,9 @@ class RoleTemplate(ConversationTemplate):
     ``roles`` and ``ends`` are the (human, assistant) headers and the text after each message. Label rule: an
     answer's value and end are trained, its header too when ``train_role``; with ``train_stop`` the stop string
     that opens the text after an answer (the next human turn, or the closing) is trained as well.
+    ``image_text`` (when set) replaces ``<image>`` in the messages (an image layout written in the text);
+    ``generation_open`` is what follows the last human turn of a generation prompt (default: the assistant
+    header).
     """
 
     name: str
@@ -104,10 +118,20 @@ class RoleTemplate(ConversationTemplate):
     closing: str = ""
     train_role: bool = False
     train_stop: bool = False
+    image_text: Optional[str] = None
+    generation_open: Optional[str] = None
 
     @property
     def vocabulary(self) -> Tuple[str, ...]:
         return (self.system, *self.roles)
+
+    @property
+    def image_layout(self) -> str:
+        return "im_start_end" if self.image_text else "image_token"
+
+    def _value(self, message: dict) -> str:
+        value = message["value"]
+        return value.replace(IMAGE_TOKEN, self.image_text) if self.image_text else value
 
     def _after_answer(self, text: str) -> Segments:
         stop = self.stop_strings[0] if self.stop_strings else ""
@@ -120,7 +144,7 @@ class RoleTemplate(ConversationTemplate):
         for k, m in enumerate(messages):
             assistant = m["from"] == "gpt"
             role, end = self.roles[assistant], self.ends[assistant]
-            text = f"{role} {m['value']}{end}"
+            text = f"{role} {self._value(m)}{end}"
             if assistant:
                 header = "" if self.train_role else f"{role} "
                 segs += [(header, False), (text[len(header):], True)]
@@ -134,7 +158,8 @@ class RoleTemplate(ConversationTemplate):
         return [s for s in self._turns(messages) + self._after_answer(self.closing) if s[0]]
 
     def generation_prompt(self, messages: Sequence[dict], tokenizer=None) -> str:
-        return "".join(t for t, _ in self._turns(messages)) + self.roles[1]
+        opening = self.roles[1] if self.generation_open is None else self.generation_open
+        return "".join(t for t, _ in self._turns(messages)) + opening
 
 
 @dataclass(frozen=True)
@@ -186,6 +211,10 @@ TEMPLATES: Dict[str, ConversationTemplate] = {
     for t in (
         RoleTemplate("gpt4roi_v0", GPT4ROI_SYSTEM, "\n\n", roles=("### Human:", "### Assistant:"), ends=("\n", "\n"),
                      stop_strings=("###",), closing="### ", train_role=True, train_stop=True),
+        RoleTemplate("gpt4roi_original", GPT4ROI_SYSTEM, "\n\n", roles=("### Human:", "### Assistant:"),
+                     ends=("\n", "\n"), stop_strings=("###",), closing="### ", train_role=True, train_stop=True,
+                     image_text=IM_START_TOKEN + IM_PATCH_TOKEN * GPT4ROI_NUM_PATCHES + IM_END_TOKEN,
+                     generation_open="### "),
         RoleTemplate("vicuna_v1", VICUNA_SYSTEM, " ", roles=("USER:", "ASSISTANT:"), ends=(" ", "</s>"),
                      stop_strings=("</s>",)),
         ChatTemplate("chat_template"),

@@ -22,16 +22,19 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
-def train_llama_like_tokenizer(texts: Iterable[str], vocab_size: int = 1200):
+def train_llama_like_tokenizer(texts: Iterable[str], vocab_size: int = 1200, added_tokens: bool = True):
     """Train a BPE tokenizer on ``texts`` and wrap it as a ``transformers`` fast tokenizer.
 
-    Special tokens: ``<unk>`` (0), ``<s>`` (1), ``</s>`` (2), ``<pad>`` (3), then ``<image>`` and ``<bbox>``.
-    Every printable ASCII character is in the alphabet, so any English text encodes without ``<unk>``.
+    Special tokens: ``<unk>`` (0), ``<s>`` (1), ``</s>`` (2), then (``added_tokens``) ``<pad>``, ``<image>`` and
+    ``<bbox>``; without them it is a bare LLaMA-like base with no pad token, to which a caller adds its own
+    (as GPT4RoI adds six to LLaMA's). Every printable ASCII character is in the alphabet, so any English text
+    encodes without ``<unk>``.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN, BBOX_TOKEN]
+    extra = [IMAGE_TOKEN, BBOX_TOKEN] if added_tokens else []
+    specials = ["<unk>", "<s>", "</s>"] + (["<pad>"] + extra if added_tokens else [])
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
@@ -49,8 +52,8 @@ def train_llama_like_tokenizer(texts: Iterable[str], vocab_size: int = 1200):
         bos_token="<s>",
         eos_token="</s>",
         unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens=[IMAGE_TOKEN, BBOX_TOKEN],
+        pad_token="<pad>" if added_tokens else None,
+        extra_special_tokens=extra,
         model_max_length=4096,
     )
     fast.chat_template = TINY_CHAT_TEMPLATE

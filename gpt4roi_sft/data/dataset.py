@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gpt4roi_sft.constants import BBOX_TOKEN, IMAGE_TOKEN
-from gpt4roi_sft.conversation import tokenize_conversation
+from gpt4roi_sft.constants import BBOX_TOKEN, IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN
+from gpt4roi_sft.conversation import get_template, tokenize_conversation
 from gpt4roi_sft.data.image_transform import ImageTransform
-from gpt4roi_sft.data.model_inputs import SampleEncoder
+from gpt4roi_sft.data.model_inputs import LAYOUT_TOKENS, SampleEncoder
 from gpt4roi_sft.data.schema import validate_record
 from gpt4roi_sft.errors import ConfigError, DataError
 
@@ -82,7 +82,9 @@ class ConversationDataset(torch.utils.data.Dataset):
     regions their ``<bbox>`` tokens referred to are dropped too.
 
     Files are concatenated in the order given; :attr:`source_sizes` gives each file's record count (the
-    mixture sampler draws from these ranges).
+    mixture sampler draws from these ranges). ``image_layout`` is the processor's (``im_start_end``: GPT4RoI's
+    released checkpoints, whose template writes the image tokens itself; then ``image_token_id`` is
+    ``<im_patch>``); the template must write the same layout.
     """
 
     def __init__(
@@ -97,6 +99,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         max_length: int = 2048,
         load_masks: bool = False,
         skip_bad_records: bool = False,
+        image_layout: str = "image_token",
     ):
         paths = [paths_or_path] if isinstance(paths_or_path, (str, os.PathLike)) else list(paths_or_path)
         if not paths:
@@ -112,13 +115,29 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.load_masks = load_masks
         self.skip_bad_records = skip_bad_records
         self.num_skipped = 0
-        self._tokenizer_image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        self._tokenizer_bbox_id = tokenizer.convert_tokens_to_ids(BBOX_TOKEN)
-        for tok, tid in ((IMAGE_TOKEN, self._tokenizer_image_id), (BBOX_TOKEN, self._tokenizer_bbox_id)):
+        if get_template(template).image_layout != image_layout:
+            raise ConfigError(f"data.template {template!r} writes the {get_template(template).image_layout!r} image "
+                              f"layout but the model's processor reads {image_layout!r} (GPT4RoI checkpoints: "
+                              "gpt4roi_original)")
+        self.image_layout = image_layout
+        expanded = image_layout == "im_start_end"
+        for tok in LAYOUT_TOKENS[image_layout]:
+            tid = tokenizer.convert_tokens_to_ids(tok)
             if tid is None or tid == tokenizer.unk_token_id or tokenizer(tok, add_special_tokens=False)["input_ids"] != [tid]:
                 raise ConfigError(f"the tokenizer must hold {tok} as one added token (add it before building the dataset)")
-        self.encoder = SampleEncoder(image_transform, self.image_token_id, self.num_image_tokens,
-                                     bbox_token_id=self._tokenizer_bbox_id, source_image_token_id=self._tokenizer_image_id)
+        self._tokenizer_bbox_id = tokenizer.convert_tokens_to_ids(BBOX_TOKEN)
+        if expanded:
+            start, end = tokenizer.convert_tokens_to_ids([IM_START_TOKEN, IM_END_TOKEN])
+            self.encoder = SampleEncoder(image_transform, self.image_token_id, self.num_image_tokens,
+                                         bbox_token_id=self._tokenizer_bbox_id, image_layout=image_layout,
+                                         image_start_id=start, image_end_id=end)
+        else:
+            self.encoder = SampleEncoder(image_transform, self.image_token_id, self.num_image_tokens,
+                                         bbox_token_id=self._tokenizer_bbox_id,
+                                         source_image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+        # Tokens an image adds beyond what the tokenized text already holds (the template writes them itself
+        # in GPT4RoI's layout).
+        self._image_extra_tokens = 0 if expanded else self.num_image_tokens - 1
         self.indexes = [index_jsonl(p) for p in self.paths]
         self.source_sizes = [len(ix.offsets) for ix in self.indexes]
         self._starts = np.cumsum([0] + self.source_sizes)
@@ -162,7 +181,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.validate_record(record, where)
         messages = record["conversations"]
         has_image = bool(record.get("image"))
-        budget = self.max_length - (self.num_image_tokens - 1 if has_image else 0)
+        budget = self.max_length - (self._image_extra_tokens if has_image else 0)
         try:
             tok = tokenize_conversation(self.tokenizer, messages, self.template, max_length=budget)
         except DataError as exc:
@@ -237,7 +256,7 @@ class ConversationDataset(torch.utils.data.Dataset):
                 record = self.read_record(i)
                 self.validate_record(record, where)
                 if tokenize:
-                    budget = self.max_length - (self.num_image_tokens - 1 if record.get("image") else 0)
+                    budget = self.max_length - (self._image_extra_tokens if record.get("image") else 0)
                     tokenize_conversation(self.tokenizer, record["conversations"], self.template, budget)
             except DataError as exc:
                 msg = str(exc)

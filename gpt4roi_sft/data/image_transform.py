@@ -3,6 +3,15 @@
 GPT4RoI squashes the image to the tower's square size; LLaVA-1.5 pads it to a square with the mean colour
 first. Both keep every pixel of every region in view (a centre crop would cut regions away). Boxes leave
 this module as xyxy fractions of the square the tower sees, which is what the region encoder expects.
+
+Resize modes:
+  squash       resize to S x S with PIL bicubic;
+  pad          pad to a square with the mean colour, then resize;
+  clip_squash  GPT4RoI's inference transform (its demo, the Pix2Cap VG and ViP-Bench scripts, and its VCR and
+               LLaVA training sets): CLIP's processor without the centre crop (shortest edge to S with PIL
+               bicubic, long edge ``int(S * long / short)``, rescale, normalise), then a bilinear
+               (``align_corners=False``) resize of the normalised tensor to S x S. Boxes are fractions of the
+               original image, as in a plain squash.
 """
 
 from __future__ import annotations
@@ -12,13 +21,14 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from gpt4roi_sft.constants import CLIP_MEAN, CLIP_STD
 from gpt4roi_sft.data.schema import validate_boxes
 from gpt4roi_sft.errors import BoxError
 
-RESIZE_MODES = ("squash", "pad")
+RESIZE_MODES = ("squash", "pad", "clip_squash")
 
 
 @dataclass
@@ -44,26 +54,34 @@ class ImageTransform:
     def _square_geometry(self, width: int, height: int):
         """Return (scale_x, scale_y, offset_x, offset_y) mapping original pixels to the square's pixels."""
         s = float(self.size)
-        if self.resize_mode == "squash":
+        if self.resize_mode in ("squash", "clip_squash"):
             return s / width, s / height, 0.0, 0.0
         side = max(width, height)
         scale = s / side
         return scale, scale, (side - width) / 2 * scale, (side - height) / 2 * scale
 
+    def _normalise(self, image: Image.Image) -> torch.Tensor:
+        arr = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
+        std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
+        return (arr - mean) / std
+
     def image_to_tensor(self, image: Image.Image) -> torch.Tensor:
         image = image.convert("RGB")
         w, h = image.size
+        if self.resize_mode == "clip_squash":
+            short, long = min(w, h), max(w, h)
+            new_long = int(self.size * long / short)
+            image = image.resize((self.size, new_long) if w <= h else (new_long, self.size), Image.BICUBIC)
+            tensor = self._normalise(image)[None]
+            return F.interpolate(tensor, size=(self.size, self.size), mode="bilinear", align_corners=False)[0]
         if self.resize_mode == "pad" and w != h:
             side = max(w, h)
             fill = tuple(int(round(m * 255)) for m in self.mean)
             canvas = Image.new("RGB", (side, side), fill)
             canvas.paste(image, ((side - w) // 2, (side - h) // 2))
             image = canvas
-        image = image.resize((self.size, self.size), Image.BICUBIC)
-        arr = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
-        std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
-        return (arr - mean) / std
+        return self._normalise(image.resize((self.size, self.size), Image.BICUBIC))
 
     def map_boxes(self, boxes: np.ndarray, width: int, height: int) -> torch.Tensor:
         """Pixel xyxy boxes of the original image -> xyxy fractions of the output square."""

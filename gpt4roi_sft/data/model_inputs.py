@@ -12,12 +12,22 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from gpt4roi_sft.constants import BBOX_TOKEN, IGNORE_INDEX, IMAGE_TOKEN
+from gpt4roi_sft.constants import BBOX_TOKEN, IGNORE_INDEX, IM_END_TOKEN, IM_PATCH_TOKEN, IM_START_TOKEN, IMAGE_TOKEN
 from gpt4roi_sft.data.image_transform import ImageTransform
 from gpt4roi_sft.errors import BoxError, DataError
 
 # The keyword arguments of GPT4RoIForCausalLM.forward / generate that a batch may carry.
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "boxes", "region_masks", "labels")
+
+# How an image sits in the token ids:
+#   image_token   the tokenizer holds <image>; each becomes num_image_tokens copies of image_token_id here;
+#   im_start_end  GPT4RoI / LLaVA v0 (mm_use_im_start_end): the template writes <image> as <im_start>, one
+#                 <im_patch> per patch and <im_end> (tokens of the tokenizer; there is no <image> token) and
+#                 the ids arrive expanded; image_token_id is <im_patch>.
+IMAGE_LAYOUTS = ("image_token", "im_start_end")
+# The added tokens a tokenizer must hold, one token each, for each layout.
+LAYOUT_TOKENS = {"image_token": (IMAGE_TOKEN, BBOX_TOKEN),
+                 "im_start_end": (IM_START_TOKEN, IM_PATCH_TOKEN, IM_END_TOKEN, BBOX_TOKEN)}
 
 
 def expand_image_tokens(input_ids: Sequence[int], labels: Optional[Sequence[int]], image_token_id: int,
@@ -45,16 +55,42 @@ class SampleEncoder:
     """Token ids (+ labels), an image and its pixel boxes (+ masks) -> one item of model inputs.
 
     ``source_image_token_id`` is the tokenizer's ``<image>`` (default: ``image_token_id``, the token the model
-    expects ``num_image_tokens`` copies of); ``bbox_token_id`` is the tokenizer's ``<bbox>``.
+    expects ``num_image_tokens`` copies of); ``bbox_token_id`` is the tokenizer's ``<bbox>``. With
+    ``image_layout="im_start_end"`` the ids already hold ``image_start_id``, ``num_image_tokens`` x
+    ``image_token_id`` and ``image_end_id`` per image; they are checked, not expanded.
     """
 
     def __init__(self, image_transform: ImageTransform, image_token_id: int, num_image_tokens: int,
-                 bbox_token_id: int, source_image_token_id: Optional[int] = None):
+                 bbox_token_id: int, source_image_token_id: Optional[int] = None, image_layout: str = "image_token",
+                 image_start_id: Optional[int] = None, image_end_id: Optional[int] = None):
+        if image_layout not in IMAGE_LAYOUTS:
+            raise ValueError(f"image_layout must be one of {IMAGE_LAYOUTS}, got {image_layout!r}")
+        if image_layout == "im_start_end" and (image_start_id is None or image_end_id is None):
+            raise ValueError("image_layout 'im_start_end' needs image_start_id and image_end_id")
         self.image_transform = image_transform
         self.image_token_id = int(image_token_id)
         self.num_image_tokens = int(num_image_tokens)
         self.bbox_token_id = int(bbox_token_id)
         self.source_image_token_id = self.image_token_id if source_image_token_id is None else int(source_image_token_id)
+        self.image_layout = image_layout
+        self.image_start_id = image_start_id
+        self.image_end_id = image_end_id
+
+    def _count_start_end_images(self, input_ids: Sequence[int], where: str) -> int:
+        """Images in GPT4RoI's layout; each ``<im_start>`` must open exactly ``num_image_tokens`` patches and ``<im_end>``."""
+        ids = list(input_ids)
+        starts = [k for k, t in enumerate(ids) if t == self.image_start_id]
+        n = self.num_image_tokens
+        for k in starts:
+            got = 0
+            while k + 1 + got < len(ids) and ids[k + 1 + got] == self.image_token_id:
+                got += 1
+            if got != n or k + 1 + n >= len(ids) or ids[k + 1 + n] != self.image_end_id:
+                raise DataError(f"{where}: an image start token must be followed by {n} patch tokens and the image end "
+                                f"token; found {got} patch tokens (a prompt rendered for another image size?)")
+        if ids.count(self.image_token_id) != n * len(starts) or ids.count(self.image_end_id) != len(starts):
+            raise DataError(f"{where}: image patch or end tokens outside an image start/end run")
+        return len(starts)
 
     def __call__(self, input_ids: Sequence[int], labels: Optional[Sequence[int]] = None, image=None, boxes=(),
                  masks=None, where: str = "", clip: bool = False) -> Dict[str, Any]:
@@ -66,7 +102,11 @@ class SampleEncoder:
         differs from the ``<bbox>`` count (both named), an ``<image>`` count that does not fit ``image``, bad boxes
         (``clip`` clips boxes crossing the border instead).
         """
-        n_image = list(input_ids).count(self.source_image_token_id)
+        expanded = self.image_layout == "im_start_end"
+        if expanded:
+            n_image = self._count_start_end_images(input_ids, where)
+        else:
+            n_image = list(input_ids).count(self.source_image_token_id)
         n_bbox = list(input_ids).count(self.bbox_token_id)
         if len(boxes) != n_bbox:
             raise BoxError(f"{where}: {len(boxes)} boxes for {n_bbox} {BBOX_TOKEN} tokens")
@@ -80,8 +120,12 @@ class SampleEncoder:
             raise DataError(f"{where}: {n_bbox} {BBOX_TOKEN} tokens need an image")
         if labels is None:
             labels = [IGNORE_INDEX] * len(input_ids)
-        ids, labels = expand_image_tokens(input_ids, labels, self.image_token_id, self.num_image_tokens,
-                                          source_token_id=self.source_image_token_id)
+        if expanded:  # already in place; image positions are never trained
+            ids = [int(t) for t in input_ids]
+            labels = [IGNORE_INDEX if t == self.image_token_id else int(lab) for t, lab in zip(ids, labels)]
+        else:
+            ids, labels = expand_image_tokens(input_ids, labels, self.image_token_id, self.num_image_tokens,
+                                              source_token_id=self.source_image_token_id)
         item = {
             "input_ids": torch.tensor(ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),

@@ -65,7 +65,7 @@ class GPT4RoIConfig(PreTrainedConfig):
     region_mode: Literal["box", "mask", "box+mask"] = "box"
     image_token_id: int | None = None
     bbox_token_id: int | None = None
-    resize_mode: Literal["squash", "pad"] = "squash"
+    resize_mode: Literal["squash", "pad", "clip_squash"] = "squash"
     ignore_index: int = IGNORE_INDEX
     freeze_vision_tower: bool = True
     tie_word_embeddings: bool = False

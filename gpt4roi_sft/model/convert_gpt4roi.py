@@ -1,8 +1,10 @@
 """Convert a merged GPT4RoI (or original-LLaVA) checkpoint into this project's own model directory.
 
-``python -m gpt4roi_sft.model.convert_gpt4roi --checkpoint DIR --vision-tower CLIP_DIR --out OUT`` opens ``DIR``
-with :func:`gpt4roi_sft.model.loading.load_model` (whose key maps are :mod:`gpt4roi_sft.model.checkpoint_keys`)
-and writes the model and its processor to ``OUT``.
+``python -m gpt4roi_sft.model.convert_gpt4roi --checkpoint DIR --vision-tower CLIP_DIR --out OUT [--dtype float16]``
+opens ``DIR`` with :func:`gpt4roi_sft.model.loading.load_model` (whose key maps are
+:mod:`gpt4roi_sft.model.checkpoint_keys`) and writes the model and its processor to ``OUT``, in ``--dtype``
+(default float32; GPT4RoI's releases are float16). A GPT4RoI checkpoint keeps GPT4RoI's layout (its processor
+reads the ``gpt4roi_original`` template).
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", required=True, help="merged GPT4RoI (or original LLaVA) directory")
     parser.add_argument("--vision-tower", default=None, help="CLIP directory (default: the config's mm_vision_tower)")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="dtype of the written weights (default float32)")
     args = parser.parse_args(argv)
-    model, processor = load_model(args.checkpoint, vision_tower=args.vision_tower)
+    import torch
+
+    model, processor = load_model(args.checkpoint, vision_tower=args.vision_tower, torch_dtype=getattr(torch, args.dtype))
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)
     return 0

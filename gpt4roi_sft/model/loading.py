@@ -11,6 +11,13 @@ Layouts, told apart by ``config.json``:
 Every weight in the files must find a home and every weight of the model must be loaded, except the
 parts that start fresh in that layout; otherwise :class:`CheckpointError` names the weight. Missing
 ``<image>`` / ``<bbox>`` tokens are added to the tokenizer, their embedding rows set to the mean row.
+
+A layout (d) checkpoint written with ``mm_use_im_start_end`` (GPT4RoI-7B, GPT4RoI-P2C-7B, LLaVA v0) opens in
+GPT4RoI's own layout instead, with nothing added: the vocabulary stays as trained (32006 for GPT4RoI, the
+tokenizer's ``[PAD] <im_patch> <bbox> <point> <im_start> <im_end>`` checked against the embedding rows, and
+tokenizing as GPT4RoI's training did, see :mod:`.gpt4roi_tokenizer`), the
+processor reads prompts from the ``gpt4roi_original`` template and resizes with ``clip_squash``, the region
+levels follow GPT4RoI's ``hidden_states[-2::-3]`` reversed, last four (:func:`gpt4roi_region_layers`).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from typing import Optional
 import torch
 from transformers import AutoConfig, AutoTokenizer, CLIPVisionConfig
 
-from gpt4roi_sft.constants import BBOX_TOKEN, IMAGE_TOKEN
+from gpt4roi_sft.constants import BBOX_TOKEN, IM_END_TOKEN, IM_PATCH_TOKEN, IM_START_TOKEN, IMAGE_TOKEN
 from gpt4roi_sft.data.image_transform import ImageTransform
 from gpt4roi_sft.errors import ConfigError, UserError
 from gpt4roi_sft.model.configuration import GPT4RoIConfig
@@ -75,6 +82,18 @@ def default_region_layers(num_layers: int) -> list[int]:
     if num_layers >= 11:
         return [num_layers - 10, num_layers - 7, num_layers - 4, num_layers - 1]
     return [max(1, round(num_layers * f)) for f in (0.25, 0.5, 0.75, 1.0)]
+
+
+def gpt4roi_region_layers(num_layers: int, select_layer: int = -2) -> list[int]:
+    """GPT4RoI's region levels: ``hidden_states[select_layer::-3]``, reversed, the last four (shallowest first).
+
+    ``hidden_states`` of a ``num_layers``-block ViT has ``num_layers + 1`` entries (index 0: the embeddings); for
+    ViT-L (24 blocks) this is [14, 17, 20, 23]. Needs a tower deep enough to give four levels (10 blocks).
+    """
+    layers = list(range(num_layers + 1))[select_layer::-3][::-1][-4:]
+    if len(layers) < 4:
+        raise ConfigError(f"GPT4RoI's region levels need a vision tower of at least 10 blocks, this one has {num_layers}")
+    return layers
 
 
 def _vision_key(key: str) -> str:
@@ -207,10 +226,15 @@ REGION_FIELDS = ("region_feature_layers", "region_hidden_size", "roi_output_size
                  "region_gn_groups", "region_mode")
 
 
+# config.json keys of original-LLaVA / GPT4RoI checkpoints that describe the multimodal wrapper, not the LLM.
+_LLAVA_WRAPPER_KEYS = ("use_mm_proj", "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter", "sep_image_conv_front",
+                       "max_sequence_length")
+
+
 def _load_llava_original(path: str, raw: dict, vision_tower: Optional[str], attn: str):
     # GPT4RoI's own region-encoder sizes are the defaults; a config.json may override them by our field names.
     region = {k: raw[k] for k in REGION_FIELDS if k in raw}
-    skip = ("architectures", "model_type", "auto_map") + REGION_FIELDS
+    skip = ("architectures", "model_type", "auto_map") + REGION_FIELDS + _LLAVA_WRAPPER_KEYS
     text = {k: v for k, v in raw.items() if not k.startswith("mm_") and k not in skip}
     text["model_type"] = "llama"
     vision_path = vision_tower or raw.get("mm_vision_tower")
@@ -221,23 +245,79 @@ def _load_llava_original(path: str, raw: dict, vision_tower: Optional[str], attn
         state = convert_llava_original_state_dict(state)
     except KeyError as exc:
         raise CheckpointError(f"{path}: {exc.args[0]}") from None
+    select_layer = raw.get("mm_vision_select_layer", -2)
+    original_layout = bool(raw.get("mm_use_im_start_end"))
+    if original_layout:
+        rows = state["language_model.model.embed_tokens.weight"].shape[0]
+        tokenizer = _original_tokenizer(path, rows)
+        _check_original_tokenizer(tokenizer, rows, path)
+        text["vocab_size"] = rows
+        for key, token in (("pad_token_id", tokenizer.pad_token), ("bos_token_id", tokenizer.bos_token),
+                           ("eos_token_id", tokenizer.eos_token)):
+            if token is not None:  # LLaVA v0 configs carry pad -1, bos 0, eos 1 (not the tokenizer's ids)
+                text[key] = tokenizer.convert_tokens_to_ids(token)
+        layers = gpt4roi_region_layers(vcfg.num_hidden_layers, select_layer)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        layers = default_region_layers(vcfg.num_hidden_layers)
     projector = raw.get("mm_projector_type", "linear")
     config = GPT4RoIConfig(
         vision_config=vcfg.to_dict(),
         text_config=text,
         projector_type=projector,
-        vision_feature_layer=raw.get("mm_vision_select_layer", -2),
+        vision_feature_layer=select_layer,
         **{
-            "region_feature_layers": default_region_layers(vcfg.num_hidden_layers),
+            "region_feature_layers": layers,
             "region_gn_groups": math.gcd(64, vcfg.hidden_size),
             **region,
         },
     )
+    if original_layout:
+        config.image_token_id = tokenizer.convert_tokens_to_ids(IM_PATCH_TOKEN)
+        config.bbox_token_id = tokenizer.convert_tokens_to_ids(BBOX_TOKEN)
+        config.resize_mode = "clip_squash"
     config._attn_implementation = attn
     if not any(k.startswith("vision_tower.") for k in state):
         state.update(_clip_state(vision_path))
     model = _assemble(config, state, () if has_regions else ("region_encoder.",), path)
-    return model, AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def _original_tokenizer(path: str, rows: Optional[int] = None):
+    """A GPT4RoI-layout directory's tokenizer as GPT4RoI trained with it: rebuilt from ``tokenizer.model`` when the
+    directory has one (files written by GPT4RoI's own scripts), else its ``tokenizer.json`` (written by
+    :mod:`gpt4roi_sft.model.apply_delta`, already in that form)."""
+    from gpt4roi_sft.model.gpt4roi_tokenizer import SENTENCEPIECE_FILE, TokenizerError, build_gpt4roi_tokenizer, check_against
+
+    if os.path.isfile(os.path.join(path, SENTENCEPIECE_FILE)):
+        try:
+            tokenizer = build_gpt4roi_tokenizer(path, rows)
+        except TokenizerError as exc:
+            raise CheckpointError(str(exc)) from None
+        try:
+            check_against(tokenizer, AutoTokenizer.from_pretrained(path), path)
+        except (OSError, ValueError, TypeError):
+            pass
+        return tokenizer
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _check_original_tokenizer(tokenizer, rows: int, path: str) -> None:
+    """GPT4RoI's layout tokens are single added tokens and the tokenizer covers exactly the embedding rows.
+
+    A tokenizer one token short (32005 for GPT4RoI's 32006 rows: a base whose tokenizer already had a pad token,
+    so ``[PAD]`` was never added) would shift every later id; ``python -m gpt4roi_sft.model.apply_delta`` writes
+    the right one.
+    """
+    for token in (IM_START_TOKEN, IM_PATCH_TOKEN, IM_END_TOKEN, BBOX_TOKEN):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if tid is None or tid == tokenizer.unk_token_id:
+            raise CheckpointError(f"{path}: the tokenizer has no {token} token, which GPT4RoI's layout "
+                                  "(mm_use_im_start_end) needs")
+    if len(tokenizer) != rows:
+        raise CheckpointError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the embedding has {rows} rows "
+                              "(GPT4RoI: 32006 = LLaMA's 32000 + [PAD] <im_patch> <bbox> <point> <im_start> <im_end>); "
+                              "rebuild the directory with python -m gpt4roi_sft.model.apply_delta")
 
 
 def _load_llm_plus_clip(path: str, vision_tower: str, attn: str, projector_type: str):
@@ -255,6 +335,29 @@ def _load_llm_plus_clip(path: str, vision_tower: str, attn: str, projector_type:
     state.update(_clip_state(vision_tower))
     model = _assemble(config, state, ("region_encoder.", "multi_modal_projector."), path)
     return model, AutoTokenizer.from_pretrained(path)
+
+
+def load_processor(path: str) -> Optional[GPT4RoIProcessor]:
+    """The processor of a model directory without reading its weights, or ``None`` where the processor depends on
+    them (layouts that add ``<image>``/``<bbox>`` to the tokenizer at load time).
+
+    Our own directories and GPT4RoI-layout checkpoints (``mm_use_im_start_end``) qualify; this is what
+    ``train_sft.py --check`` tokenizes the data with.
+    """
+    path = os.fspath(path)
+    raw = _read_config(path)
+    if raw.get("model_type") == "gpt4roi":
+        return GPT4RoIProcessor.from_pretrained(path)
+    if raw.get("mm_use_im_start_end") and ("mm_vision_tower" in raw or any("Llava" in a for a in raw.get("architectures") or [])):
+        tokenizer = _original_tokenizer(path)
+        vision = raw.get("mm_vision_tower")
+        size, patch = 224, 14
+        if vision and os.path.isdir(vision):
+            vcfg = CLIPVisionConfig.from_pretrained(vision)
+            size, patch = int(vcfg.image_size), int(vcfg.patch_size)
+        return GPT4RoIProcessor(tokenizer, ImageTransform(size=size, resize_mode="clip_squash"), (size // patch) ** 2,
+                                "im_start_end")
+    return None
 
 
 def load_model(
@@ -282,10 +385,14 @@ def load_model(
     if model_type == "gpt4roi":
         model, processor = _load_own(path, attn, torch_dtype)
     else:
+        processor = None
         if model_type == "llava" and "text_config" in raw:
             model, tokenizer = _load_llava_hf(path, raw, attn)
         elif "mm_vision_tower" in raw or any("Llava" in a for a in raw.get("architectures") or []):
             model, tokenizer = _load_llava_original(path, raw, vision_tower, attn)
+            if raw.get("mm_use_im_start_end"):  # GPT4RoI's own layout: nothing is added to the vocabulary
+                transform = ImageTransform(size=model.config.image_size, resize_mode="clip_squash")
+                processor = GPT4RoIProcessor(tokenizer, transform, model.config.num_image_tokens, "im_start_end")
         elif vision_tower is not None:
             model, tokenizer = _load_llm_plus_clip(path, vision_tower, attn, projector_type)
         else:
@@ -293,8 +400,9 @@ def load_model(
                 f"{path}: model_type {model_type!r} is not a multimodal checkpoint; pass vision_tower=<CLIP dir> "
                 "to pair this LLM with a CLIP tower"
             )
-        _ensure_tokens(model, tokenizer)
-        processor = _processor(path, tokenizer, model.config)
+        if processor is None:
+            _ensure_tokens(model, tokenizer)
+            processor = _processor(path, tokenizer, model.config)
     if torch_dtype is not None:
         model = model.to(torch_dtype)
     if device is not None:
@@ -304,4 +412,4 @@ def load_model(
     return model, processor
 
 
-__all__ = ["load_model", "CheckpointError", "read_state_dict", "default_region_layers"]
+__all__ = ["load_model", "load_processor", "CheckpointError", "read_state_dict", "default_region_layers", "gpt4roi_region_layers"]

@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 
 def tiny_tokenizer_corpus(corpus: Iterable[str]) -> List[str]:
     """Every template's fixed strings, the region names and the preamble, then ``corpus``."""
-    texts = [text for template in TEMPLATES.values() for text in template.vocabulary]
+    # Templates sharing fixed strings (gpt4roi_v0 / gpt4roi_original) contribute them once.
+    texts = list(dict.fromkeys(text for template in TEMPLATES.values() for text in template.vocabulary))
     texts.append(GPT4ROI_PREAMBLE)
     texts += [f"region{i} {BBOX_TOKEN}" for i in range(1, 16)]
     texts.append(f"The {IMAGE_TOKEN} provides an overview of the picture.")
