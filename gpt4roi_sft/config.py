@@ -290,13 +290,18 @@ def apply_deepspeed_overrides(ds_config: Dict[str, Any], overrides: List[str]) -
     """``ds_config`` (changed in place and returned) with every ``deepspeed.overrides`` item set."""
     for item in overrides:
         parts, value = parse_deepspeed_override(item)
-        node = ds_config
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"deepspeed.overrides: {item!r}: {part!r} is not a section of the DeepSpeed config")
-        node[parts[-1]] = value
+        _set_path(ds_config, parts, value, f"deepspeed.overrides: {item!r}", "a section of the DeepSpeed config")
     return ds_config
+
+
+def _set_path(tree: Dict[str, Any], parts: List[str], value: Any, where: str, section: str = "a section") -> None:
+    """``tree[parts[0]][parts[1]]... = value``, making sections on the way; a leaf in the way is an error."""
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: {part!r} is not {section}")
+    node[parts[-1]] = value
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
@@ -314,12 +319,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for item in overrides or []:
         parts, value = parse_override(item)
-        node = data
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = value
+        _set_path(data, parts, value, f"override {item!r}")
     cfg = _build(Config, data, "")
     _check_choices(cfg)
     return cfg
