@@ -40,7 +40,7 @@ deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29520}" \
   train_sft.py --config configs/quickstart.yaml
 
 stage "exporting the trained model ($RUN/trained_model)"
-python -m gpt4roi_sft.export --checkpoint "$RUN/train" --out "$RUN/trained_model"
+python -m gpt4roi_sft.export --checkpoint "$RUN/train" --out "$RUN/trained_model" --overwrite
 
 VG=(--annotations "$RUN/data/annotations/test_caption.json" --image-root "$RUN/data" --batch-size 32 --max-new-tokens 48)
 stage "evaluating the untrained base model on held-out images"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from gpt4roi_sft.atomic import apply_default_modes_under
 from gpt4roi_sft.model.loading import load_model
 
 
@@ -21,6 +22,7 @@ def main(argv=None) -> int:
     model, processor = load_model(args.checkpoint, vision_tower=args.vision_tower)
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)
+    apply_default_modes_under(args.out)  # save_pretrained leaves model.safetensors 0600
     return 0
 
 

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from gpt4roi_sft.atomic import write_json_atomic, write_text_atomic
+from gpt4roi_sft.atomic import apply_default_mode, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,7 @@ def save_trainable(step_dir: Path, state_dict: Dict[str, torch.Tensor]) -> None:
         raise RuntimeError(f"refusing to save empty tensors (ZeRO-3 gather failed?): {', '.join(empty[:5])}")
     tmp = step_dir / f".{TRAINABLE_FILE}.tmp"
     save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp))
+    apply_default_mode(tmp)  # safetensors creates its files 0600
     tmp.replace(step_dir / TRAINABLE_FILE)
 
 
