@@ -288,6 +288,8 @@ def validate_for_launch(cfg: Config) -> None:
         raise ConfigError(f"data.image_root: directory not found: {cfg.data.image_root}")
     if not cfg.train.output_dir:
         raise ConfigError("train.output_dir: required")
+    if Path(cfg.train.output_dir).exists() and not Path(cfg.train.output_dir).is_dir():
+        raise ConfigError(f"train.output_dir: {cfg.train.output_dir} exists and is not a directory")
     ds = load_deepspeed_json(cfg.deepspeed.config)
     if cfg.lora.qlora and zero_stage(ds) == 3:
         raise ConfigError(

@@ -154,3 +154,10 @@ def test_check_cli_names_the_missing_image_in_one_line(tmp_path):
                            f"train.output_dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 2 and "config OK" not in proc.stdout
     assert proc.stderr.strip().count("\n") == 0 and "x.jpg" in proc.stderr, proc.stderr
+
+
+def test_an_output_dir_that_is_a_file_is_named_at_launch(tmp_path):
+    cfg = launchable_config(tmp_path)
+    Path(cfg.train.output_dir).write_text("not a folder")
+    with pytest.raises(ConfigError, match=r"train\.output_dir: .*out exists and is not a directory"):
+        validate_for_launch(cfg)
