@@ -31,8 +31,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from gpt4roi_sft.config import load_config, validate_for_launch
 
+    from gpt4roi_sft.train.checkpoint import check_output_dir
+
     cfg = load_config(args.config, args.overrides)
     validate_for_launch(cfg)
+    check_output_dir(cfg)
     if args.check:
         from gpt4roi_sft.train.data_stream import check_data
 
@@ -55,7 +58,12 @@ def main(argv=None) -> int:
 
     summary = train(cfg, local_rank=local_rank)
     if rank == 0:
-        print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, outputs in {summary['output_dir']}")
+        loss = "not logged" if summary["loss"] is None else f"{summary['loss']:.4f}"
+        if summary.get("already_complete"):
+            print(f"already complete: step {summary['step']}, last logged loss {loss}; outputs in {summary['output_dir']} "
+                  f"(raise train.max_steps to train further)")
+        else:
+            print(f"done: step {summary['step']}, loss {loss}, outputs in {summary['output_dir']}")
     return 0
 
 

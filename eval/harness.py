@@ -14,6 +14,14 @@ each item, the payload stored per answer, and the scoring. Everything around gen
   ``OUT/shards/<stem>.shard-III-of-KKK<suffixes>`` for several) and their merge;
 - :func:`generate_missing`: answer what a store lacks, batch by batch (longest prompts first, ``--batch-size
   auto`` sized from free device memory, when the captioner can plan: :meth:`RegionCaptioner.plan`).
+
+Every store the kit opens is tied to what produces its answers (:func:`run_setup`): the fingerprints of the
+model and adapter weights (:func:`gpt4roi_sft.provenance.weights_fingerprint`), the decode settings, the
+template, the harness's own settings (prompt, mode) and the SHA-256 of its input files. Resuming into a store
+written by another setup is a one-line error naming what changed; ``--overwrite`` starts it afresh. The model
+must exist whenever answers may be generated, even if every answer is already stored. A harness adopts all of
+it with one call, :func:`open_store` (``inputs={"annotations": path}``, ``settings={"prompt": ...}``), and
+puts :func:`provenance` of the store in its reports.
 """
 
 from __future__ import annotations
@@ -22,11 +30,13 @@ import argparse
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, TypeVar, Union
+from dataclasses import asdict
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, TypeVar, Union
 
-from eval.prediction_store import PredictionStore
+from eval.prediction_store import PredictionStore, describe_changes
 from gpt4roi_sft.errors import ConfigError, DataError
 from gpt4roi_sft.infer import GPT4ROI_TEMPERATURE, Captioner, DecodeSettings, RegionRequest
+from gpt4roi_sft.provenance import describe_model, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +56,7 @@ class HarnessConfig:
     eager: bool = False  # plain `generate` instead of the static-cache, compiled decode path
     shard_id: int = 0
     num_shards: int = 1
+    overwrite: bool = False  # a store written by another setup starts afresh instead of being refused
 
 
 # ---------------------------------------------------------------------------------------- command line
@@ -80,6 +91,9 @@ def add_model_args(parser: argparse.ArgumentParser, *, batch_size: Union[int, st
     parser.add_argument("--temperature", type=float, default=GPT4ROI_TEMPERATURE)
     parser.add_argument("--strip-prefix", action="store_true", help="keep the text after the first ': ' (GPT4RoI's eval)")
     parser.add_argument("--seed", type=int, default=0, help="seed of sampling (with --do-sample)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="when --out holds results of another model or setting, discard them and start afresh "
+                             "(results of this same setup are kept and resumed either way)")
 
 
 def add_shard_args(parser: argparse.ArgumentParser) -> None:
@@ -105,7 +119,8 @@ def decode_settings_from_args(args: argparse.Namespace) -> DecodeSettings:
 def config_kwargs(args: argparse.Namespace) -> dict:
     """The :class:`HarnessConfig` fields from options added by :func:`add_model_args` (and :func:`add_shard_args`)."""
     kwargs = dict(out=args.out, model=args.model, adapter=args.adapter, template=args.template,
-                  batch_size=args.batch_size, decode=decode_settings_from_args(args), eager=args.eager)
+                  batch_size=args.batch_size, decode=decode_settings_from_args(args), eager=args.eager,
+                  overwrite=args.overwrite)
     if hasattr(args, "shard_id"):
         kwargs.update(shard_id=args.shard_id, num_shards=args.num_shards)
     return kwargs
@@ -188,9 +203,58 @@ def store_path(out: Path, name: str, shard_id: int = 0, num_shards: int = 1) -> 
     return Path(out) / "shards" / f"{stem}.shard-{shard_id:03d}-of-{num_shards:03d}{dot}{rest}"
 
 
-def open_store(config: HarnessConfig, name: str, metadata: Optional[dict] = None) -> PredictionStore:
-    """The resumable store of this config's shard."""
-    return PredictionStore(store_path(config.out, name, config.shard_id, config.num_shards), metadata)
+def run_setup(config: HarnessConfig, inputs: Optional[Mapping[str, Path]] = None,
+              settings: Optional[Mapping[str, object]] = None, model_required: bool = True) -> tuple:
+    """``(setup, produced_by)`` of a run: what is compared on resume, and the description beside it.
+
+    ``setup``: the weights fingerprints of ``config.model`` and ``config.adapter``, the decode settings, the
+    template, ``settings`` (the harness's own: prompt, mode, ...) and the SHA-256 of each file in ``inputs``.
+    ``produced_by``: the model and adapter paths, fingerprints and the training step they were exported at.
+    A model or adapter directory that does not exist is a :class:`ConfigError`; so is no ``--model`` at all
+    when ``model_required`` (a run that may generate; a test that brings its own captioner passes ``False``).
+    """
+    if config.model is None and model_required:
+        raise ConfigError("--model is required to generate predictions (or score what --out holds: --score-only)")
+    model = describe_model(config.model, "model")
+    adapter = describe_model(config.adapter, "adapter")
+    setup = {
+        "model": model["fingerprint"] if model else None,
+        "adapter": adapter["fingerprint"] if adapter else None,
+        "template": config.template,
+        "decode": asdict(config.decode),
+        "settings": dict(settings or {}),
+        "inputs": {key: file_sha256(path) for key, path in (inputs or {}).items()},
+    }
+    return setup, {"model": model, "adapter": adapter}
+
+
+def open_store(config: HarnessConfig, name: str, *, inputs: Optional[Mapping[str, Path]] = None,
+               settings: Optional[Mapping[str, object]] = None, model_required: bool = True) -> PredictionStore:
+    """The resumable store of this config's shard, tied to the run's :func:`run_setup`.
+
+    A store written by another setup is refused with a one-line error naming what changed, or started afresh
+    with ``config.overwrite``.
+    """
+    setup, produced_by = run_setup(config, inputs, settings, model_required)
+    return PredictionStore(store_path(config.out, name, config.shard_id, config.num_shards), setup,
+                           produced_by=produced_by, overwrite=config.overwrite)
+
+
+def provenance(store: PredictionStore) -> dict:
+    """``{"setup", "produced_by"}`` of a store: what reports write beside their scores."""
+    return {"setup": store.metadata, "produced_by": store.produced_by}
+
+
+def model_line(provenance: Optional[dict]) -> Optional[str]:
+    """``model: PATH (weights 1a2b..., exported at step 700)``: which model the scores belong to."""
+    about = ((provenance or {}).get("produced_by") or {})
+    parts = []
+    for what in ("model", "adapter"):
+        m = about.get(what)
+        if m:
+            step = f", exported at step {m['step']}" if m.get("step") is not None else ""
+            parts.append(f"{what}: {m['path']} (weights {m['fingerprint']}{step})")
+    return "; ".join(parts) or None
 
 
 def merge_shards(out: Path, name: str, num_shards: int) -> Dict[str, dict]:
@@ -203,6 +267,20 @@ def merge_shards(out: Path, name: str, num_shards: int) -> Dict[str, dict]:
         for key, rec in PredictionStore(path).records.items():
             records.setdefault(key, rec)
     return records
+
+
+def merged_provenance(out: Path, name: str, num_shards: int) -> dict:
+    """:func:`provenance` shared by every shard's store; shards written by different setups are a :class:`DataError`."""
+    first: Optional[PredictionStore] = None
+    for i in range(num_shards):
+        store = PredictionStore(store_path(out, name, i, num_shards))
+        if first is None:
+            first = store
+        elif store.metadata != first.metadata:
+            raise DataError(f"{store.path}: written by another setup than {first.path} "
+                            f"({describe_changes(first.metadata, store.metadata or {})}); rerun that shard with the "
+                            f"same options (and --overwrite)")
+    return provenance(first) if first is not None else {"setup": None, "produced_by": None}
 
 
 def require_complete(keys: Iterable[str], records: Dict[str, dict], out: Path) -> None:

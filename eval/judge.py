@@ -176,17 +176,39 @@ class JudgeItem:
 
 
 class GradeCache:
-    """``grades.json``: ``{qid: {"fingerprint": str, "runs": {"0": Grade, ...}}}``, rewritten atomically per grade."""
+    """``grades.json``: ``{"setup": {...}, "grades": {qid: {"fingerprint": str, "runs": {"0": Grade, ...}}}}``,
+    rewritten atomically per grade.
 
-    def __init__(self, path: Path):
+    Each grade is keyed by what the judge saw (:meth:`JudgeItem.fingerprint`), so it is never reused for
+    another answer. ``setup`` ties the whole cache to the run whose answers it grades (the prediction store's
+    setup: model and adapter weights, decoding, test files): opening a cache written for another setup is a
+    one-line error naming what changed, or, with ``overwrite``, an empty cache.
+    """
+
+    def __init__(self, path: Path, setup: Optional[dict] = None, overwrite: bool = False):
         self.path = Path(path)
         self._lock = threading.Lock()
         self.data: Dict[str, dict] = {}
+        self.setup: Optional[dict] = None
         if self.path.exists():
             try:
-                self.data = json.loads(self.path.read_text(encoding="utf-8"))["grades"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                stored = json.loads(self.path.read_text(encoding="utf-8"))
+                self.data = stored["grades"]
+                self.setup = stored.get("setup")
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
                 raise DataError(f"{self.path}: not a grade cache ({exc}); move it away to regrade") from None
+        if setup is not None:
+            setup = json.loads(json.dumps(setup))
+            if (self.setup is not None or self.data) and self.setup != setup:
+                from eval.prediction_store import describe_changes
+
+                change = describe_changes(self.setup, setup)
+                if not overwrite:
+                    raise DataError(f"{self.path}: grades of another setup's answers ({change}); pass --overwrite "
+                                    f"to regrade afresh, or choose another --out")
+                logger.warning("%s: grades of another setup (%s); starting afresh (--overwrite)", self.path, change)
+                self.data = {}
+            self.setup = setup
 
     def get(self, item: JudgeItem, run: int, judge_model: str) -> Optional[Grade]:
         entry = self.data.get(item.qid)
@@ -202,7 +224,7 @@ class GradeCache:
             if not entry or entry.get("fingerprint") != fp:
                 entry = self.data[item.qid] = {"fingerprint": fp, "runs": {}}
             entry["runs"][str(run)] = asdict(g)
-            write_json_atomic(self.path, {"grades": self.data})
+            write_json_atomic(self.path, {"setup": self.setup, "grades": self.data})
 
 
 @dataclass

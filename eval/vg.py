@@ -185,8 +185,12 @@ def attribute_accuracy(samples: Sequence[VGSample], predictions: Dict[int, str])
 
 
 def finalize(samples: Sequence[VGSample], records: Dict[str, dict], out: Path, spice_jars: Optional[Path] = None,
-             skipped: Sequence[str] = ()) -> dict:
-    """Write ``predictions.json``, ``metrics.json``, ``metrics.txt`` and ``summary.json``; return the summary."""
+             skipped: Sequence[str] = (), provenance: Optional[dict] = None) -> dict:
+    """Write ``predictions.json``, ``metrics.json``, ``metrics.txt`` and ``summary.json``; return the summary.
+
+    ``provenance`` (:func:`eval.harness.provenance` of the store) goes into ``summary.json`` and names the
+    model in ``metrics.txt``.
+    """
     harness.require_complete([str(s.sample_id) for s in samples], records, out)
     predictions = {s.sample_id: records[str(s.sample_id)]["caption"] for s in samples}
     write_json_atomic(out / "predictions.json", [{"image_id": k, "caption": v} for k, v in predictions.items()])
@@ -196,17 +200,20 @@ def finalize(samples: Sequence[VGSample], records: Dict[str, dict], out: Path, s
         for stale in ("metrics.json", "metrics.txt"):
             (out / stale).unlink(missing_ok=True)
         summary = {"metrics": None, "scoring_note": unscorable, "num_samples": len(samples),
-                   "num_skipped": len(skipped), "skipped": list(skipped)}
+                   "num_skipped": len(skipped), "skipped": list(skipped), "provenance": provenance}
         write_json_atomic(out / "summary.json", summary)
         return summary
     metrics, spice_note = score_captions({s.sample_id: [s.caption] for s in samples}, predictions, spice_jars)
     write_json_atomic(out / "metrics.json", metrics)
     attrs = attribute_accuracy(samples, predictions)
     summary = {"metrics": metrics, "attribute_accuracy": attrs, "num_samples": len(samples),
-               "num_skipped": len(skipped), "skipped": list(skipped), "spice_note": spice_note}
+               "num_skipped": len(skipped), "skipped": list(skipped), "spice_note": spice_note,
+               "provenance": provenance}
     write_json_atomic(out / "summary.json", summary)
-    lines = [f"VG region captioning: {len(samples)} samples ({len(skipped)} skipped), scores x100", "",
-             format_metrics_table(metrics).rstrip("\n")]
+    lines = [f"VG region captioning: {len(samples)} samples ({len(skipped)} skipped), scores x100"]
+    if harness.model_line(provenance):
+        lines.append(harness.model_line(provenance))
+    lines += ["", format_metrics_table(metrics).rstrip("\n")]
     if spice_note:
         lines.append(f"SPICE: not computed ({spice_note})")
     if attrs:
@@ -224,17 +231,19 @@ def merge_shards(out: Path, num_shards: int) -> Dict[str, dict]:
 def evaluate(config: VGEvalConfig, captioner: Optional[Captioner] = None) -> Optional[dict]:
     """Run (or resume) one evaluation; returns the summary, or ``None`` for a shard of a multi-shard run.
 
-    ``captioner`` defaults to the model of ``config.model`` (loaded only if something is left to generate).
+    ``captioner`` defaults to the model of ``config.model`` (loaded only if something is left to generate, but
+    required to exist either way: stored predictions are reused only for the model that wrote them).
     """
     samples, skipped = load_vg_test(config.annotations, config.image_root, config.skip_bad)
     mine = harness.shard(samples, config.shard_id, config.num_shards)
-    store = harness.open_store(config, PARTIAL_NAME)
+    store = harness.open_store(config, PARTIAL_NAME, inputs={"annotations": config.annotations},
+                               settings={"prompt": config.prompt}, model_required=captioner is None)
     generate_predictions(mine, captioner or harness.captioner_for(config), store, config.prompt, config.batch_size)
     if config.num_shards > 1:
         logger.info("shard %d of %d done (%d samples); run with --merge once every shard is done",
                     config.shard_id, config.num_shards, len(mine))
         return None
-    return finalize(samples, store.records, Path(config.out), config.spice_jars, skipped)
+    return finalize(samples, store.records, Path(config.out), config.spice_jars, skipped, harness.provenance(store))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,7 +271,8 @@ def main(argv=None) -> int:
     if args.merge or args.score_only:  # the predictions already in --out; no model, no GPU
         samples, skipped = load_vg_test(config.annotations, config.image_root, config.skip_bad)
         summary = finalize(samples, merge_shards(Path(config.out), config.num_shards), Path(config.out),
-                           config.spice_jars, skipped)
+                           config.spice_jars, skipped,
+                           harness.merged_provenance(Path(config.out), PARTIAL_NAME, config.num_shards))
     else:
         summary = evaluate(config)
     if summary is not None and summary["metrics"] is None:

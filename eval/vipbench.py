@@ -305,6 +305,8 @@ def write_reports(out: Path, scores: dict, model_name: str) -> None:
     lines = [f"# ViP-Bench ({scores['split']} split, {scores['mode']} mode)", "",
              "| Model | " + " | ".join(row) + " |", "|---" * (len(row) + 1) + "|",
              f"| {model_name} | " + " | ".join(_fmt(v) for v in row.values()) + " |", ""]
+    if harness.model_line(scores.get("provenance")):
+        lines += [harness.model_line(scores["provenance"]), ""]
     if scores["judge"] is None:
         lines.append(f"**Ungraded**: no judge was configured, so the {scores['num_questions']} answers in "
                      f"`results.json` are ungraded (not scored as 0). Rerun with --judge-base-url and --judge-model.")
@@ -344,19 +346,32 @@ def run(config: VipBenchConfig, captioner: Optional[Captioner] = None, api_key: 
     _check(config)
     questions = load_vipbench(config.data, config.split, config.mode)
     mine = harness.shard(questions, config.shard_id, config.num_shards)
-    store = harness.open_store(config, PREDICTIONS_NAME)
+    store = harness.open_store(config, PREDICTIONS_NAME, inputs=input_files(config),
+                               settings={"split": config.split, "mode": config.mode, "backticks": config.backticks},
+                               model_required=captioner is None)
     generate_answers(mine, captioner or harness.captioner_for(config), store, config.mode, config.batch_size,
                      config.backticks)
     if config.num_shards > 1:
         logger.info("shard %d of %d done (%d questions); run with --merge once every shard is done",
                     config.shard_id, config.num_shards, len(mine))
         return None
-    return grade_and_score(config, questions, store.records, api_key, judge)
+    return grade_and_score(config, questions, store.records, api_key, judge, harness.provenance(store))
+
+
+def input_files(config: VipBenchConfig) -> Dict[str, Path]:
+    """The files whose content decides the questions: the meta data and the split's questions."""
+    root = Path(config.data)
+    return {"meta": root / META_FILE, "questions": root / config.split / "questions.jsonl"}
 
 
 def grade_and_score(config: VipBenchConfig, questions: Sequence[VipQuestion], records: Dict[str, dict],
-                    api_key: Optional[str] = None, judge: Optional[Judge] = None) -> dict:
-    """``results.json``, the grades (cached in ``grades.json``) and the reports, from the stored answers."""
+                    api_key: Optional[str] = None, judge: Optional[Judge] = None,
+                    provenance: Optional[dict] = None) -> dict:
+    """``results.json``, the grades (cached in ``grades.json``) and the reports, from the stored answers.
+
+    ``provenance`` (:func:`eval.harness.provenance` of the answers' store) ties the grade cache to the answers'
+    setup and names the model in the reports.
+    """
     _check(config)
     out = Path(config.out)
     harness.require_complete([q.qid for q in questions], records, out)
@@ -368,15 +383,19 @@ def grade_and_score(config: VipBenchConfig, questions: Sequence[VipQuestion], re
     judge_id, judge_error, grades = None, None, {}
     if judge is not None:
         items = [JudgeItem(q.qid, q.text, q.meta_question, q.answer, answers[q.qid]) for q in questions]
-        outcome = grade_all(items, judge, GradeCache(out / "grades.json"), config.runs)
+        cache = GradeCache(out / "grades.json", (provenance or {}).get("setup"), overwrite=config.overwrite)
+        outcome = grade_all(items, judge, cache, config.runs)
         judge_id, judge_error, grades = outcome.judge_model, outcome.error, outcome.scores
     else:
         logger.warning("no judge configured: %d answers written ungraded to %s", len(questions), out / "results.json")
     scores = aggregate(questions, grades, config.runs)
     scores.update({"judge": judge_id, "judge_error": judge_error, "split": config.split, "mode": config.mode,
                    "num_questions": len(questions), "num_runs": config.runs,
-                   "ungraded": [q.qid for q in questions if len(grades.get(q.qid, {})) < config.runs]})
-    write_reports(out, scores, Path(str(config.adapter or config.model or "model")).name)
+                   "ungraded": [q.qid for q in questions if len(grades.get(q.qid, {})) < config.runs],
+                   "provenance": provenance})
+    about = (provenance or {}).get("produced_by") or {}
+    named = about.get("adapter") or about.get("model") or {}
+    write_reports(out, scores, Path(str(named.get("path") or config.adapter or config.model or "model")).name)
     return scores
 
 
@@ -427,7 +446,9 @@ def main(argv=None) -> int:
     if args.merge:
         questions = load_vipbench(config.data, config.split, config.mode)
         scores = grade_and_score(config, questions, harness.merge_shards(Path(config.out), PREDICTIONS_NAME,
-                                                                         config.num_shards), api_key)
+                                                                         config.num_shards), api_key,
+                                 provenance=harness.merged_provenance(Path(config.out), PREDICTIONS_NAME,
+                                                                      config.num_shards))
     else:
         scores = run(config, api_key=api_key)
     if scores is None:

@@ -37,6 +37,17 @@ def apply_default_mode(path: PathLike) -> None:
     os.chmod(path, base & ~current_umask())
 
 
+def apply_default_modes_under(folder: PathLike) -> None:
+    """:func:`apply_default_mode` on ``folder`` and everything in it (libraries that save through private
+    temporary files, e.g. ``transformers``' ``save_pretrained``, leave 0600 files behind)."""
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                apply_default_mode(path)
+    apply_default_mode(folder)
+
+
 def make_temp_dir(parent: PathLike, name: str) -> Path:
     """A private scratch folder beside a final folder ``parent/name``; call :func:`apply_default_mode` before renaming."""
     return Path(tempfile.mkdtemp(prefix=f".{name}.", dir=parent))

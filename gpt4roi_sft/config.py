@@ -356,6 +356,8 @@ def validate_for_launch(cfg: Config) -> None:
         raise ConfigError(f"data.image_root: directory not found: {cfg.data.image_root}")
     if not cfg.train.output_dir:
         raise ConfigError("train.output_dir: required")
+    if Path(cfg.train.output_dir).exists() and not Path(cfg.train.output_dir).is_dir():
+        raise ConfigError(f"train.output_dir: {cfg.train.output_dir} exists and is not a directory")
     ds = apply_deepspeed_overrides(load_deepspeed_json(cfg.deepspeed.config), cfg.deepspeed.overrides)
     if cfg.lora.qlora and zero_stage(ds) == 3:
         raise ConfigError(
@@ -369,6 +371,33 @@ def validate_for_launch(cfg: Config) -> None:
         )
     if cfg.train.max_steps < 1 and cfg.train.num_epochs <= 0:
         raise ConfigError("train.max_steps or train.num_epochs must be positive")
+    check_first_images(cfg)
+
+
+IMAGE_CHECK_RECORDS = 5
+
+
+def check_first_images(cfg: Config, records: int = IMAGE_CHECK_RECORDS) -> None:
+    """The images of the first ``records`` records of each ``data.train`` file exist under ``data.image_root``.
+
+    A quick check, so a wrong image root fails at launch rather than after the model has loaded (the dataset's
+    ``validate_on_start`` scan checks every record later). Lines that do not parse are left to that scan.
+    """
+    import itertools
+
+    root = Path(cfg.data.image_root) if cfg.data.image_root else Path(".")
+    for path, _ in cfg.data_sources():
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(itertools.islice(fh, records), start=1):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                image = record.get("image") if isinstance(record, dict) else None
+                if isinstance(image, str) and image and not (root / image).is_file():
+                    raise ConfigError(f"data.image_root: {path} line {lineno} names image {image!r}, but "
+                                      f"{root / image} does not exist (is data.image_root={cfg.data.image_root!r} "
+                                      f"the folder the records' image paths are relative to?)")
 
 
 def describe_keys() -> List[Tuple[str, str, Any]]:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 from eval.vg import load_vg_test
 from gpt4roi_sft.atomic import write_json_atomic, write_text_atomic
 from gpt4roi_sft.errors import DataError
+from gpt4roi_sft.train.metrics_log import plot_loss
 
 METRIC_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 
@@ -27,14 +27,25 @@ def _read_summary(run_dir: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def evaluated_model(summary: dict) -> Optional[dict]:
+    """``{"path", "fingerprint", "step", ...}`` of the model an ``eval.vg`` summary was produced by."""
+    return (((summary.get("provenance") or {}).get("produced_by")) or {}).get("model")
+
+
 def build_report(before: dict, after: dict, train_log: List[dict]) -> dict:
-    """The report.json payload: metrics of both runs, attribute accuracy with chance, the training summary."""
+    """The report.json payload: metrics of both runs, attribute accuracy with chance, the training summary and the
+    checkpoint the trained model was exported from.
+
+    Scores of a checkpoint other than the one training ended at are refused (a :class:`DataError`), so the
+    report never puts one run's step count beside another checkpoint's scores.
+    """
     b_attr, a_attr = before.get("attribute_accuracy") or {}, after.get("attribute_accuracy") or {}
     report = {
         "before": before["metrics"],
         "after": after["metrics"],
         "attribute_accuracy": {"before": b_attr.get("accuracy"), "after": a_attr.get("accuracy"), "chance": a_attr.get("chance")},
         "num_samples": after.get("num_samples"),
+        "evaluated": {"before": evaluated_model(before), "after": evaluated_model(after)},
     }
     if train_log:
         report["training"] = {
@@ -43,6 +54,11 @@ def build_report(before: dict, after: dict, train_log: List[dict]) -> dict:
             "last_loss": train_log[-1]["loss"],
             "seconds": round(sum(r.get("step_time_s", 0.0) for r in train_log), 1),
         }
+        step = (evaluated_model(after) or {}).get("step")
+        if step is not None and step != train_log[-1]["step"]:
+            raise DataError(f"the trained model's scores are of the checkpoint at step {step}, but training reached "
+                            f"step {train_log[-1]['step']}; export and evaluate the latest checkpoint again "
+                            f"(scripts/quickstart.sh does both)")
     return report
 
 
@@ -71,48 +87,125 @@ def report_markdown(report: dict) -> str:
         t = report["training"]
         lines += ["", f"Training: {t['steps']} steps, loss {t['first_loss']:.3f} -> {t['last_loss']:.3f}, "
                       f"{t['seconds']:.0f} s of steps (see loss.png)."]
+    after_model = (report.get("evaluated") or {}).get("after")
+    if after_model:
+        source = (f"exported from the checkpoint at step {after_model['step']}" if after_model.get("step") is not None
+                  else "not an export of a training checkpoint")
+        lines += ["", f"Evaluated (after): `{after_model['path']}`, {source} (weights {after_model['fingerprint']})."]
     cider = report["after"].get("CIDEr"), report["before"].get("CIDEr")
     if None not in cider:
         lines += ["", f"CIDEr gain: {100 * (cider[0] - cider[1]):+.1f} points."]
     return "\n".join(lines) + "\n"
 
 
-def draw_captions(image_path: Path, boxes: List[List[float]], captions: List[str], out_path: Path) -> None:
-    """The held-out image with each box numbered and its generated caption written underneath."""
-    import textwrap
+REGION_COLOURS = [(255, 80, 80), (80, 170, 255), (255, 210, 0), (0, 220, 120), (220, 120, 255), (255, 150, 40)]
+PANEL = (24, 24, 24)
+TEXT = (235, 235, 235)
+FONT_SIZE = 15
+PICTURE_WIDTH = 720
 
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # a scalable font where Pillow has FreeType
+    except (TypeError, OSError):
+        return ImageFont.load_default()
+
+
+def _wrap(text: str, fits) -> List[str]:
+    """Greedy word wrap: the longest run of words ``fits(line)`` accepts, continuation lines indented."""
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}" if line else (word if not lines else f"    {word}")
+        if line and not fits(candidate):
+            lines.append(line)
+            line = f"    {word}"
+        else:
+            line = candidate
+    if line:
+        lines.append(line)
+    return lines
+
+
+def caption_lines(regions: List[dict], fits) -> List[Tuple[int, str, str]]:
+    """``(region index, kind, text line)`` for each region: its reference, then the caption before and after
+    training (``kind`` is the heading each line belongs to), wrapped so that ``fits(line)`` holds."""
+    out = []
+    for i, region in enumerate(regions):
+        for kind, label in (("reference", f"region{i + 1} reference:"), ("before", "before training:"),
+                            ("after", "after training:")):
+            out.extend((i, kind, line) for line in _wrap(f"{label} {region[kind]}", fits))
+    return out
+
+
+def draw_captions(image_path: Path, regions: List[dict], out_path: Path) -> List[Tuple[int, str, str]]:
+    """The held-out image with each region's box and number, and below it, per region, the reference caption and
+    the captions before and after training. Returns the text lines drawn.
+
+    ``regions``: ``{"box": [x1, y1, x2, y2] pixels, "reference", "before", "after"}``. Boxes get a black outer and
+    a coloured inner stroke and numbers sit on a filled tag, so they read on light and dark images alike; the
+    text is light on a dark panel, at a size that stays legible when the picture is shown scaled down.
+    """
     from PIL import Image, ImageDraw
 
     image = Image.open(image_path).convert("RGB")
-    scale = max(1, 480 // max(image.size))
-    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    colours = [(255, 255, 255), (255, 64, 64), (64, 160, 255), (255, 200, 0), (0, 220, 120), (200, 0, 255)]
-    wrapped = [textwrap.wrap(f"region{i + 1}: {c}", width=max(30, image.width // 7)) for i, c in enumerate(captions)]
-    line_h = 14
-    text_h = sum(len(w) for w in wrapped) * line_h + 10
-    canvas = Image.new("RGB", (image.width, image.height + text_h), (24, 24, 24))
+    scale = PICTURE_WIDTH / image.width
+    image = image.resize((PICTURE_WIDTH, max(1, round(image.height * scale))), Image.BICUBIC)
+    font = _font(FONT_SIZE)
+    lines = caption_lines(regions, fits=lambda line: font.getlength(line) <= PICTURE_WIDTH - 20)
+    line_h = FONT_SIZE + 5
+    gaps = 8 * max(0, len(regions) - 1)
+    canvas = Image.new("RGB", (image.width, image.height + len(lines) * line_h + gaps + 16), PANEL)
     canvas.paste(image, (0, 0))
     draw = ImageDraw.Draw(canvas)
-    y = image.height + 5
-    for i, (box, lines) in enumerate(zip(boxes, wrapped)):
-        colour = colours[i % len(colours)]
-        x1, y1, x2, y2 = (v * scale for v in box)
-        draw.rectangle([x1, y1, x2, y2], outline=colour, width=2)
-        draw.text((x1 + 3, y1 + 2), str(i + 1), fill=colour)
-        for line in lines:
-            draw.text((5, y), line, fill=colour)
-            y += line_h
+    for i, region in enumerate(regions):
+        colour = REGION_COLOURS[i % len(REGION_COLOURS)]
+        x1, y1, x2, y2 = (v * scale for v in region["box"])
+        draw.rectangle([x1, y1, x2, y2], outline=(0, 0, 0), width=5)
+        draw.rectangle([x1 + 1, y1 + 1, x2 - 1, y2 - 1], outline=colour, width=3)
+        tag = str(i + 1)
+        tw, th = font.getbbox(tag)[2:]
+        tx, ty = max(0, x1), max(0, y1 - th - 6) if y1 > th + 6 else y1 + 3
+        draw.rectangle([tx, ty, tx + tw + 8, ty + th + 6], fill=colour, outline=(0, 0, 0), width=1)
+        draw.text((tx + 4, ty + 2), tag, fill=(0, 0, 0), font=font)
+    y = image.height + 8
+    previous = 0
+    for index, kind, line in lines:
+        if index != previous:
+            y += 8
+            previous = index
+        fill = REGION_COLOURS[index % len(REGION_COLOURS)] if kind == "reference" else TEXT
+        draw.text((10, y), line, fill=fill, font=font)
+        y += line_h
     tmp = out_path.with_name("." + out_path.name + ".tmp.png")
     canvas.save(tmp)
     tmp.replace(out_path)
+    return lines
 
 
-def captioned_example(annotations: Path, image_root: Path, predictions: Dict[int, str], out_path: Path) -> None:
-    """Draw the first held-out image with all of its test regions and their predicted captions."""
+def captioned_example(annotations: Path, image_root: Path, before: Dict[int, str], after: Dict[int, str],
+                      out_path: Path) -> List[Tuple[int, str, str]]:
+    """Draw the first held-out image that has several test regions, with their references and both captions."""
     samples, _ = load_vg_test(annotations, image_root)
-    first = samples[0].image_path
-    shown = [s for s in samples if s.image_path == first and s.sample_id in predictions]
-    draw_captions(first, [s.box for s in shown], [predictions[s.sample_id] for s in shown], out_path)
+    by_image: Dict[Path, list] = {}
+    for s in samples:
+        if s.sample_id in after and s.sample_id in before:
+            by_image.setdefault(s.image_path, []).append(s)
+    if not by_image:
+        raise DataError(f"{annotations}: no held-out sample has both a before and an after caption")
+    shown = next((group for group in by_image.values() if len(group) >= 2), next(iter(by_image.values())))
+    regions = [{"box": s.box, "reference": s.caption, "before": before[s.sample_id] or "(empty)",
+                "after": after[s.sample_id] or "(empty)"} for s in shown]
+    return draw_captions(shown[0].image_path, regions, out_path)
+
+
+def _predictions(run_dir: Path) -> Dict[int, str]:
+    path = run_dir / "predictions.json"
+    if not path.is_file():
+        raise DataError(f"{path}: missing; run eval.vg into {run_dir} first")
+    return {p["image_id"]: p["caption"] for p in json.loads(path.read_text(encoding="utf-8"))}
 
 
 def main(argv=None) -> int:
@@ -131,10 +224,10 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / "report.json", report)
     write_text_atomic(args.out / "report.md", report_markdown(report))
-    if (args.train_dir / "loss.png").is_file():
-        shutil.copyfile(args.train_dir / "loss.png", args.out / "loss.png")
-    preds = {p["image_id"]: p["caption"] for p in json.loads((args.after / "predictions.json").read_text())}
-    captioned_example(args.annotations, args.image_root, preds, args.out / "example_captions.png")
+    if train_log:
+        plot_loss(args.train_dir, str(args.out / "loss.png"))
+    captioned_example(args.annotations, args.image_root, _predictions(args.before), _predictions(args.after),
+                      args.out / "example_captions.png")
     print(report_markdown(report), end="")
     return 0
 

@@ -3,7 +3,8 @@
 # synthetic Pix2Cap-format data -> conversion -> tiny random base model -> DeepSpeed fine-tuning
 # (configs/quickstart.yaml) -> export -> VG-protocol region captioning of the base and the trained model
 # on held-out images -> runs/quickstart/report.{json,md}, loss.png, example_captions.png.
-# Rerunning reuses what is already there (training resumes from its last checkpoint).
+# Rerunning reuses what is already there (training resumes from its last checkpoint, or says it is complete);
+# a model that changed (more steps in the recipe) is exported and evaluated again.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 START=$(date +%s)
@@ -40,9 +41,10 @@ deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29520}" \
   train_sft.py --config configs/quickstart.yaml
 
 stage "exporting the trained model ($RUN/trained_model)"
-python -m gpt4roi_sft.export --checkpoint "$RUN/train" --out "$RUN/trained_model"
+python -m gpt4roi_sft.export --checkpoint "$RUN/train" --out "$RUN/trained_model" --overwrite
 
-VG=(--annotations "$RUN/data/annotations/test_caption.json" --image-root "$RUN/data" --batch-size 32 --max-new-tokens 48)
+# --overwrite: predictions of another model (a retrained one) are replaced; those of this same model are reused.
+VG=(--annotations "$RUN/data/annotations/test_caption.json" --image-root "$RUN/data" --batch-size 32 --max-new-tokens 48 --overwrite)
 stage "evaluating the untrained base model on held-out images"
 python -m eval.vg --model "$RUN/tiny_model" --out "$RUN/eval_before" "${VG[@]}"
 stage "evaluating the trained model on the same images"

@@ -176,3 +176,33 @@ def test_bad_config_cli_prints_one_line_and_exits_2_before_loading_anything(tmp_
 def test_shipped_recipes_parse():
     for recipe in sorted((REPO / "configs").glob("*.yaml")):
         load_config(str(recipe))
+
+
+def test_check_fails_when_the_image_root_holds_none_of_the_records_images(tmp_path):
+    cfg = launchable_config(tmp_path)
+    (tmp_path / "images" / "train2017").mkdir(parents=True)
+    Path(cfg.data.train).write_text(json.dumps({"id": "a", "image": "train2017/000000000001.jpg"}) + "\n")
+    cfg.data.image_root = str(tmp_path / "images")
+    with pytest.raises(ConfigError, match=r"data\.image_root: .*train\.jsonl line 1 names image "
+                                          r"'train2017/000000000001\.jpg', but .*images/train2017/000000000001\.jpg does not exist"):
+        validate_for_launch(cfg)
+    (tmp_path / "images" / "train2017" / "000000000001.jpg").write_bytes(b"")
+    validate_for_launch(cfg)
+
+
+def test_check_cli_names_the_missing_image_in_one_line(tmp_path):
+    cfg = launchable_config(tmp_path)
+    (tmp_path / "empty_root").mkdir()
+    Path(cfg.data.train).write_text(json.dumps({"id": "a", "image": "x.jpg"}) + "\n")
+    proc = subprocess.run([sys.executable, str(REPO / "train_sft.py"), "--check", f"model.path={cfg.model.path}",
+                           f"data.train={cfg.data.train}", f"data.image_root={tmp_path / 'empty_root'}",
+                           f"train.output_dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2 and "config OK" not in proc.stdout
+    assert proc.stderr.strip().count("\n") == 0 and "x.jpg" in proc.stderr, proc.stderr
+
+
+def test_an_output_dir_that_is_a_file_is_named_at_launch(tmp_path):
+    cfg = launchable_config(tmp_path)
+    Path(cfg.train.output_dir).write_text("not a folder")
+    with pytest.raises(ConfigError, match=r"train\.output_dir: .*out exists and is not a directory"):
+        validate_for_launch(cfg)

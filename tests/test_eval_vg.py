@@ -123,7 +123,8 @@ def test_killed_run_resumes_and_each_sample_is_predicted_once(tmp_path):
     preds = json.loads((cfg.out / "predictions.json").read_text())
     assert [p["image_id"] for p in preds] == [1, 2, 3, 4, 5, 6]
     lines = [json.loads(l) for l in partial.read_text().splitlines()]
-    assert sorted(r["id"] for r in lines) == ["1", "2", "3", "4", "5", "6"]
+    assert "store_metadata" in lines[0]
+    assert sorted(r["id"] for r in lines[1:]) == ["1", "2", "3", "4", "5", "6"]
 
 
 def test_finished_run_rerun_asks_the_model_nothing(tmp_path):
@@ -240,7 +241,7 @@ def test_tiny_model_end_to_end_and_interrupted_rerun_gives_the_same_predictions(
     proc = run_cli(tiny_setup, out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((out / "predictions.json").read_text()) == full
-    ids = [json.loads(l)["id"] for l in partial.read_text().splitlines()]
+    ids = [json.loads(l)["id"] for l in partial.read_text().splitlines()[1:]]
     assert len(ids) == len(set(ids)) == len(full)
 
 
@@ -270,7 +271,18 @@ def test_without_java_the_cli_says_in_one_line_how_to_score_later(tmp_path, monk
     vg.evaluate(config(tmp_path, ann, images), RecordingCaptioner())  # predictions stored and scored
     capsys.readouterr()
     monkeypatch.setattr(caption_metrics.shutil, "which", lambda name: None)
-    assert vg.main(["--annotations", str(ann), "--image-root", str(images), "--out", str(out)]) == 0
+    assert vg.main(["--score-only", "--annotations", str(ann), "--out", str(out)]) == 0
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 1 and "--score-only" in printed[0] and "java" in printed[0], printed
     assert not (out / "metrics.json").exists(), "scores of earlier predictions must not be left beside new ones"
+
+
+def test_cli_with_a_missing_model_exits_2_in_one_line_even_when_old_predictions_are_stored(tmp_path):
+    ann, images = write_test_file(tmp_path)
+    vg.evaluate(config(tmp_path, ann, images), RecordingCaptioner())
+    proc = subprocess.run([sys.executable, "-m", "eval.vg", "--annotations", str(ann), "--image-root", str(images),
+                           "--out", str(tmp_path / "out"), "--model", str(tmp_path / "does_not_exist")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout
+    assert proc.stderr.strip() == f"error: --model {tmp_path / 'does_not_exist'}: directory not found"
+    assert "CIDEr" not in proc.stdout

@@ -132,8 +132,9 @@ def test_interrupted_generation_resumes_without_repeating_questions(data, tmp_pa
     rest = FakeCaptioner()
     vipbench.run(config(data, tmp_path), rest)
     assert len(rest.requests) == 5
-    lines = (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()
-    assert sorted(json.loads(l)["id"] for l in lines) == sorted(f"v1_{i}" for i in range(8))
+    lines = [json.loads(l) for l in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert "store_metadata" in lines[0]
+    assert sorted(r["id"] for r in lines[1:]) == sorted(f"v1_{i}" for i in range(8))
 
 
 def test_graded_run_scores_caches_and_rerun_asks_the_judge_nothing(data, tmp_path):

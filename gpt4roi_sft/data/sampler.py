@@ -4,6 +4,12 @@ Each sampler computes one global order of dataset indices per epoch (determinist
 ``epoch``), pads it by wrapping around so every rank gets the same count, and gives rank ``r`` its share.
 Resuming mid-epoch is ``set_epoch(epoch, start_index=k)``: the iterator skips the first ``k`` indices of
 this rank's share, so a restarted run sees exactly the samples it has not seen yet.
+
+Positions are also global: ``rank_order(epoch, start=P)`` shares out the epoch's order from its ``P``-th
+sample on. Since ``k`` micro-batches on each of ``W`` ranks consume exactly the first ``k * batch * W``
+samples of the global order, a run resumed on another number of processes continues at the same sample.
+The order itself never depends on the number of processes (a length-grouped order is built for the world
+size the run started with, ``order_world_size``).
 """
 
 from __future__ import annotations
@@ -64,14 +70,19 @@ class _ShardedSampler(torch.utils.data.Sampler):
     def global_order(self, epoch: int) -> np.ndarray:
         raise NotImplementedError
 
-    def rank_order(self, epoch: int) -> np.ndarray:
-        """This rank's full list of indices for ``epoch``."""
+    def rank_order(self, epoch: int, start: int = 0) -> np.ndarray:
+        """This rank's list of indices for ``epoch``, sharing out the global order from its ``start``-th sample.
+
+        The rest of the order is padded to a whole number of steps with samples from the epoch's beginning
+        (the same padding whatever ``start`` is a multiple of the step size).
+        """
         order = self.global_order(epoch)
+        tail = order[int(start):]
         chunk = self.world_size * self.block
-        padded = -(-len(order) // chunk) * chunk
-        if padded > len(order):
-            order = np.concatenate([order, np.resize(order, padded - len(order))])
-        return order.reshape(-1, self.world_size, self.block)[:, self.rank, :].reshape(-1)
+        padded = -(-len(tail) // chunk) * chunk
+        if padded > len(tail):
+            tail = np.concatenate([tail, np.resize(order, padded - len(tail))])
+        return tail.reshape(-1, self.world_size, self.block)[:, self.rank, :].reshape(-1)
 
     def set_epoch(self, epoch: int, start_index: int = 0) -> None:
         """Select the epoch and how many of this rank's indices were already consumed in it."""
@@ -168,6 +179,7 @@ class LengthGroupedSampler(_ShardedSampler):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        order_world_size: Optional[int] = None,
     ):
         super().__init__(seed, rank, world_size)
         self.lengths = np.asarray(lengths, dtype=np.int64)
@@ -176,7 +188,10 @@ class LengthGroupedSampler(_ShardedSampler):
         self.batch_size = int(batch_size)
         self.block = self.batch_size
         self.megabatch_mult = int(megabatch_mult)
+        # Megabatches hold one step of the world the run started with, so a resumed run on another number of
+        # processes keeps the order (and its position in it).
+        self.order_world_size = int(order_world_size or world_size)
 
     def global_order(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, epoch])
-        return length_grouped_order(self.lengths, self.world_size * self.batch_size, self.megabatch_mult, rng)
+        return length_grouped_order(self.lengths, self.order_world_size * self.batch_size, self.megabatch_mult, rng)

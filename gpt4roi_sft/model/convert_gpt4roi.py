@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+from gpt4roi_sft.atomic import apply_default_modes_under
 from gpt4roi_sft.model.loading import load_model
 
 
@@ -27,6 +28,7 @@ def main(argv=None) -> int:
     model, processor = load_model(args.checkpoint, vision_tower=args.vision_tower, torch_dtype=getattr(torch, args.dtype))
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)
+    apply_default_modes_under(args.out)  # save_pretrained leaves model.safetensors 0600
     return 0
 
 

@@ -14,6 +14,7 @@ from typing import Iterable, List
 
 import torch
 
+from gpt4roi_sft.atomic import apply_default_modes_under
 from gpt4roi_sft.constants import BBOX_TOKEN, GPT4ROI_PREAMBLE, IMAGE_TOKEN
 from gpt4roi_sft.conversation import TEMPLATES
 from gpt4roi_sft.data.image_transform import ImageTransform
@@ -102,5 +103,6 @@ def build_tiny_model(out_dir, corpus: Iterable[str], seed: int = 0, **config_ove
     model.save_pretrained(out_dir)
     transform = ImageTransform(size=config.image_size, resize_mode=config.resize_mode)
     GPT4RoIProcessor(tokenizer, transform, config.num_image_tokens).save_pretrained(out_dir)
+    apply_default_modes_under(out_dir)  # save_pretrained leaves model.safetensors 0600
     logger.info("wrote tiny model (%d parameters) to %s", sum(p.numel() for p in model.parameters()), out_dir)
     return out_dir

@@ -12,24 +12,42 @@ Layout under ``OUTPUT_DIR/checkpoints/``::
 
 DeepSpeed's own ``latest`` write is disabled (``save_latest=False``): ours is written only once the
 checkpoint is whole, so a crash mid-save leaves ``latest`` on the previous, loadable checkpoint.
+
+Resuming on another number of processes: DeepSpeed's ZeRO files are partitioned for the world size that
+wrote them, and its loader refuses any other. :func:`convert_to_universal` turns them into DeepSpeed's
+*universal checkpoint* (one folder per parameter with its fp32 weights and Adam moments, the same for ZeRO-1,
+2 and 3), which an engine built with ``"checkpoint": {"load_universal": true}`` re-partitions for its own
+world size. The conversion is made at resume time, only when the world size changed, so a save costs nothing
+extra; the data position is global (``data_position``, see :mod:`gpt4roi_sft.train.data_stream`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from gpt4roi_sft.atomic import write_json_atomic, write_text_atomic
+from gpt4roi_sft.atomic import apply_default_mode, write_json_atomic, write_text_atomic
+from gpt4roi_sft.errors import UserError
+
+if TYPE_CHECKING:
+    from gpt4roi_sft.config import Config
 
 log = logging.getLogger(__name__)
+
+# Keys that decide which parameters train and how they are wrapped: a checkpoint resumes only under the same.
+RESUME_KEYS = ("model.path", "model.vision_tower", "model.freeze", "lora.enabled", "lora.r", "lora.alpha",
+               "lora.target_modules", "lora.modules_to_save", "lora.qlora")
+UNIVERSAL_PREFIX = ".universal_"
 
 COMPLETE_MARKER = "COMPLETE"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -76,8 +94,6 @@ def find_latest(output_dir) -> Optional[Path]:
 
 def resolve_step_dir(path) -> Path:
     """Accept an output dir, its ``checkpoints/`` folder, or one ``step_<N>`` dir; return a complete step dir."""
-    from gpt4roi_sft.errors import UserError
-
     p = Path(path)
     if _STEP_DIR.match(p.name):
         if not is_complete(p):
@@ -145,6 +161,7 @@ def save_trainable(step_dir: Path, state_dict: Dict[str, torch.Tensor]) -> None:
         raise RuntimeError(f"refusing to save empty tensors (ZeRO-3 gather failed?): {', '.join(empty[:5])}")
     tmp = step_dir / f".{TRAINABLE_FILE}.tmp"
     save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp))
+    apply_default_mode(tmp)  # safetensors creates its files 0600
     tmp.replace(step_dir / TRAINABLE_FILE)
 
 
@@ -198,3 +215,101 @@ def gather_trainable_state_dict(module: torch.nn.Module, zero_stage: int, is_ran
             out[n] = p.detach().to("cpu", copy=True)
     return out
 
+
+
+# ---------------------------------------------------------------------------------------------- resume
+def _key(cfg: "Config", dotted: str):
+    section, name = dotted.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def saved_config(step_dir: Path) -> "Config":
+    from gpt4roi_sft.config import load_config
+
+    try:
+        return load_config(str(Path(step_dir) / "config.yaml"))
+    except UserError as exc:
+        raise UserError(f"{step_dir}: its config.yaml cannot be read ({exc}); resume is not possible") from None
+
+
+def check_resumable(step_dir: Path, cfg: "Config") -> None:
+    """Refuse (one line, before anything is loaded or written) a run whose recipe cannot continue ``step_dir``.
+
+    The keys in :data:`RESUME_KEYS` and the ZeRO stage must be those the checkpoint was trained with;
+    everything else (learning rate, steps, data, number of processes) may change between jobs.
+    """
+    from gpt4roi_sft.config import load_deepspeed_json, zero_stage
+
+    saved = saved_config(step_dir)
+    for key in RESUME_KEYS:
+        old, new = _key(saved, key), _key(cfg, key)
+        if old != new:
+            raise UserError(f"{cfg.train.output_dir}: its checkpoint {step_dir.name} was trained with {key}={old!r}, "
+                            f"this run has {key}={new!r}; the checkpoint cannot continue under another {key}: "
+                            f"set it back, or choose another train.output_dir")
+    try:
+        old_stage = zero_stage(load_deepspeed_json(saved.deepspeed.config))
+    except UserError:
+        return  # the DeepSpeed JSON it was trained with is gone; DeepSpeed's loader has the last word
+    new_stage = zero_stage(load_deepspeed_json(cfg.deepspeed.config))
+    if old_stage != new_stage:
+        raise UserError(f"{cfg.train.output_dir}: its checkpoint {step_dir.name} was trained with ZeRO-{old_stage} "
+                        f"({saved.deepspeed.config}), this run has ZeRO-{new_stage} ({cfg.deepspeed.config}); "
+                        f"resume with the same stage, or choose another train.output_dir")
+
+
+def check_output_dir(cfg: "Config") -> None:
+    """Launch-time check of ``train.output_dir``: a checkpoint there must be one ``cfg`` can continue."""
+    step_dir = find_latest(cfg.train.output_dir)
+    if step_dir is not None:
+        check_resumable(step_dir, cfg)
+
+
+def completed_step(step_dir: Path, state: Dict[str, Any], cfg: "Config") -> Optional[int]:
+    """The step at which the run is already finished under ``cfg``, or ``None`` when there is more to train.
+
+    With ``train.max_steps`` set, the run is finished once the checkpoint reached it; with steps derived from
+    epochs, once it reached the total it was saved with and the epoch count is unchanged.
+    """
+    step = int(state["step"])
+    if cfg.train.max_steps >= 1:
+        return step if step >= cfg.train.max_steps else None
+    saved = saved_config(step_dir)
+    if saved.train.max_steps < 1 and saved.train.num_epochs == cfg.train.num_epochs and step >= int(state["total_steps"]):
+        return step
+    return None
+
+
+def universal_dir(root: Path, step_dir: Path) -> Path:
+    return Path(root) / f"{UNIVERSAL_PREFIX}{step_dir.name}"
+
+
+def remove_universal(root: Path, step_dir: Path) -> None:
+    """Delete the universal copy of ``step_dir`` once loaded (and the ``latest_universal`` the converter writes)."""
+    shutil.rmtree(universal_dir(root, step_dir), ignore_errors=True)
+    (Path(root) / "latest_universal").unlink(missing_ok=True)
+
+
+def convert_to_universal(step_dir: Path, out: Path) -> None:
+    """Write DeepSpeed's universal checkpoint of ``step_dir`` to ``out`` (rank 0 only; replaces ``out``).
+
+    Runs ``deepspeed.checkpoint.ds_to_universal`` in this process with one worker (no child processes
+    beside the training group). A failure is a :class:`UserError`; nothing is left behind.
+    """
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    shutil.rmtree(out, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(step_dir), output_folder=str(out), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            ds_to_universal.main(args)
+    except Exception as exc:  # DeepSpeed's converter raises assertions and plain errors alike
+        remove_universal(out.parent, step_dir)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{step_dir}: cannot re-partition this checkpoint for another number of processes "
+                        f"({type(exc).__name__}: {reason}); resume on the number it was saved with") from None
+    log.info("converted %s to a universal checkpoint for the new number of processes", step_dir)

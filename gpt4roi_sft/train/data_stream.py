@@ -1,37 +1,62 @@
 """The training data as a resumable stream of micro-batches for one rank.
 
-The order of samples is a pure function of (seed, epoch, rank), so a run resumed after ``k`` micro-batches
-sees exactly the micro-batches an uninterrupted run would have seen from ``k`` on. Two streams share that
-order: :class:`MicroBatchStream` cuts it into micro-batches of a fixed sample count (resume position: the
-number of micro-batches consumed), :class:`TokenBudgetStream` fills each micro-batch up to a token budget
-(``data.pack_tokens``; resume position: this rank's ``{"epoch", "offset"}`` of the next sample, which each
-rank saves in the checkpoint because ranks consume samples at different rates).
+The order of samples is a pure function of (seed, epoch), shared out among the ranks, so a resumed run sees
+exactly the micro-batches an uninterrupted run would have seen. Two streams share that order, and each says
+where it stands with :meth:`position` (a JSON-able dict the checkpoint keeps):
+
+- :class:`MicroBatchStream` cuts it into micro-batches of a fixed sample count. Its position is global
+  (:class:`DataPosition`: samples of the epoch's order consumed by all ranks together), so it means the same on
+  any number of processes: a run saved on 2 processes and resumed on 1 (or the reverse) continues at the same
+  sample (``global_position = True``).
+- :class:`TokenBudgetStream` fills each micro-batch up to a token budget (``data.pack_tokens``). Ranks consume
+  samples at different rates, so its position is this rank's ``{"epoch", "offset"}`` of the next sample, one per
+  rank (``global_position = False``): such a run resumes on the number of processes that saved it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional
 
 import torch
 from torch.utils.data import DataLoader
 
 from gpt4roi_sft.config import Config
-from gpt4roi_sft.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
 def _epoch_order(sampler, epoch: int) -> List[int]:
     """This rank's sample indices for ``epoch`` (the sampler's whole share, from its start)."""
-    sampler.set_epoch(epoch)
-    return list(iter(sampler))
+    return sampler.rank_order(epoch).tolist()
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """Where the stream stands: ``sample`` samples of epoch ``epoch``'s global order are consumed."""
+
+    epoch: int = 0
+    sample: int = 0
+
+    def to_dict(self) -> dict:
+        return {"epoch": self.epoch, "sample": self.sample}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DataPosition":
+        return cls(int(data["epoch"]), int(data["sample"]))
 
 
 class MicroBatchStream:
-    """Yields collated micro-batches of ``micro_batch_size`` samples forever (epoch after epoch), starting at any
-    micro-batch position."""
+    """Yields collated micro-batches forever (epoch after epoch), starting at any :class:`DataPosition`.
+
+    ``sampler`` is a :class:`gpt4roi_sft.data.sampler._ShardedSampler` for this rank (its ``rank``,
+    ``world_size`` and ``rank_order(epoch, start)``). Each epoch ends where a rank's share no longer fills a
+    micro-batch (the last, partial step of an epoch is dropped on every rank alike).
+    """
+
+    global_position = True
 
     def __init__(self, dataset, sampler, collator, micro_batch_size: int, num_workers: int = 0):
         self.dataset = dataset
@@ -39,23 +64,43 @@ class MicroBatchStream:
         self.collator = collator
         self.micro_batch_size = micro_batch_size
         self.num_workers = num_workers
-        self.micro_batches_per_epoch = len(sampler) // micro_batch_size
+        self.world_size = int(getattr(sampler, "world_size", 1))
+        self._start, self._yielded = DataPosition(), 0
+        self.micro_batches_per_epoch = self.micro_batches_left(DataPosition())
         if self.micro_batches_per_epoch < 1:
             raise ValueError(
                 f"each rank gets {len(sampler)} samples per epoch, fewer than one micro-batch of {micro_batch_size}"
             )
 
-    def _epoch_indices(self, epoch: int) -> List[int]:
-        return _epoch_order(self.sampler, epoch)[: self.micro_batches_per_epoch * self.micro_batch_size]
+    def micro_batches_left(self, position: DataPosition) -> int:
+        """Whole micro-batches each rank still draws from ``position``'s epoch."""
+        return len(self.sampler.rank_order(position.epoch, position.sample)) // self.micro_batch_size
 
-    def position(self) -> Optional[Dict[str, int]]:
-        """Nothing beyond the count of consumed micro-batches is needed to resume."""
-        return None
+    def advance(self, position: DataPosition, micro_batches: int) -> DataPosition:
+        """The position after each rank drew ``micro_batches`` more micro-batches from ``position``."""
+        step = self.micro_batch_size * self.world_size
+        while micro_batches > 0:
+            left = self.micro_batches_left(position)
+            if micro_batches < left:
+                return DataPosition(position.epoch, position.sample + micro_batches * step)
+            micro_batches -= left
+            position = DataPosition(position.epoch + 1, 0)
+        return position
 
-    def iterate_from(self, consumed_micro_batches: int, position: Optional[Dict[str, int]] = None) -> Iterator[dict]:
-        epoch, offset = divmod(consumed_micro_batches, self.micro_batches_per_epoch)
+    def position(self) -> Dict[str, int]:
+        """The global position after the micro-batches handed out so far (what a checkpoint keeps)."""
+        return self.advance(self._start, self._yielded).to_dict()
+
+    def iterate_from(self, position=None) -> Iterator[dict]:
+        """Micro-batches from ``position`` (a :class:`DataPosition` or its :meth:`position` dict; ``None``: the start)."""
+        if isinstance(position, dict):
+            position = DataPosition.from_dict(position)
+        self._start = position or DataPosition()
+        self._yielded = 0
+        epoch, start = self._start.epoch, self._start.sample
         while True:
-            indices = self._epoch_indices(epoch)[offset * self.micro_batch_size :]
+            indices = self.sampler.rank_order(epoch, start).tolist()
+            indices = indices[: len(indices) // self.micro_batch_size * self.micro_batch_size]
             loader = DataLoader(
                 self.dataset,
                 batch_size=self.micro_batch_size,
@@ -68,8 +113,10 @@ class MicroBatchStream:
                 # a resumed run restores (dropout masks would shift otherwise).
                 generator=torch.Generator().manual_seed(epoch),
             )
-            yield from loader
-            epoch, offset = epoch + 1, 0
+            for batch in loader:
+                self._yielded += 1
+                yield batch
+            epoch, start = epoch + 1, 0
 
 
 class TokenBudgetStream:
@@ -82,6 +129,8 @@ class TokenBudgetStream:
     been handed out; resuming from it continues exactly. ``micro_batches_per_epoch`` is an estimate from the
     dataset's approximate lengths, the same on every rank (it only turns ``train.num_epochs`` into steps).
     """
+
+    global_position = False
 
     def __init__(self, dataset, sampler, collator, budget: int, num_workers: int = 0):
         self.dataset = dataset
@@ -115,17 +164,11 @@ class TokenBudgetStream:
                 yield (epoch, k), item
             epoch, offset = epoch + 1, 0
 
-    def iterate_from(self, consumed_micro_batches: int, position: Optional[Dict[str, int]] = None) -> Iterator[dict]:
+    def iterate_from(self, position: Optional[Dict[str, int]] = None) -> Iterator[dict]:
+        """Micro-batches from this rank's ``position`` (a :meth:`position` dict; ``None``: the start)."""
         from gpt4roi_sft.data.collator import token_budget_groups
 
-        if position is None:
-            if consumed_micro_batches:
-                raise UserError(
-                    f"resuming a data.pack_tokens run after {consumed_micro_batches} micro-batches needs this rank's "
-                    "saved data position (data_position_rank<r>.json in the checkpoint); resume with the same "
-                    "number of processes that saved it"
-                )
-            position = {"epoch": 0, "offset": 0}
+        position = position or {"epoch": 0, "offset": 0}
         self._position = {"epoch": int(position["epoch"]), "offset": int(position["offset"])}
         items = self._items(self._position["epoch"], self._position["offset"])
         for group, following in token_budget_groups(items, self.budget, lambda entry: len(entry[1]["input_ids"])):
@@ -203,14 +246,18 @@ def check_data(cfg: Config, items_per_file: int = CHECK_ITEMS) -> list:
     return lines
 
 
-def build_sampler(cfg: Config, dataset, rank: int, world_size: int):
-    """Mixture sampling when several sources are given, else a shuffled (optionally length-grouped) sampler."""
+def build_sampler(cfg: Config, dataset, rank: int, world_size: int, order_world_size: Optional[int] = None):
+    """Mixture sampling when several sources are given, else a shuffled (optionally length-grouped) sampler.
+
+    ``order_world_size``: the number of processes the run started with (a length-grouped order depends on it).
+    """
     from gpt4roi_sft.data.sampler import LengthGroupedSampler, MixtureSampler
 
     sources = cfg.data_sources()
     if len(sources) == 1 and cfg.data.group_by_length:
         return LengthGroupedSampler(
-            dataset.lengths(), batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed, rank=rank, world_size=world_size
+            dataset.lengths(), batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed, rank=rank,
+            world_size=world_size, order_world_size=order_world_size,
         )
     # One source with ratio 1 is a plain per-epoch shuffle.
     return MixtureSampler(
@@ -228,11 +275,16 @@ def build_collator(cfg: Config, pad_token_id: int):
     return PaddingCollator(pad_token_id=pad_token_id, padding_side="right", pad_to_multiple=cfg.data.row_multiple)
 
 
-def build_stream(cfg: Config, processor, image_token_id: int, rank: int, world_size: int):
+def build_stream(cfg: Config, processor, image_token_id: int, rank: int, world_size: int,
+                 order_world_size: Optional[int] = None):
+    """This rank's stream: token-budget micro-batches with ``data.pack_tokens``, else ``train.micro_batch_size``.
+
+    ``order_world_size``: the number of processes the run started with (see :func:`build_sampler`).
+    """
     dataset = build_dataset(cfg, processor, image_token_id)
     if cfg.data.validate_on_start and rank == 0:
         dataset.validate_all()
-    sampler = build_sampler(cfg, dataset, rank, world_size)
+    sampler = build_sampler(cfg, dataset, rank, world_size, order_world_size)
     pad_id = processor.tokenizer.pad_token_id
     if pad_id is None:
         pad_id = processor.tokenizer.eos_token_id

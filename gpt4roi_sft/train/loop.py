@@ -23,6 +23,7 @@ from gpt4roi_sft.errors import UserError
 from gpt4roi_sft.model.modeling import check_multimodal_counts
 from gpt4roi_sft.train import checkpoint as ckpt
 from gpt4roi_sft.train.deepspeed_config import fill_auto_values
+from gpt4roi_sft.train.data_stream import DataPosition
 from gpt4roi_sft.train.distributed import Collectives, training_device
 from gpt4roi_sft.train.speedups import apply_speedups
 from gpt4roi_sft.train.modes import (
@@ -63,18 +64,22 @@ def lr_lambda_for(cfg: Config, total_steps: int):
     return factor
 
 
-def build_engine(model, cfg: Config, world_size: int, hidden_size: int, total_steps: int, on_cpu: bool):
+def build_engine(model, cfg: Config, world_size: int, hidden_size: int, total_steps: int, on_cpu: bool,
+                 load_universal: bool = False):
     """``deepspeed.initialize`` with the recipe's DeepSpeed JSON (``"auto"`` filled, then ``deepspeed.overrides``
     set), AdamW and the LR schedule.
 
     A DeepSpeed JSON without an ``optimizer`` section gets a client ``torch.optim.AdamW`` (fused on GPU), which
     needs no compiled extension; one with it (e.g. zero3_offload: DeepSpeed's CPU Adam) is left to DeepSpeed.
+    ``load_universal``: the engine will load a universal checkpoint (a resume on another number of processes).
     Returns ``(engine, lr_scheduler, zero_stage)``.
     """
     import deepspeed
 
     ds_config = fill_auto_values(load_deepspeed_json(cfg.deepspeed.config), cfg, world_size, hidden_size)
     apply_deepspeed_overrides(ds_config, cfg.deepspeed.overrides)
+    if load_universal:
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = None
     if "optimizer" not in ds_config:
@@ -88,6 +93,66 @@ def build_engine(model, cfg: Config, world_size: int, hidden_size: int, total_st
         model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=scheduler_factory, config=ds_config
     )
     return engine, scheduler, zero_stage(ds_config)
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def last_logged(out_dir: Path, step: int) -> Dict[str, Any]:
+    """The last ``train_log.jsonl`` record at or before ``step`` (``{}`` when there is none)."""
+    from gpt4roi_sft.train.metrics_log import read_log
+
+    try:
+        records = [r for r in read_log(out_dir) if r.get("step", 0) <= step]
+    except ValueError:  # a torn last line from a crash
+        return {}
+    return records[-1] if records else {}
+
+
+def warn_if_global_batch_changes(cfg: Config, resume_dir: Path, old_world: int, world: int, is_rank0: bool) -> None:
+    """A resume on another number of processes keeps the recipe's per-process sizes; say if the global batch moves."""
+    if old_world == world or not is_rank0:
+        return
+    saved = ckpt.saved_config(resume_dir)
+    before = saved.train.micro_batch_size * saved.train.gradient_accumulation_steps * old_world
+    now = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * world
+    if before != now:
+        log.warning("global batch changes from %d to %d samples per step (micro_batch_size x processes x "
+                    "gradient_accumulation_steps); set train.gradient_accumulation_steps to keep it", before, now)
+
+
+def load_resume_checkpoint(engine, root: Path, resume_dir: Path, regrid: bool, comm: Collectives) -> None:
+    """``engine.load_checkpoint`` of ``resume_dir``; through a universal checkpoint when the world size changed.
+
+    A checkpoint DeepSpeed cannot load is a one-line :class:`UserError` on every rank.
+    """
+    tag = resume_dir.name
+    error = None
+    if regrid:
+        universal = ckpt.universal_dir(root, resume_dir)
+        if comm.rank == 0:
+            try:
+                ckpt.convert_to_universal(resume_dir, universal)
+            except UserError as exc:
+                error = str(exc)
+        error = comm.broadcast_object(error if comm.rank == 0 else None)
+        if error:
+            raise UserError(error)
+        tag = universal.name
+    try:
+        engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    except Exception as exc:  # DeepSpeed raises its own exception types, assertions and RuntimeErrors alike
+        error = f"{resume_dir}: DeepSpeed cannot resume from it ({type(exc).__name__}: {first_line(exc)})"
+    finally:
+        if regrid:
+            comm.barrier()
+            if comm.rank == 0:
+                ckpt.remove_universal(root, resume_dir)
+    # Rank 0's error on every rank, so all ranks stop together instead of hanging.
+    error = comm.broadcast_object(error if comm.rank == 0 else None) or error
+    if error:
+        raise UserError(error)
 
 
 def trained_token_count(batch: Dict[str, Any]) -> int:
@@ -147,6 +212,20 @@ class LogWindow:
         self.grad_norm = grad_norm
 
 
+def resume_position(stream, saved: Dict[str, Any], resume_dir: Path, rank: int, consumed: int) -> Optional[dict]:
+    """Where ``stream`` continues after ``resume_dir``: the saved global position (or, from a checkpoint of an
+    older version, the one its count of consumed micro-batches implies), or this rank's own position."""
+    if stream.global_position:
+        if "data_position" in saved:
+            return saved["data_position"]
+        return stream.advance(DataPosition(), consumed).to_dict()
+    position = ckpt.load_data_position(resume_dir, rank)
+    if position is None and consumed:
+        raise UserError(f"{resume_dir}: a data.pack_tokens run needs this rank's data position "
+                        f"(data_position_rank{rank}.json); resume it on the number of processes that saved it")
+    return position
+
+
 def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
     """Run (or resume) the training described by ``cfg``; returns a summary dict on every rank."""
     import deepspeed
@@ -166,13 +245,34 @@ def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
     is_rank0 = rank == 0
     out_dir = Path(cfg.train.output_dir)
     root = ckpt.checkpoints_root(out_dir)
-    if is_rank0:
-        root.mkdir(parents=True, exist_ok=True)
-        cfg.save(out_dir / "config.yaml")
+    # Nothing is written before every start-up check has passed: a refused run leaves the output dir as it was.
+    resume_dir = ckpt.find_latest(out_dir)
+    saved: Dict[str, Any] = {}
+    if resume_dir is not None:
+        saved = ckpt.read_client_state(resume_dir)
+        ckpt.check_resumable(resume_dir, cfg)
+        done_at = ckpt.completed_step(resume_dir, saved, cfg)
+        if done_at is not None:
+            last = last_logged(out_dir, done_at)
+            if is_rank0:
+                log.info("%s is already complete at step %d; nothing to train", out_dir, done_at)
+            return {"step": done_at, "loss": last.get("loss"), "output_dir": str(out_dir), "already_complete": True}
+        if int(saved["world_size"]) != world:
+            if cfg.data.pack_tokens > 0:
+                raise UserError(f"{resume_dir}: a data.pack_tokens run keeps one data position per process; resume "
+                                f"it on the {saved['world_size']} processes that saved it (now {world})")
+            if "data_position" not in saved:
+                raise UserError(f"{resume_dir}: saved on {saved['world_size']} processes by an older version that did "
+                                f"not record a global data position; resume it on {saved['world_size']} processes")
+        warn_if_global_batch_changes(cfg, resume_dir, int(saved["world_size"]), world, is_rank0)
     seed_everything(cfg.train.seed)
 
     dtype = model_dtype(cfg.train.precision)
-    model, processor = load_model_from_config(cfg, dtype)
+    try:
+        model, processor = load_model_from_config(cfg, dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"model.path {cfg.model.path}: cannot load the model ({type(exc).__name__}: "
+                        f"{first_line(exc)})") from None
     if cfg.lora.qlora:
         from gpt4roi_sft.train.qlora import quantize_language_model_4bit
 
@@ -189,8 +289,9 @@ def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
     base = unwrap_base_model(model)
     stream = None
     error = None
+    order_world = int(saved.get("data_order_world_size", saved.get("world_size", world)))
     try:
-        stream = build_stream(cfg, processor, base.config.image_token_id, rank, world)
+        stream = build_stream(cfg, processor, base.config.image_token_id, rank, world, order_world)
     except UserError as exc:
         error = str(exc)
     # Rank 0's start-up error on every rank, so all ranks stop together instead of hanging.
@@ -202,18 +303,26 @@ def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
     total_steps = cfg.train.max_steps
     if total_steps < 1:
         total_steps = max(1, math.ceil(cfg.train.num_epochs * stream.micro_batches_per_epoch / gas))
-    engine, scheduler, stage = build_engine(model, cfg, world, base.config.text_config.hidden_size, total_steps, on_cpu)
+    regrid = resume_dir is not None and int(saved["world_size"]) != world
+    try:
+        engine, scheduler, stage = build_engine(model, cfg, world, base.config.text_config.hidden_size, total_steps,
+                                                on_cpu, load_universal=regrid)
+    except (ValueError, KeyError, TypeError, AssertionError) as exc:
+        raise UserError(f"deepspeed.config {cfg.deepspeed.config}: DeepSpeed refused it ({type(exc).__name__}: "
+                        f"{first_line(exc)})") from None
 
     start_step, consumed, data_position = 0, 0, None
-    resume_dir = ckpt.find_latest(out_dir)
     if resume_dir is not None:
-        engine.load_checkpoint(str(root), tag=resume_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True)
-        state = ckpt.read_client_state(resume_dir)
-        start_step, consumed = int(state["step"]), int(state["consumed_micro_batches"])
+        load_resume_checkpoint(engine, root, resume_dir, regrid, comm)
+        start_step, consumed = int(saved["step"]), int(saved["consumed_micro_batches"])
+        data_position = resume_position(stream, saved, resume_dir, rank, consumed)
         ckpt.load_rng_state(resume_dir, rank, device)
-        data_position = ckpt.load_data_position(resume_dir, rank) if int(state.get("world_size", world)) == world else None
         if is_rank0:
-            log.info("resumed from %s (step %d)", resume_dir, start_step)
+            log.info("resumed from %s (step %d%s)", resume_dir, start_step,
+                     f", saved on {saved['world_size']} processes, now {world}" if regrid else "")
+    if is_rank0:
+        root.mkdir(parents=True, exist_ok=True)
+        cfg.save(out_dir / "config.yaml")
 
     metrics = MetricsLog(out_dir, resume_step=start_step, tensorboard=cfg.train.tensorboard) if is_rank0 else None
     progress = None
@@ -224,11 +333,15 @@ def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
 
     def save(step: int) -> None:
         step_dir = root / ckpt.step_tag(step)
-        client = {"step": step, "consumed_micro_batches": consumed, "world_size": world, "total_steps": total_steps}
+        client = {"step": step, "consumed_micro_batches": consumed, "world_size": world, "total_steps": total_steps,
+                  "data_order_world_size": order_world}
+        if stream.global_position:
+            client["data_position"] = stream.position()
         engine.save_checkpoint(str(root), tag=step_dir.name, client_state=client, save_latest=False)
         trainable = ckpt.gather_trainable_state_dict(engine.module, stage, is_rank0)
         ckpt.save_rng_state(step_dir, rank, device)
-        ckpt.save_data_position(step_dir, rank, stream.position())
+        if not stream.global_position:
+            ckpt.save_data_position(step_dir, rank, stream.position())
         if is_rank0:
             ckpt.save_trainable(step_dir, trainable)
             ckpt.write_client_state(step_dir, client)
@@ -238,10 +351,10 @@ def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
             ckpt.mark_complete_and_publish(root, step_dir, cfg.train.save_total_limit)
         comm.barrier()
 
-    batches = stream.iterate_from(consumed, data_position)
+    batches = stream.iterate_from(data_position)
     base.validate_counts_on_device = False  # checked on the host batches below: no device sync in the forward
     check_counts = functools.partial(check_multimodal_counts, base.config)
-    last_loss = float("nan")
+    last_loss = last_logged(out_dir, start_step).get("loss", float("nan")) if start_step else float("nan")
     step = start_step
     window = LogWindow(device)
     window.reset(start_step)
@@ -309,4 +422,3 @@ def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
     if is_rank0:
         plot_loss(out_dir)
     return {"step": step, "loss": last_loss, "output_dir": str(out_dir)}
-

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,30 @@ def read_log(output_dir) -> List[Dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def smooth_losses(values: Sequence[float], window: int) -> List[float]:
+    """A centred moving average whose window narrows at both ends, taken on log values when all are positive.
+
+    A trailing average lags a curve that falls fast, as a loss does in its first steps (it would draw the
+    early loss well above the raw one); a centred window does not lag, and narrowing it at the ends keeps
+    the first and last points at their raw values. Averaging logs (a geometric mean) suits the log scale
+    the curve is drawn on.
+    """
+    import math
+
+    n = len(values)
+    use_log = all(v > 0 for v in values)
+    xs = [math.log(v) for v in values] if use_log else list(values)
+    half = max(0, window // 2)
+    out = []
+    for i in range(n):
+        h = min(half, i, n - 1 - i)
+        mean = sum(xs[i - h : i + h + 1]) / (2 * h + 1)
+        out.append(math.exp(mean) if use_log else mean)
+    return out
+
+
 def plot_loss(output_dir, out_path: Optional[str] = None) -> Optional[Path]:
-    """Draw the loss curve of ``train_log.jsonl`` to ``loss.png`` (raw and a moving average)."""
+    """Draw the loss curve of ``train_log.jsonl`` to ``loss.png`` (raw and :func:`smooth_losses`)."""
     records = read_log(output_dir)
     if not records:
         return None
@@ -81,11 +103,11 @@ def plot_loss(output_dir, out_path: Optional[str] = None) -> Optional[Path]:
 
     steps = [r["step"] for r in records]
     losses = [r["loss"] for r in records]
-    window = max(1, len(losses) // 20)
-    smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
+    window = max(1, len(losses) // 20) | 1
+    smooth = smooth_losses(losses, window)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot(steps, losses, alpha=0.35, label="loss")
-    ax.plot(steps, smooth, label=f"moving average ({window})")
+    ax.plot(steps, smooth, label=f"centred average ({window} steps)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean over labelled tokens)")
     if min(losses) > 0:

@@ -1,0 +1,33 @@
+"""scripts/setup_env.sh is safe to source: it changes no option of the caller's shell, and a failure returns."""
+
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "setup_env.sh"
+
+
+def interactive_bash(body: str, **env) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run(["bash", "-c", body], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **env})
+
+
+def test_sourcing_changes_no_shell_option_and_a_failing_command_afterwards_keeps_the_shell(tmp_path):
+    proc = interactive_bash(f'before="$(set +o; shopt -p)"; source "{SCRIPT}"; after="$(set +o; shopt -p)"; '
+                            f'[ "$before" = "$after" ] && echo "options unchanged"; false; echo "shell alive"',
+                            GPT4ROI_VENV="system")
+    assert proc.stdout.splitlines() == ["options unchanged", "shell alive"], proc.stdout + proc.stderr
+
+
+def test_a_failed_setup_returns_an_error_and_leaves_the_options_alone(tmp_path):
+    proc = interactive_bash(f'before="$(set +o)"; source "{SCRIPT}"; echo "status $?"; after="$(set +o)"; '
+                            f'[ "$before" = "$after" ] && echo "options unchanged"; echo "shell alive"',
+                            GPT4ROI_VENV=str(tmp_path / "venv"), PYTHON="false")
+    assert proc.stdout.splitlines()[-3:] == ["status 1", "options unchanged", "shell alive"], proc.stdout + proc.stderr
+
+
+def test_system_mode_puts_the_checkout_on_the_python_path():
+    proc = interactive_bash(f'source "{SCRIPT}"; echo "$PYTHONPATH"', GPT4ROI_VENV="system", PYTHONPATH="")
+    assert proc.stdout.strip().split(":")[0] == str(REPO)
