@@ -170,6 +170,11 @@ class LazyCaptioner:
     def __call__(self, requests: Sequence[RegionRequest]) -> List[str]:
         return self.captioner(requests)
 
+    @property
+    def needs_masks(self) -> bool:
+        """Whether requests must carry masks (a mask-aware ``region_mode``); reading it loads the model."""
+        return getattr(self.captioner, "needs_masks", False)
+
     def plan(self, requests: Sequence[RegionRequest], batch_size: Union[int, str]) -> List[List[int]]:
         return self.captioner.plan(requests, batch_size)
 

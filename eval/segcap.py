@@ -454,8 +454,13 @@ def resolve_map_meteor(choice: str, wordnet=None) -> Tuple[str, Optional[Callabl
     return "pycocoevalcap-1.5", coco_meteor_scores, note
 
 
-def evaluate(config: SegCapConfig, wordnet=None) -> dict:
-    """Score a prediction against the ground truth; write ``metrics.json`` and ``metrics.txt``; return the metrics."""
+def evaluate(config: SegCapConfig, wordnet=None, provenance: Optional[dict] = None) -> dict:
+    """Score a prediction against the ground truth; write ``metrics.json`` and ``metrics.txt``; return the metrics.
+
+    ``provenance`` (what made the prediction: :func:`eval.harness.provenance` of its captions' store, with the
+    segmentation's under ``"segmentation"`` for the two-stage track) goes into ``metrics.json`` and names the
+    model and segmenter in ``metrics.txt``.
+    """
     gt = load_panoptic(config.gt_json)
     pred = load_panoptic(config.pred_json, needs_categories=False)
     for folder, what in ((config.gt_dir, "--gt-dir"), (config.pred_dir, "--pred-dir")):
@@ -518,6 +523,7 @@ def evaluate(config: SegCapConfig, wordnet=None) -> dict:
             "spice": spice_note,
             "table": COLUMN_SWAP_NOTE,
         },
+        "provenance": provenance,
     }
     out = Path(config.out)
     write_json_atomic(out / "metrics.json", _json_safe(metrics))
@@ -544,11 +550,24 @@ def _pct(value: Optional[float]) -> str:
     return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{100 * value:.1f}"
 
 
+def producers(provenance: Optional[dict]) -> List[str]:
+    """``model: PATH (weights ...)`` and ``segmenter: PATH (weights ...)`` lines for the report, when known."""
+    if not provenance:
+        return []
+    from eval.harness import model_line
+
+    lines = [model_line(provenance)]
+    segmenter = (((provenance.get("segmentation") or {}).get("produced_by")) or {}).get("segmenter")
+    if segmenter:
+        lines.append(f"segmenter: {segmenter['path']} (weights {segmenter['fingerprint']})")
+    return [line for line in lines if line]
+
+
 def format_table(m: dict) -> str:
     """The x100 report: PQ/SQ/RQ for all, things, stuff; scaled caption metrics and mAP for all."""
     head = f"{'':8s}| {'PQ':>6} {'SQ':>6} {'RQ':>6} | " + " ".join(f"{k:>7}" for k in CAPTION_KEYS) + f" | {'mAP':>6}"
-    rows = [f"Panoptic segmentation-captioning (Pix2Cap-COCO protocol): {m['images']} images, scores x100", "", head,
-            "-" * len(head)]
+    rows = [f"Panoptic segmentation-captioning (Pix2Cap-COCO protocol): {m['images']} images, scores x100",
+            *producers(m.get("provenance")), "", head, "-" * len(head)]
     for label, sfx in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
         caps = " ".join(f"{_pct(m[k]) if sfx == '' else '':>7}" for k in CAPTION_KEYS)
         mAP = _pct(m["mAP"]) if sfx == "" else ""

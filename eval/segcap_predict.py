@@ -13,11 +13,21 @@ one PNG per image) and then scoring it with :mod:`eval.segcap`:
   segment is captioned.
 
 Each segment is one request, ``region1 <bbox>`` over the segment's bounding box, with its binary mask when the
-model is mask-aware (``region_mode`` ``mask`` or ``box+mask``). Requests are batched across images. The work
-resumes after a kill: segmentations (``segments.partial.jsonl``, PNG written first) and captions
-(``captions.partial.jsonl``) are appended as they finish, and a rerun does only what is missing.
+model is mask-aware (``region_mode`` ``mask`` or ``box+mask``). Requests are batched across images by the
+captioner's plan (one image's segments side by side, ``--batch-size auto`` from free device memory).
 
-``OUT/`` holds ``predictions.json``, ``panoptic_pred/`` (PNGs), ``metrics.json`` and ``metrics.txt``.
+Model loading, decoding, sharding and resuming come from :mod:`eval.harness`. The work resumes after a kill:
+segmentations (``segments.partial.jsonl``, PNG written first) and captions (``captions.partial.jsonl``) are
+appended as they finish, and a rerun does only what is missing. Each store is tied to what produces it: the
+captions to the model and adapter weights, decoding, template, prompt, the ground-truth JSON, the user's
+segments JSON and the segmenter's setup; the segmentations to the segmenter's weights and thresholds. Resuming
+with another of any of them is a one-line error naming it; ``--overwrite`` starts afresh. ``--shard-id I
+--num-shards K`` split the images between processes (stores under ``OUT/shards/``), ``--merge`` joins them,
+writes the prediction and scores it; ``--score-only`` does the same for a single process's stores, without the
+model.
+
+``OUT/`` holds ``predictions.json``, ``panoptic_pred/`` (PNGs), ``metrics.json`` and ``metrics.txt`` (both
+naming the model, and the segmenter of the two-stage track).
 """
 
 from __future__ import annotations
@@ -27,17 +37,18 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from eval import segcap
+from eval import harness, segcap
+from eval.harness import HarnessConfig
 from eval.prediction_store import PredictionStore
 from gpt4roi_sft.atomic import atomic_open, write_json_atomic
-
 from gpt4roi_sft.constants import GPT4ROI_PREAMBLE, VG_EVAL_QUESTION
 from gpt4roi_sft.errors import ConfigError, DataError, run_cli
 from gpt4roi_sft.infer import Captioner, DecodeSettings, RegionRequest
+from gpt4roi_sft.provenance import describe_model
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +56,9 @@ DEFAULT_PROMPT = GPT4ROI_PREAMBLE + VG_EVAL_QUESTION  # the VG region-captioning
 PRED_PNG_DIR = "panoptic_pred"
 SEGMENTS_STORE = "segments.partial.jsonl"
 CAPTIONS_STORE = "captions.partial.jsonl"
+# Requests waiting for a batch. A mask-aware request holds one (H, W) mask per segment (300 kB at 640x480), so
+# a whole split's requests (COCO val: ~25k segments) cannot be built up front; 512 is two of the largest batches.
+POOL_REQUESTS = 512
 
 
 @dataclass
@@ -54,24 +68,23 @@ class SegmenterSettings:
     threshold: float = 0.8
     mask_threshold: float = 0.5
     overlap_threshold: float = 0.8
-    batch_size: int = 2
+    batch_size: int = 2  # images per forward pass; a throughput knob, not part of the segmentation's setup
+
+    def thresholds(self) -> dict:
+        return {"threshold": self.threshold, "mask_threshold": self.mask_threshold,
+                "overlap_threshold": self.overlap_threshold}
 
 
-@dataclass
-class SegCapRunConfig:
-    """One prediction + evaluation run (the CLI's flags, typed)."""
+@dataclass(kw_only=True)
+class SegCapRunConfig(HarnessConfig):
+    """One prediction + evaluation run (the CLI's flags, typed). Shards split the images."""
 
     data: Path
-    out: Path
     split: str = "val"
-    model: Optional[Path] = None
-    adapter: Optional[Path] = None
     segmenter: Optional[Path] = None
     segments_json: Optional[Path] = None
     segments_dir: Optional[Path] = None
-    template: str = "gpt4roi_v0"
     prompt: str = DEFAULT_PROMPT
-    batch_size: int = 8
     decode: DecodeSettings = field(default_factory=lambda: DecodeSettings(max_new_tokens=64))
     segmenter_settings: SegmenterSettings = field(default_factory=SegmenterSettings)
     max_images: Optional[int] = None
@@ -102,17 +115,7 @@ class DataLayout:
         return layout
 
 
-# ---------------------------------------------------------------- the models (one place, to swap for a shared loader)
-
-
-def load_region_captioner(config: SegCapRunConfig) -> Captioner:
-    """Our region model (``--model``, optional ``--adapter``) as a batched captioner."""
-    if config.model is None:
-        raise ConfigError("--model is required to caption segments")
-    from gpt4roi_sft.infer import load_captioner
-
-    return load_captioner(str(config.model), config.template, config.decode,
-                          adapter_dir=str(config.adapter) if config.adapter else None)
+# ---------------------------------------------------------------- the segmenter
 
 
 class PanopticSegmenter:
@@ -195,6 +198,28 @@ def load_segmenter(path: Path, categories: Dict[int, dict], settings: SegmenterS
     return PanopticSegmenter(model.to(device).eval(), processor, categories, settings)
 
 
+def segmentation_setup(config: SegCapRunConfig, layout: DataLayout) -> Tuple[dict, dict]:
+    """``(setup, produced_by)`` of the two-stage track's segmentations: what is compared on resume, and the
+    description beside it. ``setup``: the segmenter's weights fingerprint (``None`` for a segmenter handed in
+    without a directory), its thresholds and the SHA-256 of the ground-truth JSON (its images and category
+    names decide what is segmented and how labels map)."""
+    from gpt4roi_sft.provenance import file_sha256
+
+    about = describe_model(config.segmenter, "segmenter")
+    setup = {"segmenter": about["fingerprint"] if about else None,
+             "thresholds": config.segmenter_settings.thresholds(),
+             "inputs": {"annotations": file_sha256(layout.gt_json)}}
+    return setup, {"segmenter": about}
+
+
+def open_segments_store(config: SegCapRunConfig, layout: DataLayout) -> PredictionStore:
+    """This shard's store of segmentations, tied to :func:`segmentation_setup` (another segmenter or other
+    thresholds: a one-line error naming them, or a fresh start with ``config.overwrite``)."""
+    setup, produced_by = segmentation_setup(config, layout)
+    return PredictionStore(harness.store_path(config.out, SEGMENTS_STORE, config.shard_id, config.num_shards),
+                           setup, produced_by=produced_by, overwrite=config.overwrite)
+
+
 # ---------------------------------------------------------------- segments
 
 
@@ -213,8 +238,8 @@ def _write_png(path: Path, ids: np.ndarray) -> None:
 
 
 def segment_images(annotations: Sequence[dict], images: Dict[object, dict], layout: DataLayout, out: Path,
-                   segmenter: Optional[Callable], batch_size: int = 2) -> Dict[str, dict]:
-    """Run ``segmenter`` on every image not yet in ``OUT/segments.partial.jsonl``; PNGs go to ``OUT/panoptic_pred``.
+                   store: PredictionStore, segmenter: Optional[Callable], batch_size: int = 2) -> Dict[str, dict]:
+    """Run ``segmenter`` on every image not yet in ``store`` (key: image id); PNGs go to ``OUT/panoptic_pred``.
 
     ``segmenter(images) -> [(ids, segments_info)]`` (see :class:`PanopticSegmenter`); it may be ``None`` when
     every image is already done.
@@ -222,7 +247,6 @@ def segment_images(annotations: Sequence[dict], images: Dict[object, dict], layo
     from PIL import Image
     from tqdm import tqdm
 
-    store = PredictionStore(out / SEGMENTS_STORE)
     todo = [a for a in annotations if str(a["image_id"]) not in store]
     if len(todo) < len(annotations):
         logger.info("resuming: %d of %d images already segmented", len(annotations) - len(todo), len(annotations))
@@ -274,6 +298,14 @@ def given_segment_sources(source: segcap.Panoptic, source_dir: Path, annotations
     return out
 
 
+def segmented_sources(annotations: Sequence[dict], images: Dict[object, dict], layout: DataLayout, out: Path,
+                      records: Dict[str, dict]) -> List[SegmentSource]:
+    """The two-stage track's segments of each image, from the segmentation ``records`` (key: image id)."""
+    harness.require_complete([str(a["image_id"]) for a in annotations], records, out)
+    return [SegmentSource(a["image_id"], layout.image_dir / _image_name(a, images), out / PRED_PNG_DIR / a["file_name"],
+                          a["file_name"], records[str(a["image_id"])]["segments_info"]) for a in annotations]
+
+
 # ---------------------------------------------------------------- captions
 
 
@@ -289,29 +321,60 @@ def segment_regions(ids: np.ndarray, segment_ids: Sequence[int]) -> Dict[int, Tu
     return regions
 
 
+def segment_key(src: SegmentSource, segment_id) -> str:
+    return f"{src.image_id}/{segment_id}"
+
+
 def caption_segments(sources: Sequence[SegmentSource], captioner: Captioner, store: PredictionStore,
-                     prompt: str = DEFAULT_PROMPT, batch_size: int = 8) -> int:
-    """Caption every segment not yet in ``store`` (key ``image_id/segment_id``), batched across images."""
+                     prompt: str = DEFAULT_PROMPT, batch_size: Union[int, str] = "auto") -> int:
+    """Caption every segment not yet in ``store`` (key ``image_id/segment_id``); return how many were captioned.
+
+    Not :func:`eval.harness.generate_missing`, which builds every request up front: a mask-aware request holds
+    a full-size mask per segment. Requests are built image by image (each PNG read once) into a pool of about
+    :data:`POOL_REQUESTS`; the captioner's ``plan`` (when it has one) orders the pool and sizes its batches
+    (one image's segments side by side, ``"auto"`` from free device memory); the full batches run and a last,
+    short one waits for the next images. A captioner without ``plan`` gets the requests in order,
+    ``batch_size`` at a time (8 for ``"auto"``). Each batch is stored (and fsynced) before the next starts.
+    """
     from tqdm import tqdm
 
-    needs_masks = getattr(captioner, "needs_masks", False)
-    todo = sum(1 for src in sources for s in src.segments if f"{src.image_id}/{s['id']}" not in store)
+    todo = sum(1 for src in sources for s in src.segments if segment_key(src, s["id"]) not in store)
+    if not todo:
+        return 0
+    total = sum(len(src.segments) for src in sources)
+    if todo < total:
+        logger.info("resuming: %d of %d segments already captioned", total - todo, total)
+    needs_masks = getattr(captioner, "needs_masks", False)  # a lazily loaded captioner loads its model here
+    plan = getattr(captioner, "plan", None)
+    pool_size = max(POOL_REQUESTS, 0 if batch_size == "auto" else int(batch_size))
+    pool: List[Tuple[str, RegionRequest]] = []
     done = 0
-    pending: List[Tuple[str, RegionRequest]] = []
 
-    def flush():
-        nonlocal done
-        answers = captioner([r for _, r in pending])
-        if len(answers) != len(pending):
-            raise RuntimeError(f"captioner returned {len(answers)} answers for {len(pending)} requests")
-        store.append((key, {"caption": a}) for (key, _), a in zip(pending, answers))
-        done += len(pending)
-        bar.update(len(pending))
-        pending.clear()
+    def batches_of(requests: List[RegionRequest]) -> List[List[int]]:
+        if plan is not None:
+            return plan(requests, batch_size)
+        rows = 8 if batch_size == "auto" else int(batch_size)
+        return [list(range(i, min(i + rows, len(requests)))) for i in range(0, len(requests), rows)]
 
-    with tqdm(total=todo, desc="captioning segments", unit="seg", disable=not todo) as bar:
+    def run_pool(final: bool) -> None:
+        nonlocal pool, done
+        batches = batches_of([r for _, r in pool])
+        waiting: List[int] = []
+        if not final and len(batches) > 1 and len(batches[-1]) < len(batches[0]):
+            waiting = batches.pop()
+        for batch in batches:
+            asked = [pool[i] for i in batch]
+            answers = captioner([r for _, r in asked])
+            if len(answers) != len(asked):
+                raise RuntimeError(f"captioner returned {len(answers)} answers for {len(asked)} requests")
+            store.append((key, {"caption": a}) for (key, _), a in zip(asked, answers))
+            done += len(asked)
+            bar.update(len(asked))
+        pool = [pool[i] for i in waiting]
+
+    with tqdm(total=todo, desc="captioning segments", unit="seg") as bar:
         for src in sources:
-            keys = {s["id"]: f"{src.image_id}/{s['id']}" for s in src.segments}
+            keys = {s["id"]: segment_key(src, s["id"]) for s in src.segments}
             wanted = [sid for sid, key in keys.items() if key not in store]
             if not wanted:
                 continue
@@ -324,11 +387,12 @@ def caption_segments(sources: Sequence[SegmentSource], captioner: Captioner, sto
                 store.append((key, {"caption": "", "absent": True}) for key in absent)
                 bar.update(len(absent))
             for sid, (box, mask) in regions.items():
-                pending.append((keys[sid], RegionRequest(src.image_path, prompt, [box], masks=[mask] if needs_masks else None)))
-                if len(pending) >= batch_size:
-                    flush()
-        if pending:
-            flush()
+                pool.append((keys[sid], RegionRequest(src.image_path, prompt, [box],
+                                                      masks=[mask] if needs_masks else None)))
+            if len(pool) >= pool_size:
+                run_pool(final=False)
+        if pool:
+            run_pool(final=True)
     return done
 
 
@@ -338,6 +402,7 @@ def caption_segments(sources: Sequence[SegmentSource], captioner: Captioner, sto
 def write_predictions(sources: Sequence[SegmentSource], captions: Dict[str, dict], categories: Dict[int, dict],
                       images: Dict[object, dict], out: Path) -> Tuple[Path, Path]:
     """``OUT/predictions.json`` + ``OUT/panoptic_pred/*.png``: listed, present, captioned segments only."""
+    harness.require_complete([segment_key(src, s["id"]) for src in sources for s in src.segments], captions, out)
     png_dir = out / PRED_PNG_DIR
     annotations = []
     for src in sources:
@@ -350,7 +415,7 @@ def write_predictions(sources: Sequence[SegmentSource], captions: Dict[str, dict
                 continue
             box, mask = regions[s["id"]]
             keep |= mask
-            caption = captions[f"{src.image_id}/{s['id']}"]["caption"]
+            caption = captions[segment_key(src, s["id"])]["caption"]
             x1, y1, x2, y2 = box
             infos.append({"id": int(s["id"]), "category_id": s["category_id"], "iscrowd": 0,
                           "bbox": [x1, y1, x2 - x1, y2 - y1], "area": int(mask.sum()), "caption": caption})
@@ -365,91 +430,167 @@ def write_predictions(sources: Sequence[SegmentSource], captions: Dict[str, dict
     return out / "predictions.json", png_dir
 
 
-def run(config: SegCapRunConfig, captioner: Optional[Captioner] = None, segmenter: Optional[Callable] = None) -> Optional[dict]:
-    """Predict (or resume) and evaluate; returns the metrics (``None`` with ``evaluate=False``).
+# ---------------------------------------------------------------- the run
 
-    ``captioner``/``segmenter`` default to the models of ``config`` (loaded only when something is left to do).
-    """
-    out = Path(config.out)
+
+@dataclass
+class Benchmark:
+    """What a run reads before generating anything: the split's layout, its ground truth, the evaluated images."""
+
+    layout: DataLayout
+    gt: segcap.Panoptic
+    annotations: List[dict]
+
+
+def load_benchmark(config: SegCapRunConfig) -> Benchmark:
     layout = DataLayout.of(config.data, config.split)
     gt = segcap.load_panoptic(layout.gt_json)
     annotations = gt.annotations[: config.max_images] if config.max_images else gt.annotations
     if not annotations:
         raise DataError(f"{layout.gt_json}: no annotations")
+    return Benchmark(layout, gt, list(annotations))
 
-    if config.segmenter is not None or segmenter is not None:
-        if config.segments_json is not None:
-            raise ConfigError("--segments-json and --segmenter are two different tracks; give one")
-        done = PredictionStore(out / SEGMENTS_STORE)
-        if any(str(a["image_id"]) not in done for a in annotations) and segmenter is None:
-            segmenter = load_segmenter(config.segmenter, gt.categories, config.segmenter_settings)
-        records = segment_images(annotations, gt.images, layout, out, segmenter, config.segmenter_settings.batch_size)
-        sources = [SegmentSource(a["image_id"], layout.image_dir / _image_name(a, gt.images),
-                                 out / PRED_PNG_DIR / a["file_name"], a["file_name"],
-                                 records[str(a["image_id"])]["segments_info"]) for a in annotations]
+
+def is_two_stage(config: SegCapRunConfig, segmenter: Optional[Callable] = None) -> bool:
+    two_stage = config.segmenter is not None or segmenter is not None
+    if two_stage and config.segments_json is not None:
+        raise ConfigError("--segments-json and --segmenter are two different tracks; give one")
+    return two_stage
+
+
+def given_sources(config: SegCapRunConfig, bench: Benchmark) -> List[SegmentSource]:
+    """Every evaluated image's given segments (the ground truth's, or ``--segments-json``'s), all checked."""
+    gt, layout = bench.gt, bench.layout
+    if config.segments_json is not None:
+        source = segcap.load_panoptic(config.segments_json, needs_categories=False)
+        source_dir = config.segments_dir or Path(config.segments_json).with_suffix("")
     else:
-        if config.segments_json is not None:
-            source = segcap.load_panoptic(config.segments_json, needs_categories=False)
-            source_dir = config.segments_dir or config.segments_json.with_suffix("")
-        else:
-            source, source_dir = gt, layout.gt_dir
-        sources = given_segment_sources(source, source_dir, annotations, gt.images, layout)
-        for src in sources:
-            for s in src.segments:
-                if s["category_id"] not in gt.categories:
-                    raise DataError(f"{source.path}: image {src.image_id} segment {s['id']}: category_id "
-                                    f"{s['category_id']} is not a ground-truth category")
+        source, source_dir = gt, layout.gt_dir
+    sources = given_segment_sources(source, source_dir, bench.annotations, gt.images, layout)
+    for src in sources:
+        for s in src.segments:
+            if s["category_id"] not in gt.categories:
+                raise DataError(f"{source.path}: image {src.image_id} segment {s['id']}: category_id "
+                                f"{s['category_id']} is not a ground-truth category")
+    return sources
 
-    store = PredictionStore(out / CAPTIONS_STORE)
-    if any(f"{src.image_id}/{s['id']}" not in store for src in sources for s in src.segments):
-        captioner = captioner or load_region_captioner(config)
-        caption_segments(sources, captioner, store, config.prompt, config.batch_size)
-    pred_json, pred_dir = write_predictions(sources, store.records, gt.categories, gt.images, out)
+
+def open_captions_store(config: SegCapRunConfig, layout: DataLayout, segmentation: Optional[dict],
+                        model_required: bool = True) -> PredictionStore:
+    """This shard's store of captions, tied by :func:`eval.harness.open_store` to the model, decoding,
+    template, prompt, the ground-truth JSON, ``--segments-json`` and the segmentation's setup (two-stage)."""
+    inputs = {"annotations": layout.gt_json}
+    if config.segments_json is not None:
+        inputs["segments"] = Path(config.segments_json)
+    return harness.open_store(config, CAPTIONS_STORE, inputs=inputs,
+                              settings={"prompt": config.prompt, "segmentation": segmentation},
+                              model_required=model_required)
+
+
+def run(config: SegCapRunConfig, captioner: Optional[Captioner] = None, segmenter: Optional[Callable] = None) -> Optional[dict]:
+    """Predict (or resume) and evaluate; returns the metrics (``None`` with ``evaluate=False`` or for one shard
+    of several).
+
+    ``captioner``/``segmenter`` default to the models of ``config`` (loaded only when something is left to do;
+    ``--model`` and ``--segmenter`` must exist either way: stored work is reused only for what produced it).
+    """
+    out = Path(config.out)
+    bench = load_benchmark(config)
+    gt, layout = bench.gt, bench.layout
+    mine = harness.shard(bench.annotations, config.shard_id, config.num_shards)
+    if is_two_stage(config, segmenter):
+        segments = open_segments_store(config, layout)
+        captions = open_captions_store(config, layout, segments.metadata, model_required=captioner is None)
+        if segmenter is None and any(str(a["image_id"]) not in segments for a in mine):
+            segmenter = load_segmenter(config.segmenter, gt.categories, config.segmenter_settings)
+        records = segment_images(mine, gt.images, layout, out, segments, segmenter, config.segmenter_settings.batch_size)
+        sources = segmented_sources(mine, gt.images, layout, out, records)
+        about = {**harness.provenance(captions), "segmentation": harness.provenance(segments)}
+    else:
+        every = given_sources(config, bench)  # the whole input is checked, whichever shard this is
+        captions = open_captions_store(config, layout, None, model_required=captioner is None)
+        sources = harness.shard(every, config.shard_id, config.num_shards)
+        about = harness.provenance(captions)
+    caption_segments(sources, captioner or harness.captioner_for(config), captions, config.prompt, config.batch_size)
+    if config.num_shards > 1:
+        logger.info("shard %d of %d done (%d images); run with --merge once every shard is done",
+                    config.shard_id, config.num_shards, len(mine))
+        return None
+    return finalize(config, bench, sources, captions.records, about)
+
+
+def score_stored(config: SegCapRunConfig) -> Optional[dict]:
+    """Write the prediction from the stores of all ``config.num_shards`` shards in ``--out`` and score it
+    (``--merge``, ``--score-only``); no model is loaded."""
+    out = Path(config.out)
+    bench = load_benchmark(config)
+    captions = harness.merge_shards(out, CAPTIONS_STORE, config.num_shards)
+    about = harness.merged_provenance(out, CAPTIONS_STORE, config.num_shards)
+    stored_two_stage = ((about.get("setup") or {}).get("settings") or {}).get("segmentation") is not None
+    if is_two_stage(config) != stored_two_stage:
+        raise ConfigError(f"{out}: its captions are of {'a --segmenter' if stored_two_stage else 'given'} segments; "
+                          f"pass the options of the run that wrote them")
+    if stored_two_stage:
+        records = harness.merge_shards(out, SEGMENTS_STORE, config.num_shards)
+        sources = segmented_sources(bench.annotations, bench.gt.images, bench.layout, out, records)
+        about = {**about, "segmentation": harness.merged_provenance(out, SEGMENTS_STORE, config.num_shards)}
+    else:
+        sources = given_sources(config, bench)
+    return finalize(config, bench, sources, captions, about)
+
+
+def finalize(config: SegCapRunConfig, bench: Benchmark, sources: Sequence[SegmentSource], captions: Dict[str, dict],
+             provenance: dict) -> Optional[dict]:
+    """Write ``predictions.json`` and the PNGs, then (unless ``config.evaluate`` is off) score them; ``provenance``
+    goes into ``metrics.json`` and names the model (and segmenter) in ``metrics.txt``."""
+    out, gt = Path(config.out), bench.gt
+    pred_json, pred_dir = write_predictions(sources, captions, gt.categories, gt.images, out)
     logger.info("wrote %s and %s/", pred_json, pred_dir)
     if not config.evaluate:
         return None
-    gt_json = layout.gt_json
-    if len(annotations) < len(gt.annotations):
+    gt_json = bench.layout.gt_json
+    if len(bench.annotations) < len(gt.annotations):
         gt_json = out / "gt_subset.json"
-        ids = {a["image_id"] for a in annotations}
-        write_json_atomic(gt_json, {"images": [i for k, i in gt.images.items() if k in ids], "annotations": list(annotations),
+        ids = {a["image_id"] for a in bench.annotations}
+        write_json_atomic(gt_json, {"images": [i for k, i in gt.images.items() if k in ids],
+                                    "annotations": list(bench.annotations),
                                     "categories": list(gt.categories.values())}, indent=None)
-    return segcap.evaluate(segcap.SegCapConfig(gt_json=gt_json, gt_dir=layout.gt_dir, pred_json=pred_json, pred_dir=pred_dir,
-                                               out=out, workers=config.workers, spice_jars=config.spice_jars,
-                                               map_meteor=config.map_meteor))
+    return segcap.evaluate(segcap.SegCapConfig(gt_json=gt_json, gt_dir=bench.layout.gt_dir, pred_json=pred_json,
+                                               pred_dir=pred_dir, out=out, workers=config.workers,
+                                               spice_jars=config.spice_jars, map_meteor=config.map_meteor),
+                           provenance=provenance)
 
 
-def evaluate_given_segments(model_dir, data_dir, out, adapter=None, split: str = "val", batch_size: int = 8,
-                            max_images: Optional[int] = None, captioner: Optional[Captioner] = None) -> dict:
+def evaluate_given_segments(model_dir, data_dir, out, adapter=None, split: str = "val",
+                            batch_size: Union[int, str] = "auto", max_new_tokens: int = 64,
+                            max_images: Optional[int] = None, overwrite: bool = False,
+                            captioner: Optional[Captioner] = None) -> dict:
     """Caption the ground-truth segments of ``data_dir``'s ``split`` with ``model_dir`` and score them.
 
     The one-call form for reports (e.g. the quickstart's): returns ``metrics.json``'s content; files in ``out``.
+    Captions already in ``out`` are reused when they come from this same model and setup; those of another are
+    refused unless ``overwrite``.
     """
-    config = SegCapRunConfig(data=Path(data_dir), out=Path(out), split=split, model=Path(model_dir) if model_dir else None,
-                             adapter=Path(adapter) if adapter else None, batch_size=batch_size, max_images=max_images)
+    config = SegCapRunConfig(data=Path(data_dir), out=Path(out), split=split,
+                             model=Path(model_dir) if model_dir else None, adapter=Path(adapter) if adapter else None,
+                             batch_size=batch_size, decode=DecodeSettings(max_new_tokens=max_new_tokens),
+                             max_images=max_images, overwrite=overwrite)
     return run(config, captioner=captioner)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eval.segcap_predict", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, help="model directory (gpt4roi_sft.load_model)")
-    p.add_argument("--adapter", type=Path, help="LoRA adapter directory applied with peft")
-    p.add_argument("--segmenter", type=Path, help="Mask2FormerForUniversalSegmentation directory (two-stage track)")
     p.add_argument("--data", type=Path, required=True,
                    help="dataset root with annotations/pix2cap_coco_<split>.json, panoptic_<split>2017/, <split>2017/")
     p.add_argument("--split", default="val")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--segmenter", type=Path, help="Mask2FormerForUniversalSegmentation directory (two-stage track)")
     p.add_argument("--segments-json", type=Path, help="caption these panoptic segments instead of the ground truth's")
     p.add_argument("--segments-dir", type=Path, help="PNG folder of --segments-json (default: its name without .json)")
-    p.add_argument("--batch-size", type=int, default=8, help="segments per generation batch")
-    p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="human turn with <image> and one <bbox>")
-    p.add_argument("--template", default="gpt4roi_v0")
-    p.add_argument("--do-sample", action="store_true", help="sample (GPT4RoI: temperature 0.2) instead of greedy")
-    p.add_argument("--temperature", type=float, default=0.2)
-    p.add_argument("--strip-prefix", action="store_true", help="keep the text after the first ': ' (GPT4RoI's eval)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-images", type=int, help="only the first N images of the split")
+    harness.add_model_args(p, max_new_tokens=64)
+    harness.add_shard_args(p)
     p.add_argument("--segmenter-threshold", type=float, default=0.8, help="query score threshold")
     p.add_argument("--mask-threshold", type=float, default=0.5)
     p.add_argument("--overlap-threshold", type=float, default=0.8)
@@ -463,33 +604,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if min(args.batch_size, args.max_new_tokens, args.segmenter_batch_size, args.workers) < 1:
-        raise ConfigError("--batch-size, --max-new-tokens, --segmenter-batch-size and --workers must be at least 1")
+    import sys
+
+    args = build_parser().parse_args(harness.merge_word_to_flag(sys.argv[1:] if argv is None else argv))
+    harness.setup_run(args)
+    if min(args.segmenter_batch_size, args.workers) < 1:
+        raise ConfigError("--segmenter-batch-size and --workers must be at least 1")
     if args.max_images is not None and args.max_images < 1:
         raise ConfigError("--max-images must be at least 1")
     if args.nltk_data is not None:
         segcap.add_nltk_data(args.nltk_data)
-    if args.do_sample:
-        import torch
-
-        torch.manual_seed(args.seed)
     config = SegCapRunConfig(
-        data=args.data, out=args.out, split=args.split, model=args.model, adapter=args.adapter, segmenter=args.segmenter,
-        segments_json=args.segments_json, segments_dir=args.segments_dir, template=args.template, prompt=args.prompt,
-        batch_size=args.batch_size,
-        decode=DecodeSettings(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                              temperature=args.temperature, strip_prefix=args.strip_prefix),
+        **harness.config_kwargs(args), data=args.data, split=args.split, segmenter=args.segmenter,
+        segments_json=args.segments_json, segments_dir=args.segments_dir, prompt=args.prompt,
         segmenter_settings=SegmenterSettings(args.segmenter_threshold, args.mask_threshold, args.overlap_threshold,
                                              args.segmenter_batch_size),
         max_images=args.max_images, evaluate=not args.no_eval, workers=args.workers, spice_jars=args.spice_jars,
         map_meteor=args.map_meteor)
-    run(config)
+    out = Path(config.out)
+    if args.merge or args.score_only:  # the stores already in --out; no model, no GPU
+        score_stored(config)
+    elif run(config) is None and config.num_shards > 1:
+        print(f"shard {config.shard_id} of {config.num_shards} done; merge with: python -m eval.segcap_predict merge "
+              f"--data {config.data} --out {out} --num-shards {config.num_shards} [the options of the run]")
+        return 0
     if config.evaluate:
-        print((Path(config.out) / "metrics.txt").read_text(), end="")
+        print((out / "metrics.txt").read_text(), end="")
     else:
-        print(f"wrote {Path(config.out) / 'predictions.json'} and {Path(config.out) / PRED_PNG_DIR}/")
+        print(f"wrote {out / 'predictions.json'} and {out / PRED_PNG_DIR}/")
     return 0
 
 

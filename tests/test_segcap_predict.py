@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from conftest import REPO
 from data_converters.synthetic import decode_panoptic
 from eval import segcap, segcap_predict
 from eval.prediction_store import PredictionStore
-from gpt4roi_sft.errors import ConfigError
+from gpt4roi_sft.errors import ConfigError, DataError
 
 
 class RecordingCaptioner:
@@ -224,10 +225,11 @@ def test_two_stage_script_runs_segmenter_captioner_and_evaluator_then_resumes(sy
     pred = json.loads((tmp_path / "out" / "predictions.json").read_text())
     assert sum(len(a["segments_info"]) for a in pred["annotations"]) > 0
     assert "Panoptic segmentation-captioning" in proc.stdout
-    # A rerun finds everything done: neither model is loaded again (a missing --model would otherwise fail).
-    rerun = subprocess.run(cmd + ["--model", str(tmp_path / "no_such_model")], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=900)
+    # A rerun finds everything done: nothing is segmented or captioned again.
+    rerun = subprocess.run(cmd + ["--model", tiny_model_dir], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "segmenting" not in rerun.stderr and "captioning segments" not in rerun.stderr
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["PQ"] == metrics["PQ"]
 
 
@@ -280,3 +282,183 @@ def test_two_stage_on_cuda_with_a_mask_aware_model(synthetic_pix2cap, tmp_path):
     pred = json.loads((tmp_path / "out" / "predictions.json").read_text())
     assert sum(len(a["segments_info"]) for a in pred["annotations"]) > 0
     assert all(isinstance(s["caption"], str) for a in pred["annotations"] for s in a["segments_info"])
+
+
+# ---------------------------------------------------------------- results tied to what produced them (eval.harness)
+
+
+class WholeImageSegmenter:
+    """Stands in for Mask2Former: one 'sky' segment over each whole image; counts the images it sees."""
+
+    def __init__(self):
+        self.seen = 0
+
+    def __call__(self, images):
+        self.seen += len(images)
+        return [(np.ones((im.height, im.width), dtype=np.int64), [{"id": 1, "category_id": 101, "score": 0.9}])
+                for im in images]
+
+
+def n_segments(root):
+    return sum(len(a["segments_info"]) for a in gt_of(root)["annotations"])
+
+
+def test_resuming_with_another_model_is_refused_in_one_line_naming_the_model(synthetic_pix2cap, tmp_path):
+    from test_harness import fake_model
+
+    root = synthetic_pix2cap["root"]
+    cfg = config(root, tmp_path / "out", model=fake_model(tmp_path / "m1", 0.0))
+    segcap_predict.run(cfg, captioner=RecordingCaptioner())
+    cfg.model = fake_model(tmp_path / "m2", 1.0)
+    with pytest.raises(DataError, match=r"captions.partial.jsonl: written by another setup \(changed model: ") as err:
+        segcap_predict.run(cfg, captioner=RecordingCaptioner())
+    assert "\n" not in str(err.value)
+
+
+def test_overwrite_captions_every_segment_again_for_another_model(synthetic_pix2cap, tmp_path):
+    from test_harness import fake_model
+
+    root = synthetic_pix2cap["root"]
+    cfg = config(root, tmp_path / "out", model=fake_model(tmp_path / "m1", 0.0))
+    segcap_predict.run(cfg, captioner=RecordingCaptioner())
+    cfg.model, cfg.overwrite = fake_model(tmp_path / "m2", 1.0), True
+    again = RecordingCaptioner()
+    segcap_predict.run(cfg, captioner=again)
+    assert len(again.asked) == n_segments(root)
+
+
+def test_same_model_resumes_with_nothing_to_caption(synthetic_pix2cap, tmp_path):
+    from test_harness import fake_model
+
+    root = synthetic_pix2cap["root"]
+    cfg = config(root, tmp_path / "out", model=fake_model(tmp_path / "m1", 0.0))
+    segcap_predict.run(cfg, captioner=RecordingCaptioner())
+    again = RecordingCaptioner()
+    segcap_predict.run(cfg, captioner=again)
+    assert again.asked == []
+
+
+def cli(*args, timeout=300):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
+    return subprocess.run([sys.executable, "-m", "eval.segcap_predict", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_missing_model_is_refused_even_when_every_caption_is_stored(synthetic_pix2cap, tmp_path):
+    from test_harness import fake_model
+
+    root = synthetic_pix2cap["root"]
+    segcap_predict.run(config(root, tmp_path / "out", model=fake_model(tmp_path / "m1")), captioner=RecordingCaptioner())
+    for model, error in (([], "--model is required"), (["--model", tmp_path / "gone"], "gone: directory not found")):
+        proc = cli("--data", root, "--out", tmp_path / "out", "--no-eval", *model)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        (line,) = proc.stderr.strip().splitlines()
+        assert error in line
+
+
+def test_score_only_writes_the_prediction_from_stored_captions_without_a_model(synthetic_pix2cap, tmp_path):
+    root = synthetic_pix2cap["root"]
+    segcap_predict.run(config(root, tmp_path / "out"), captioner=RecordingCaptioner())
+    (tmp_path / "out" / "predictions.json").unlink()
+    proc = cli("--data", root, "--out", tmp_path / "out", "--no-eval", "--score-only")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pred = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert sum(len(a["segments_info"]) for a in pred["annotations"]) == n_segments(root)
+
+
+def test_two_shards_merge_into_the_prediction_of_one_process(synthetic_pix2cap, tmp_path):
+    root = synthetic_pix2cap["root"]
+    segcap_predict.run(config(root, tmp_path / "one"), captioner=RecordingCaptioner())
+    asked = 0
+    for i in range(2):
+        captioner = RecordingCaptioner()
+        assert segcap_predict.run(config(root, tmp_path / "two", shard_id=i, num_shards=2), captioner=captioner) is None
+        asked += len(captioner.asked)
+    assert asked == n_segments(root) and not (tmp_path / "two" / "predictions.json").exists()
+    assert segcap_predict.main(["merge", "--data", str(root), "--out", str(tmp_path / "two"), "--num-shards", "2",
+                                "--no-eval"]) == 0
+    one, two = (json.loads((tmp_path / d / "predictions.json").read_text()) for d in ("one", "two"))
+    ids = lambda pred: [[s["id"] for s in a["segments_info"]] for a in pred["annotations"]]  # noqa: E731
+    assert ids(two) == ids(one)
+
+
+def test_batches_follow_the_captioners_plan(synthetic_pix2cap, tmp_path):
+    class Planner(RecordingCaptioner):
+        def plan(self, requests, batch_size):  # last request first, two per batch
+            order = list(range(len(requests)))[::-1]
+            return [order[i:i + 2] for i in range(0, len(order), 2)]
+
+    root = synthetic_pix2cap["root"]
+    captioner = Planner()
+    segcap_predict.run(config(root, tmp_path, max_images=1), captioner=captioner)
+    first = gt_of(root)["annotations"][0]["segments_info"]
+    boxes = [[s["bbox"][0], s["bbox"][1], s["bbox"][0] + s["bbox"][2], s["bbox"][1] + s["bbox"][3]] for s in first]
+    assert [r.boxes[0] for r in captioner.asked] == boxes[::-1] and captioner.batches == -(-len(first) // 2)
+
+
+def test_mask_aware_model_loaded_from_the_config_gets_masks(synthetic_pix2cap, tmp_path):
+    from gpt4roi_sft.infer import DecodeSettings
+    from quickstart.tiny_model import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "model", seed=0, region_mode="mask")
+    root = synthetic_pix2cap["root"]
+    cfg = config(root, tmp_path / "out", model=Path(model_dir), max_images=1, eager=True,
+                 decode=DecodeSettings(max_new_tokens=2))
+    segcap_predict.run(cfg)  # the kit's lazily loaded captioner: a box-only request would be a ValueError
+    pred = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert len(pred["annotations"][0]["segments_info"]) == len(gt_of(root)["annotations"][0]["segments_info"])
+
+
+def two_stage_config(root, tmp_path, segmenter_dir, **kw):
+    return config(root, tmp_path / "out", segmenter=segmenter_dir, max_images=2, **kw)
+
+
+def test_segmentations_of_another_segmenter_are_refused_naming_it(synthetic_pix2cap, tmp_path):
+    from test_harness import fake_model
+
+    root = synthetic_pix2cap["root"]
+    cfg = two_stage_config(root, tmp_path, fake_model(tmp_path / "seg1", 0.0))
+    segcap_predict.run(cfg, captioner=RecordingCaptioner(), segmenter=WholeImageSegmenter())
+    cfg.segmenter = fake_model(tmp_path / "seg2", 1.0)
+    with pytest.raises(DataError, match=r"segments.partial.jsonl: written by another setup \(changed segmenter: "):
+        segcap_predict.run(cfg, captioner=RecordingCaptioner(), segmenter=WholeImageSegmenter())
+
+
+def test_segmentations_with_other_thresholds_are_refused_naming_them(synthetic_pix2cap, tmp_path):
+    from test_harness import fake_model
+
+    root = synthetic_pix2cap["root"]
+    cfg = two_stage_config(root, tmp_path, fake_model(tmp_path / "seg1"))
+    segcap_predict.run(cfg, captioner=RecordingCaptioner(), segmenter=WholeImageSegmenter())
+    cfg.segmenter_settings = segcap_predict.SegmenterSettings(threshold=0.5)
+    with pytest.raises(DataError, match=r"segments.partial.jsonl: .*changed thresholds.threshold: 0.8 -> 0.5"):
+        segcap_predict.run(cfg, captioner=RecordingCaptioner(), segmenter=WholeImageSegmenter())
+
+
+def test_overwrite_segments_and_captions_again_with_another_segmenter(synthetic_pix2cap, tmp_path):
+    from test_harness import fake_model
+
+    root = synthetic_pix2cap["root"]
+    cfg = two_stage_config(root, tmp_path, fake_model(tmp_path / "seg1", 0.0))
+    segcap_predict.run(cfg, captioner=RecordingCaptioner(), segmenter=WholeImageSegmenter())
+    cfg.segmenter, cfg.overwrite = fake_model(tmp_path / "seg2", 1.0), True
+    segmenter, captioner = WholeImageSegmenter(), RecordingCaptioner()
+    segcap_predict.run(cfg, captioner=captioner, segmenter=segmenter)
+    assert segmenter.seen == 2 and len(captioner.asked) == 2
+
+
+def test_metrics_name_the_model_and_the_segmenter(synthetic_pix2cap, tmp_path):
+    from test_harness import fake_model
+    from gpt4roi_sft.provenance import weights_fingerprint
+
+    root = synthetic_pix2cap["root"]
+    model, seg = fake_model(tmp_path / "m1"), fake_model(tmp_path / "seg1", 1.0)
+    (model / "export_info.json").write_text(json.dumps({"step": 700}))
+    cfg = two_stage_config(root, tmp_path, seg, model=model)
+    cfg.evaluate = True
+    metrics = segcap_predict.run(cfg, captioner=RecordingCaptioner(), segmenter=WholeImageSegmenter())
+    assert metrics["provenance"]["produced_by"]["model"]["fingerprint"] == weights_fingerprint(model)
+    text = (tmp_path / "out" / "metrics.txt").read_text()
+    assert f"model: {model} (weights {weights_fingerprint(model)}, exported at step 700)" in text
+    assert f"segmenter: {seg} (weights {weights_fingerprint(seg)})" in text
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["provenance"] == metrics["provenance"]
