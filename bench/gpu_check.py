@@ -1,6 +1,6 @@
 """Run every ``gpu``-marked test and record the outcome per test, with the device and package versions.
 
-    python bench/gpu_check.py [--out bench/results] [--timeout 240] [--cpu-dry-run] [-- PYTEST_ARGS...]
+    python bench/gpu_check.py [--out bench/results] [--timeout 240] [--workers 4] [--cpu-dry-run] [-- PYTEST_ARGS...]
 
 Writes ``<out>/<date>_<device>_gpu_check.json``::
 
@@ -8,7 +8,9 @@ Writes ``<out>/<date>_<device>_gpu_check.json``::
      "versions": {"torch": ..., "cuda": ..., "transformers": ..., "peft": ..., "deepspeed": ..., "bitsandbytes": ...},
      "wall_s": 187.3, "pytest_exit_code": 0, "failures": {"test_...": "first lines of the failure"}}
 
-and prints a table. ``--cpu-dry-run`` runs the same tests on the CPU (GPT4ROI_GPU_TEST_DEVICE=cpu): it checks the
+and prints a table. The tests are tiny models that leave most of one GPU idle, so where pytest-xdist is installed
+(the GPU machine's image has it) they run in ``--workers`` processes sharing the GPU; tests that share one training
+run carry the same ``xdist_group`` and stay on one worker. ``--cpu-dry-run`` runs the same tests on the CPU (GPT4ROI_GPU_TEST_DEVICE=cpu): it checks the
 test code and this script, never the GPU; its JSON says ``"dry_run": true`` and is not written under bench/results
 unless ``--out`` says so.
 """
@@ -19,9 +21,11 @@ import argparse
 import datetime as dt
 import importlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -76,6 +80,24 @@ def outcomes(junit_xml: Path) -> tuple[dict, dict]:
     return checks, failures
 
 
+def run_interruptibly(cmd: list, env: dict, timeout: float, grace: float = 30) -> int | str:
+    """Run pytest; at the time limit interrupt it as Ctrl-C would, so the tests already done still reach the report.
+
+    A killed pytest writes no JUnit file, and one slow test would then cost the record of every other one."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"\n== time limit ({timeout:.0f} s): interrupting the tests; the finished ones are reported", flush=True)
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        return "timeout"
+
+
 def slug(text: str) -> str:
     return re.sub("[^a-z0-9]+", "-", text.lower()).strip("-")[:48]
 
@@ -84,6 +106,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="folder for the JSON (default: bench/results; dry runs: a temp dir)")
     parser.add_argument("--timeout", type=int, default=240, help="seconds for the whole test run")
+    parser.add_argument("--workers", type=int, default=4, help="pytest-xdist processes sharing the GPU (0: one process)")
     parser.add_argument("--cpu-dry-run", action="store_true", help="run the gpu tests on the CPU (checks the tests only)")
     parser.add_argument("pytest_args", nargs="*")
     args = parser.parse_args(argv)
@@ -96,19 +119,20 @@ def main(argv=None) -> int:
     out_dir = args.out or (Path(tempfile.mkdtemp(prefix="gpu_check.")) if args.cpu_dry_run else REPO / "bench" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
     junit = out_dir / ".gpu_check_junit.xml"
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-q", "-rfEs",
-           f"--junitxml={junit}", *args.pytest_args, str(REPO / "tests")]
+    parallel = []
+    if args.workers > 0 and importlib.util.find_spec("xdist") is not None:
+        parallel = ["-n", str(args.workers), "--dist", "loadgroup"]
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-q", "-rfEs", "--durations=15",
+           *parallel, f"--junitxml={junit}", *args.pytest_args, str(REPO / "tests")]
+    print("$", " ".join(cmd[1:]), flush=True)
     start = time.perf_counter()
-    try:
-        rc = subprocess.run(cmd, cwd=REPO, env=env, timeout=args.timeout).returncode
-    except subprocess.TimeoutExpired:
-        rc = "timeout"
+    rc = run_interruptibly(cmd, env, args.timeout)
     wall = time.perf_counter() - start
     checks, failures = outcomes(junit) if junit.is_file() else ({}, {"pytest": "no JUnit report (timed out?)"})
     junit.unlink(missing_ok=True)
     device = device_name(args.cpu_dry_run)
     result = {"device": device, "dry_run": args.cpu_dry_run, "checks": checks, "versions": versions(),
-              "wall_s": round(wall, 1), "pytest_exit_code": rc, "failures": failures,
+              "wall_s": round(wall, 1), "workers": int(parallel[1]) if parallel else 1, "pytest_exit_code": rc, "failures": failures,
               "date": dt.date.today().isoformat()}
     path = out_dir / f"{result['date']}_{slug(device)}_gpu_check.json"
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

@@ -7,15 +7,17 @@
 #   bash bench/run_gpu.sh --no-gpu-check --only compile-224,search-336   # a follow-up call: only these settings
 #
 # Before the GPU call (on this machine, once):
-#   mkdir -p .whl && echo '*' > .whl/.gitignore          # git ignores the folder, so it travels only by carry
-#   mkdir -p .whl && cp /work/shared/gpu-wheels/*.whl .whl/ && rm .whl/bitsandbytes-*.whl   # QLoRA is not timed
-#   python -m pip download 'liger-kernel==0.8.5' --no-deps -d .whl                        # the `gpu` extra, 0.9 MB
+#   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d /tmp/liger liger-kernel==0.8.5
+#   python bench/prepare_gpu_wheels.py --from ../shared/gpu-wheels --liger /tmp/liger   # .whl/ (git ignores it), ~26 MiB
 # and call the device tool with carry [".whl"] and timeout_s 600.
 #
 # Time: the device tool allows 600 s per call, so the script keeps to BUDGET_S (default 570 s) from its start:
 # the gpu check gets at most GPU_CHECK_S (230 s); then the settings run in the order below, each in its own process
 # with its own time limit, clipped to what is left; a setting that would get less than MIN_SETTING_S (75 s) is
 # skipped and named at the end with the command that runs it. One failure or timeout leaves the others' results.
+# Every limit is an environment variable (BUDGET_S, GPU_CHECK_S, MIN_SETTING_S, T_LEVERS, T_EVAL, T_336, T_ZERO1,
+# T_COMPILE, T_SEARCH; EVAL_EXTRA adds arguments of bench/eval_throughput.py), so a short lease can run the same
+# script with a smaller budget.
 #
 # Settings (7B shapes, random bf16 weights, LoRA r=128 on every LLM linear + region encoder and projector trained,
 # micro-batches filled to 3072 tokens, >= 20 timed steps per arm, arms interleaved on one engine):
@@ -68,7 +70,9 @@ else
   BIG=8192 SEARCH=(--search-limit 131072 --pack-length 2048) COMPILE_WARMUP=(--warmup 4 --steps 20)
   LIGER="+liger"
   BUDGET_S="${BUDGET_S:-570}" GPU_CHECK_S="${GPU_CHECK_S:-230}" MIN_SETTING_S="${MIN_SETTING_S:-75}"
-  T_LEVERS=200 T_336=140 T_ZERO1=100 T_COMPILE=200 T_SEARCH=150 T_EVAL=180 EVAL_ARGS=(--repeats 2)
+  T_LEVERS="${T_LEVERS:-200}" T_336="${T_336:-140}" T_ZERO1="${T_ZERO1:-100}" T_COMPILE="${T_COMPILE:-200}"
+  T_SEARCH="${T_SEARCH:-150}" T_EVAL="${T_EVAL:-180}"
+  read -r -a EVAL_ARGS <<< "--repeats 2 ${EVAL_EXTRA:-}"  # EVAL_EXTRA="--regions 512": a shorter evaluation arm
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv || true
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # the GPU machine has the repository, not an installed package
@@ -80,14 +84,16 @@ CHECK_OUT="$STAGE/check"; [ "$SMOKE" = 0 ] && CHECK_OUT="bench/results"
 mkdir -p "$CHECK_OUT"
 FAILED=() SKIPPED=()
 wanted() { [ -z "$ONLY" ] || [[ "$ONLY" == *",$1,"* ]]; }
+keep() { [ -n "${OUT:-}" ] && cp "$@" "$OUT"/ 2>/dev/null; return 0; }  # each result reaches $OUT once written
 
-if [ "$GPU_CHECK" = 1 ] && [ -z "$ONLY" ]; then
+if [ "$GPU_CHECK" = 1 ]; then
   t=$(( $(left) < GPU_CHECK_S ? $(left) : GPU_CHECK_S ))
   echo "== gpu-marked tests (bench/gpu_check.py, up to ${t} s)"
   "$PY" bench/gpu_check.py --timeout "$t" --out "$CHECK_OUT" 2>&1 | tail -40
   rc=${PIPESTATUS[0]}
   # On a CPU every gpu test skips, which gpu_check reports as not passed: expected in the smoke run.
   if [ "$rc" != 0 ]; then echo "gpu check did not pass (exit $rc; CPU runs skip every gpu test); continuing with the benchmarks"; fi
+  keep "$CHECK_OUT"/*_gpu_check.json
 fi
 
 setting() {  # setting TAG TIMEOUT ARGS...: one train_throughput run, its own process and time limit
@@ -98,6 +104,7 @@ setting() {  # setting TAG TIMEOUT ARGS...: one train_throughput run, its own pr
   echo "== setting $tag (up to ${t} s): ${COMMON[*]} $*"
   timeout "$t" "$PY" bench/train_throughput.py "${COMMON[@]}" --tag "$tag" --out "$STAGE/train/$tag.json" "$@" \
     2> >(grep -v -e FutureWarning -e 'return func' -e 'warnings.warn' >&2) | tee -a "$STAGE/log.txt" || FAILED+=("$tag")
+  keep "$STAGE/train/$tag.json"
 }
 
 # ---- evaluation throughput -----------------------------------------------------------------------------------
@@ -111,6 +118,7 @@ eval_throughput() {
   echo "== setting $tag (up to ${t} s): bench/eval_throughput.py ${EVAL_ARGS[*]}"
   timeout "$t" "$PY" bench/eval_throughput.py "${EVAL_ARGS[@]}" --out "$STAGE/eval/eval.json" \
     2> >(grep -v -e FutureWarning -e 'return func' -e 'warnings.warn' >&2) | tee -a "$STAGE/log.txt" || FAILED+=("$tag")
+  keep "$STAGE/eval/eval.json"
 }
 
 PLAIN=(--arm baseline=padded --arm packed=packed)
@@ -156,6 +164,14 @@ for f in "${RESULTS[@]}"; do "$PY" - "$f" <<'PY'
 import json, sys
 sys.path.insert(0, ".")
 from bench.throughput.report import format_table
+print()
+print(format_table(json.load(open(sys.argv[1]))))
+PY
+done
+for f in "${EVALS[@]}"; do "$PY" - "$f" <<'PY'
+import json, sys
+sys.path.insert(0, ".")
+from bench.eval_throughput import format_table
 print()
 print(format_table(json.load(open(sys.argv[1]))))
 PY

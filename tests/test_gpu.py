@@ -25,11 +25,14 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE == "cuda" and not torch
 
 ENV = {**os.environ, "DS_ACCELERATOR": DEVICE, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4"), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-       # The eval scripts use the running Python as it is (the GPU machine has no project virtualenv).
-       "GPT4ROI_VENV": "system"}
+       # The eval scripts use the running Python as it is (the GPU machine has no project virtualenv): its
+       # folder goes first on PATH, so their `python3` is this one (a virtualenv's, in a CPU dry run).
+       "GPT4ROI_VENV": "system", "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
 # On a GPU: 40 bf16 steps with checkpoints every 20. The CPU dry run keeps the same shape at a size a CPU can run.
 STEPS, PRECISION = (40, "bf16") if DEVICE == "cuda" else (12, "fp32")
 HALF = STEPS // 2
+# bench/gpu_check.py runs these tests in parallel workers: the ones that read the one LoRA run stay on one worker.
+LORA_GROUP = pytest.mark.xdist_group("cuda_lora_run")
 LORA = ("lora.enabled=true", "lora.r=8", "lora.alpha=16", "lora.dropout=0.1", "model.freeze=stage2")
 
 
@@ -72,12 +75,14 @@ def lora_run(tiny_model_dir, synthetic_pix2cap, tmp_path_factory):
     return out
 
 
+@LORA_GROUP
 def test_cuda_lora_zero2_bf16_trains_and_loss_falls(lora_run):
     log = losses(lora_run)
     assert sorted(log) == list(range(1, STEPS + 1))
     assert sum(log[s] for s in range(STEPS - 2, STEPS + 1)) < sum(log[s] for s in (1, 2, 3)) - 0.3
 
 
+@LORA_GROUP
 def test_cuda_kill_9_after_the_step_20_checkpoint_then_resume_follows_the_uninterrupted_run(lora_run, tiny_model_dir, synthetic_pix2cap, tmp_path):
     crashed = tmp_path / "crashed"
     args = recipe(tiny_model_dir, synthetic_pix2cap, crashed, f"train.max_steps={STEPS}", f"train.save_steps={HALF}", *LORA,
@@ -97,6 +102,7 @@ def test_cuda_kill_9_after_the_step_20_checkpoint_then_resume_follows_the_uninte
         assert resumed[step] == pytest.approx(ref[step], rel=1e-3), (step, resumed[step], ref[step])
 
 
+@LORA_GROUP
 def test_cuda_adapter_export_loads_in_plain_peft_and_equals_the_merged_export(lora_run, tiny_model_dir, tmp_path):
     from peft import PeftModel
 
@@ -173,6 +179,7 @@ def test_cuda_generation_runs_in_bf16_with_boxes_and_masks(tiny_model_dir, tmp_p
     assert len(captioner([RegionRequest(image, prompt, [[20, 20, 90, 100]])])) == 1
 
 
+@LORA_GROUP
 def test_cuda_eval_vg_generates_in_bf16_and_scores_later_without_a_model(lora_run, tiny_model_dir, synthetic_pix2cap, tmp_path):
     adapter = tmp_path / "adapter"
     run_module("gpt4roi_sft.export", "--checkpoint", str(lora_run), "--out", str(adapter))
@@ -195,7 +202,7 @@ def test_cuda_eval_vg_generates_in_bf16_and_scores_later_without_a_model(lora_ru
         assert "CIDEr" in json.loads((out / "metrics.json").read_text())
 
 
-def test_cuda_eval_vipbench_generates_in_bf16(lora_run, tiny_model_dir, tmp_path):
+def test_cuda_eval_vipbench_generates_in_bf16(tiny_model_dir, tmp_path):
     fixture = tmp_path / "vip"
     run_module("data_converters.synthetic_vipbench", "--out", str(fixture), "--questions", "4")
     out = tmp_path / "vip_out"
