@@ -1,6 +1,6 @@
 """Run every ``gpu``-marked test and record the outcome per test, with the device and package versions.
 
-    python bench/gpu_check.py [--out bench/results] [--timeout 240] [--workers 4] [--cpu-dry-run] [-- PYTEST_ARGS...]
+    python bench/gpu_check.py [--out bench/results] [--timeout 240] [--workers 6] [--cpu-dry-run] [-- PYTEST_ARGS...]
 
 Writes ``<out>/<date>_<device>_gpu_check.json``::
 
@@ -69,11 +69,15 @@ def outcomes(junit_xml: Path) -> tuple[dict, dict]:
     checks, failures = {}, {}
     for case in ET.parse(junit_xml).getroot().iter("testcase"):
         name = case.get("name")
+        if not name:  # an interrupted run records the interruption as a nameless case
+            continue
         outcome = "passed"
         for child in case:
             if child.tag in ("failure", "error"):
                 outcome = "failed" if child.tag == "failure" else "error"
-                failures[name] = (child.get("message") or child.text or "")[:600]
+                # the message, then the end of the traceback: where it broke
+                text = (child.get("message") or "")[:400] + "\n...\n" + (child.text or "")[-1600:]
+                failures[name] = text
             elif child.tag == "skipped":
                 outcome = "skipped"
         checks[name] = outcome
@@ -106,7 +110,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="folder for the JSON (default: bench/results; dry runs: a temp dir)")
     parser.add_argument("--timeout", type=int, default=240, help="seconds for the whole test run")
-    parser.add_argument("--workers", type=int, default=4, help="pytest-xdist processes sharing the GPU (0: one process)")
+    parser.add_argument("--workers", type=int, default=6, help="pytest-xdist processes sharing the GPU (0: one process)")
     parser.add_argument("--cpu-dry-run", action="store_true", help="run the gpu tests on the CPU (checks the tests only)")
     parser.add_argument("pytest_args", nargs="*")
     args = parser.parse_args(argv)
@@ -116,6 +120,8 @@ def main(argv=None) -> int:
     if args.cpu_dry_run:
         env["GPT4ROI_GPU_TEST_DEVICE"] = "cpu"
         env.setdefault("DS_ACCELERATOR", "cpu")
+    else:  # tests/conftest.py defaults DeepSpeed to its CPU accelerator for the CPU suite
+        env.setdefault("DS_ACCELERATOR", "cuda")
     out_dir = args.out or (Path(tempfile.mkdtemp(prefix="gpu_check.")) if args.cpu_dry_run else REPO / "bench" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
     junit = out_dir / ".gpu_check_junit.xml"

@@ -16,8 +16,8 @@
 # with its own time limit, clipped to what is left; a setting that would get less than MIN_SETTING_S (75 s) is
 # skipped and named at the end with the command that runs it. One failure or timeout leaves the others' results.
 # Every limit is an environment variable (BUDGET_S, GPU_CHECK_S, MIN_SETTING_S, T_LEVERS, T_EVAL, T_336, T_ZERO1,
-# T_COMPILE, T_SEARCH; EVAL_EXTRA adds arguments of bench/eval_throughput.py), so a short lease can run the same
-# script with a smaller budget.
+# T_COMPILE, T_SEARCH; EVAL_EXTRA adds arguments of bench/eval_throughput.py; GPU_CHECK_K selects gpu tests as
+# pytest's -k does), so a short lease can run the same script with a smaller budget.
 #
 # Settings (7B shapes, random bf16 weights, LoRA r=128 on every LLM linear + region encoder and projector trained,
 # micro-batches filled to 3072 tokens, >= 20 timed steps per arm, arms interleaved on one engine):
@@ -89,7 +89,8 @@ keep() { [ -n "${OUT:-}" ] && cp "$@" "$OUT"/ 2>/dev/null; return 0; }  # each r
 if [ "$GPU_CHECK" = 1 ]; then
   t=$(( $(left) < GPU_CHECK_S ? $(left) : GPU_CHECK_S ))
   echo "== gpu-marked tests (bench/gpu_check.py, up to ${t} s)"
-  "$PY" bench/gpu_check.py --timeout "$t" --out "$CHECK_OUT" 2>&1 | tail -40
+  SELECT=(); [ -n "${GPU_CHECK_K:-}" ] && SELECT=(-- -k "$GPU_CHECK_K")  # GPU_CHECK_K: pytest -k, to rerun some tests
+  "$PY" bench/gpu_check.py --timeout "$t" --out "$CHECK_OUT" "${SELECT[@]}" 2>&1 | tail -60
   rc=${PIPESTATUS[0]}
   # On a CPU every gpu test skips, which gpu_check reports as not passed: expected in the smoke run.
   if [ "$rc" != 0 ]; then echo "gpu check did not pass (exit $rc; CPU runs skip every gpu test); continuing with the benchmarks"; fi

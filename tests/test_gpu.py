@@ -179,10 +179,12 @@ def test_cuda_generation_runs_in_bf16_with_boxes_and_masks(tiny_model_dir, tmp_p
     assert len(captioner([RegionRequest(image, prompt, [[20, 20, 90, 100]])])) == 1
 
 
-@LORA_GROUP
-def test_cuda_eval_vg_generates_in_bf16_and_scores_later_without_a_model(lora_run, tiny_model_dir, synthetic_pix2cap, tmp_path):
-    adapter = tmp_path / "adapter"
-    run_module("gpt4roi_sft.export", "--checkpoint", str(lora_run), "--out", str(adapter))
+def test_cuda_eval_vg_generates_in_bf16_and_scores_later_without_a_model(tiny_model_dir, synthetic_pix2cap, tmp_path):
+    # its own short LoRA run, so this test runs beside the 40-step one instead of after it
+    trained, adapter = tmp_path / "lora", tmp_path / "adapter"
+    train(recipe(tiny_model_dir, synthetic_pix2cap, trained, "train.max_steps=6", "train.save_steps=6", *LORA,
+                 "deepspeed.config=ds_configs/zero2.json"))
+    run_module("gpt4roi_sft.export", "--checkpoint", str(trained), "--out", str(adapter))
     out = tmp_path / "vg"
     proc = subprocess.run(["bash", str(REPO / "scripts" / "eval_vg.sh"), "--model", tiny_model_dir, "--adapter", str(adapter),
                            "--annotations", str(synthetic_pix2cap["vg_test"]), "--image-root", str(synthetic_pix2cap["root"]),

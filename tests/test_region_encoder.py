@@ -89,3 +89,21 @@ def test_transform_boxes_feed_the_encoder_as_fractions():
     # boxes from ImageTransform are fractions of the square; the encoder scales them to pixels itself.
     out = ImageTransform(size=IMAGE)(Image.new("RGB", (224, 112)), [[0, 0, 112, 56]])
     torch.testing.assert_close(out.boxes, torch.tensor([[0.0, 0.0, 0.5, 0.5]]))
+
+
+@pytest.mark.parametrize("mode", ["box", "box+mask"])
+def test_many_images_are_encoded_in_passes_with_the_same_result(mode, monkeypatch):
+    """A generation batch of hundreds of distinct images is split so no map passes CUDA's 2**31-element limit."""
+    import gpt4roi_sft.model.region_encoder as region_encoder
+
+    enc, feats = _encoder(mode), _layer_features(images=5)
+    boxes = [torch.tensor([[0.1 * i, 0.0, 0.6, 0.5 + 0.1 * i]] * (1 + i % 2)) for i in range(5)]
+    masks = [torch.zeros(len(b), IMAGE, IMAGE).index_fill_(2, torch.arange(10 * i, 10 * i + 40), 1) for i, b in enumerate(boxes)]
+    whole = enc(feats, boxes, masks)
+    finest = 16 * GRID * GRID * 64
+    monkeypatch.setattr(region_encoder, "MAX_MAP_ELEMENTS", 2 * finest)
+    assert enc.images_per_pass(feats) == 2
+    calls = []
+    monkeypatch.setattr(enc, "multi_level_maps", lambda f, inner=enc.multi_level_maps: calls.append(len(f[0])) or inner(f))
+    torch.testing.assert_close(enc(feats, boxes, masks), whole, atol=1e-5, rtol=1e-5)
+    assert calls == [2, 2, 1]

@@ -196,7 +196,7 @@ def test_cuda_compile_and_channels_last_give_the_plain_loss(tiny_model_dir, tiny
 
 @pytest.mark.gpu
 @needs_cuda
-def test_cuda_engine_uses_fused_adamw(tiny_model_dir, tmp_path):
+def test_cuda_engine_uses_fused_adamw(tiny_model_dir, tmp_path, monkeypatch):
     """build_engine hands DeepSpeed a fused torch AdamW on GPU (no DeepSpeed op is compiled)."""
     import deepspeed
 
@@ -205,8 +205,14 @@ def test_cuda_engine_uses_fused_adamw(tiny_model_dir, tmp_path):
     from gpt4roi_sft.train.loop import build_engine
     from gpt4roi_sft.train.modes import apply_training_mode
 
-    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(free_port())})
+    import deepspeed.accelerator as ds_accelerator
+    from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
+
+    # conftest sets DS_ACCELERATOR=cpu for the CPU suite; this test builds a CUDA engine in this process
+    monkeypatch.setattr(ds_accelerator.real_accelerator, "ds_accelerator", CUDA_Accelerator())
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(key, value)
     deepspeed.init_distributed(dist_backend="nccl")
     cfg = load_config(None, ["lora.enabled=true", "lora.r=4", "train.precision=bf16", "deepspeed.config=ds_configs/zero2.json"])
     model, _ = load_model(tiny_model_dir, torch_dtype=torch.bfloat16)

@@ -143,7 +143,9 @@ class GPT4RoIForCausalLM(GPT4RoIPreTrainedModel, GenerationMixin):
     def _vision_hidden_states(self, pixel_values: torch.Tensor):
         ctx = torch.no_grad() if self.vision_tower_frozen else nullcontext()
         with ctx:
-            out = self.vision_tower(pixel_values.to(self.vision_tower.dtype), output_hidden_states=True)
+            # pixel values may arrive from the host (processor output): the tower runs where its weights are
+            pixels = pixel_values.to(device=self.vision_tower.device, dtype=self.vision_tower.dtype)
+            out = self.vision_tower(pixels, output_hidden_states=True)
         return out.hidden_states
 
     def embed_multimodal(

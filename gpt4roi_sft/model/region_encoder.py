@@ -33,6 +33,9 @@ from torch import nn
 from torchvision.ops import roi_align
 
 NUM_LEVELS = 4
+# Elements of the finest multi-level map built in one pass (see RegionEncoder.images_per_pass); 2**31 is where
+# CUDA's upsampling kernels stop, and half of it keeps one pass of a large generation batch a few GB.
+MAX_MAP_ELEMENTS = 2**30
 
 
 def pool_boxes(fmap: torch.Tensor, boxes: list[torch.Tensor], image_size: int, output_size: int) -> torch.Tensor:
@@ -196,6 +199,15 @@ class RegionEncoder(nn.Module):
             maps.append(self._layout(F.interpolate(grid, size=(side, side), mode="bilinear", align_corners=True)))
         return self.mlvl_fuse(maps)
 
+    def images_per_pass(self, layer_features: Sequence[torch.Tensor]) -> int:
+        """How many images' maps one pass builds: the finest map of all of them stays under ``MAX_MAP_ELEMENTS``.
+
+        A generation batch of a few hundred distinct images (one region each) would otherwise build a map of
+        more than 2**31 elements, which CUDA's upsampling kernels refuse, and hold it all in memory at once."""
+        _, p, c = layer_features[0].shape
+        finest = c * p * 4 ** (NUM_LEVELS - 1)
+        return max(1, MAX_MAP_ELEMENTS // finest)
+
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
@@ -235,6 +247,11 @@ class RegionEncoder(nn.Module):
         """
         if len(boxes) != layer_features[0].shape[0]:
             raise ValueError(f"{len(boxes)} box lists for {layer_features[0].shape[0]} images")
+        step = self.images_per_pass(layer_features)
+        if len(boxes) > step:  # regions come out in image order, so chunks of images concatenate in order
+            return torch.cat([self(
+                [f[i:i + step] for f in layer_features], boxes[i:i + step], None if masks is None else masks[i:i + step])
+                for i in range(0, len(boxes), step)])
         maps = self.multi_level_maps(layer_features)
         all_boxes = torch.cat(list(boxes)).to(maps[0].dtype)
         feats = self.box_embed(all_boxes)
