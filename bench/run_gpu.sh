@@ -139,12 +139,14 @@ setting search-336 "$T_SEARCH" --image-size 336 --arm every="$EVERY" --max-budge
 shopt -s nullglob
 RESULTS=("$STAGE"/train/*.json)
 EVALS=("$STAGE"/eval/*.json)
-if [ "${#RESULTS[@]}" = 0 ]; then echo "no setting produced a result"; exit 1; fi
-"$PY" bench/train_throughput.py --summarize "${RESULTS[@]}" > "$STAGE/table.txt"
+if [ "${#RESULTS[@]}" = 0 ] && [ "${#EVALS[@]}" = 0 ]; then echo "no setting produced a result"; exit 1; fi
+touch "$STAGE/table.txt"
+[ "${#RESULTS[@]}" = 0 ] || "$PY" bench/train_throughput.py --summarize "${RESULTS[@]}" > "$STAGE/table.txt"
 
 if [ "$SMOKE" = 0 ]; then
   DAY="$(date +%F)"
-  SLUG="$("$PY" -c "import json,re,sys; d=json.load(open(sys.argv[1]))['device']; print(re.sub('[^a-z0-9]+','-',d.lower()).strip('-')[:48])" "${RESULTS[0]}")"
+  FIRST=("${RESULTS[@]}" "${EVALS[@]}")
+  SLUG="$("$PY" -c "import json,re,sys; d=json.load(open(sys.argv[1]))['device']; print(re.sub('[^a-z0-9]+','-',d.lower()).strip('-')[:48])" "${FIRST[0]}")"
   for f in "${RESULTS[@]}" "${EVALS[@]}"; do cp "$f" "bench/results/${DAY}_${SLUG}_$(basename "$f")"; done
   # bench/results/<date>_<gpu>_eval.json carries regions_per_s
   cp "$STAGE/table.txt" "bench/results/${DAY}_${SLUG}_table.txt"
