@@ -242,17 +242,22 @@ def run(args) -> dict:
             fast.fast.share_prefix = False
             result["arms"]["fast_unshared"] = time_arm("fast_unshared", fast, samples[:args.unshared_regions], rows,
                                                        args, device, workdir)
-    arms = result["arms"]
-    result["regions_per_s"] = arms["fast"]["regions_per_s"]
-    result["regions_per_s_unshared"] = arms["fast_unshared"]["regions_per_s"] if "fast_unshared" in arms else None
-    result["speedup_vs_eager"] = arms["fast"]["regions_per_s"] / arms["eager"]["regions_per_s"] if "eager" in arms else None
-    if "eager" in arms:
-        both = arms["eager"]["answers"]
-        same = sum(arms["fast"]["answers"].get(k) == v for k, v in both.items())
-        result["answers_equal_fraction"] = same / len(both)
-    for arm in arms.values():
+    summarize(result)
+    for arm in result["arms"].values():
         arm.pop("answers", None)
     return result
+
+
+def summarize(result: dict) -> None:
+    """The headline fields from the arms timed so far (a run cut short by its time limit still carries them)."""
+    arms = result["arms"]
+    fast, eager = arms.get("fast"), arms.get("eager")
+    result["regions_per_s"] = fast["regions_per_s"] if fast else None
+    result["regions_per_s_unshared"] = arms["fast_unshared"]["regions_per_s"] if "fast_unshared" in arms else None
+    result["speedup_vs_eager"] = fast["regions_per_s"] / eager["regions_per_s"] if fast and eager else None
+    if fast and eager and "answers" in eager and "answers" in fast:
+        both = eager["answers"]
+        result["answers_equal_fraction"] = sum(fast["answers"].get(k) == v for k, v in both.items()) / len(both)
 
 
 def results_path(args, result: dict) -> Path:
@@ -267,6 +272,7 @@ def write(args, result: dict) -> Path:
 
     path = results_path(args, result)
     path.parent.mkdir(parents=True, exist_ok=True)
+    summarize(result)
     write_json_atomic(path, {k: v for k, v in result.items() if k != "arms"}
                       | {"arms": {n: {k: v for k, v in a.items() if k != "answers"} for n, a in result["arms"].items()}},
                       indent=1)
@@ -284,8 +290,9 @@ def format_table(result: dict) -> str:
              f"{result['new_tokens_per_region']} new tokens per region"]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
     if result.get("speedup_vs_eager") is not None:
-        lines.append(f"fast vs eager: {result['speedup_vs_eager']:.2f}x regions/s; answers equal for "
-                     f"{100 * result['answers_equal_fraction']:.0f}% of the eager arm's regions")
+        same = result.get("answers_equal_fraction")
+        lines.append(f"fast vs eager: {result['speedup_vs_eager']:.2f}x regions/s" + (
+            f"; answers equal for {100 * same:.0f}% of the eager arm's regions" if same is not None else ""))
     return "\n".join(lines)
 
 

@@ -273,6 +273,9 @@ def main(argv=None) -> int:
         summary = finalize(samples, merge_shards(Path(config.out), config.num_shards), Path(config.out),
                            config.spice_jars, skipped,
                            harness.merged_provenance(Path(config.out), PARTIAL_NAME, config.num_shards))
+        if args.score_only and summary["metrics"] is None:  # asked to score, and cannot: not a success
+            raise ConfigError(f"--score-only: {summary['scoring_note']}; the predictions stay in "
+                              f"{Path(config.out) / 'predictions.json'}")
     else:
         summary = evaluate(config)
     if summary is not None and summary["metrics"] is None:

@@ -10,7 +10,7 @@ from PIL import Image
 
 from eval import vg
 from eval.prediction_store import PredictionStore
-from gpt4roi_sft.errors import DataError
+from gpt4roi_sft.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = ["red", "blue", "red", "yellow", "red", "blue"]
@@ -271,10 +271,22 @@ def test_without_java_the_cli_says_in_one_line_how_to_score_later(tmp_path, monk
     vg.evaluate(config(tmp_path, ann, images), RecordingCaptioner())  # predictions stored and scored
     capsys.readouterr()
     monkeypatch.setattr(caption_metrics.shutil, "which", lambda name: None)
-    assert vg.main(["--score-only", "--annotations", str(ann), "--out", str(out)]) == 0
+    assert vg.main(["--annotations", str(ann), "--image-root", str(images), "--out", str(out), "--merge"]) == 0
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 1 and "--score-only" in printed[0] and "java" in printed[0], printed
     assert not (out / "metrics.json").exists(), "scores of earlier predictions must not be left beside new ones"
+
+
+def test_score_only_that_cannot_score_fails_in_one_line_and_keeps_the_predictions(tmp_path, monkeypatch):
+    from eval import caption_metrics
+
+    ann, images = write_test_file(tmp_path)
+    out = tmp_path / "out"
+    vg.evaluate(config(tmp_path, ann, images), RecordingCaptioner())
+    monkeypatch.setattr(caption_metrics.shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError, match=r"^--score-only: scoring needs .*java.*predictions\.json$"):
+        vg.main(["--score-only", "--annotations", str(ann), "--out", str(out)])
+    assert len(json.loads((out / "predictions.json").read_text())) == 6
 
 
 def test_cli_with_a_missing_model_exits_2_in_one_line_even_when_old_predictions_are_stored(tmp_path):
