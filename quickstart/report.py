@@ -32,7 +32,16 @@ def evaluated_model(summary: dict) -> Optional[dict]:
     return (((summary.get("provenance") or {}).get("produced_by")) or {}).get("model")
 
 
-def build_report(before: dict, after: dict, train_log: List[dict]) -> dict:
+SEGCAP_KEYS = ("PQ", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "mAP")
+
+
+def segcap_summary(metrics: dict) -> dict:
+    """The report's part of an ``eval.segcap`` ``metrics.json``: PQ, the scaled caption metrics and mAP."""
+    return {**{k: metrics.get(k) for k in SEGCAP_KEYS}, "images": metrics.get("images"),
+            "segments": metrics.get("gt_segments"), "model": evaluated_model({"provenance": metrics.get("provenance")})}
+
+
+def build_report(before: dict, after: dict, train_log: List[dict], segcap: Optional[dict] = None) -> dict:
     """The report.json payload: metrics of both runs, attribute accuracy with chance, the training summary and the
     checkpoint the trained model was exported from.
 
@@ -47,6 +56,12 @@ def build_report(before: dict, after: dict, train_log: List[dict]) -> dict:
         "num_samples": after.get("num_samples"),
         "evaluated": {"before": evaluated_model(before), "after": evaluated_model(after)},
     }
+    if segcap is not None:
+        report["segmentation_captioning"] = seg = segcap_summary(segcap)
+        prints = ((seg["model"] or {}).get("fingerprint"), (evaluated_model(after) or {}).get("fingerprint"))
+        if None not in prints and prints[0] != prints[1]:
+            raise DataError(f"the segmentation-captioning scores are of model weights {prints[0]}, the region "
+                            f"captioning ones of {prints[1]}; evaluate the same trained model in both")
     if train_log:
         report["training"] = {
             "steps": train_log[-1]["step"],
@@ -95,6 +110,14 @@ def report_markdown(report: dict) -> str:
     cider = report["after"].get("CIDEr"), report["before"].get("CIDEr")
     if None not in cider:
         lines += ["", f"CIDEr gain: {100 * (cider[0] - cider[1]):+.1f} points."]
+    seg = report.get("segmentation_captioning")
+    if seg:
+        lines += ["", "Segmentation captioning (Pix2Cap-COCO's protocol, `eval.segcap`): the trained model captions the "
+                  f"ground-truth panoptic segments of {seg['images']} held-out images ({seg['segments']} segments), "
+                  "so PQ is 100 by construction and the caption metrics are not scaled down; mAP is DenseCap-style "
+                  "(METEOR thresholds x IoU thresholds). Scores x100:", "",
+                  "| " + " | ".join(SEGCAP_KEYS) + " |", "|---" * len(SEGCAP_KEYS) + "|",
+                  "| " + " | ".join(_fmt(seg.get(k)) for k in SEGCAP_KEYS) + " |"]
     return "\n".join(lines) + "\n"
 
 
@@ -216,11 +239,18 @@ def main(argv=None) -> int:
     p.add_argument("--annotations", type=Path, required=True)
     p.add_argument("--image-root", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--segcap", type=Path, help="eval.segcap_predict output dir of the trained model (ground-truth segments)")
     args = p.parse_args(argv)
     before, after = _read_summary(args.before), _read_summary(args.after)
     log_path = args.train_dir / "train_log.jsonl"
     train_log = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()] if log_path.is_file() else []
-    report = build_report(before, after, train_log)
+    segcap = None
+    if args.segcap is not None:
+        path = args.segcap / "metrics.json"
+        if not path.is_file():
+            raise DataError(f"{path}: missing; run eval.segcap_predict into {args.segcap} first")
+        segcap = json.loads(path.read_text(encoding="utf-8"))
+    report = build_report(before, after, train_log, segcap)
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / "report.json", report)
     write_text_atomic(args.out / "report.md", report_markdown(report))

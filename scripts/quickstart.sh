@@ -14,12 +14,17 @@ stage "setting up the environment (.venv)"
 source "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
 export TOKENIZERS_PARALLELISM=false PYTHONWARNINGS="ignore::FutureWarning" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
+# QUICKSTART_SEED=1 bash scripts/quickstart.sh: another draw of data, random model and training order, in runs/quickstart_seed1.
+SEED="${QUICKSTART_SEED:-0}"
 RUN=runs/quickstart
+[ "$SEED" = 0 ] || RUN="runs/quickstart_seed$SEED"
+PATHS=(model.path="$RUN/tiny_model" data.train="$RUN/train.jsonl" data.image_root="$RUN/data"
+       train.output_dir="$RUN/train" train.seed="$SEED")
 mkdir -p "$RUN"
 
 stage "generating synthetic Pix2Cap-COCO data ($RUN/data)"
 if [ ! -f "$RUN/data/annotations/test_caption.json" ]; then
-  python -m data_converters.synthetic --out "$RUN/data" --train-images 2000 --val-images 100 --seed 0
+  python -m data_converters.synthetic --out "$RUN/data" --train-images 2000 --val-images 100 --seed "$SEED"
 else
   echo "already there"
 fi
@@ -30,15 +35,15 @@ python -m data_converters.pix2cap --annotations "$RUN/data/annotations/pix2cap_c
 
 stage "building the tiny random base model ($RUN/tiny_model)"
 if [ ! -f "$RUN/tiny_model/config.json" ]; then
-  python -m quickstart.tiny_model --out "$RUN/tiny_model" --seed 0
+  python -m quickstart.tiny_model --out "$RUN/tiny_model" --seed "$SEED"
 else
   echo "already there"
 fi
 
 stage "fine-tuning: deepspeed --num_gpus 2 train_sft.py --config configs/quickstart.yaml (2 CPU processes)"
-python train_sft.py --config configs/quickstart.yaml --check
+python train_sft.py --config configs/quickstart.yaml --check "${PATHS[@]}"
 deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29520}" \
-  train_sft.py --config configs/quickstart.yaml
+  train_sft.py --config configs/quickstart.yaml "${PATHS[@]}"
 
 stage "exporting the trained model ($RUN/trained_model)"
 python -m gpt4roi_sft.export --checkpoint "$RUN/train" --out "$RUN/trained_model" --overwrite
@@ -50,8 +55,13 @@ python -m eval.vg --model "$RUN/tiny_model" --out "$RUN/eval_before" "${VG[@]}"
 stage "evaluating the trained model on the same images"
 python -m eval.vg --model "$RUN/trained_model" --out "$RUN/eval_after" "${VG[@]}"
 
+stage "segmentation captioning: the trained model on the ground-truth segments of the held-out images"
+python -m eval.segcap_predict --data "$RUN/data" --split val --model "$RUN/trained_model" --out "$RUN/segcap_after" \
+  --batch-size 32 --max-new-tokens 48 --overwrite
+
 stage "report"
 python -m quickstart.report --before "$RUN/eval_before" --after "$RUN/eval_after" --train-dir "$RUN/train" \
-  --annotations "$RUN/data/annotations/test_caption.json" --image-root "$RUN/data" --out "$RUN"
+  --annotations "$RUN/data/annotations/test_caption.json" --image-root "$RUN/data" --segcap "$RUN/segcap_after" \
+  --out "$RUN"
 echo
 echo "Done in $(( $(date +%s) - START ))s. Read $RUN/report.md; pictures: $RUN/loss.png, $RUN/example_captions.png"

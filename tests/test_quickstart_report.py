@@ -110,3 +110,46 @@ def test_the_smoothed_loss_follows_a_fast_falling_start_without_lag():
     assert smooth[0] == pytest.approx(losses[0])
     # A trailing 21-step mean sits at 2.4 at step 20 where the loss is 0.69; the centred one stays within 15%.
     assert all(abs(a - b) / b < 0.15 for a, b in zip(smooth[:60], losses[:60]))
+
+
+def segcap_dir(synthetic_pix2cap, out: Path) -> Path:
+    """A real eval.segcap metrics.json: a stand-in captioner on the ground-truth segments of two val images."""
+    from eval import segcap_predict
+
+    class Echo:
+        def __call__(self, requests):
+            return ["a red circle on a white ground"] * len(requests)
+
+    cfg = segcap_predict.SegCapRunConfig(data=synthetic_pix2cap["root"], out=out, batch_size=4, max_images=2)
+    segcap_predict.run(cfg, captioner=Echo())
+    return out
+
+
+def test_report_adds_segmentation_captioning_of_the_trained_model(tmp_path, synthetic_pix2cap):
+    captions = {i: f"caption {i}" for i in range(1, 5)}
+    before = eval_dir(tmp_path / "before", 0.05, 0.1, captions)
+    after = eval_dir(tmp_path / "after", 0.45, 0.6, captions, step=40)
+    seg = segcap_dir(synthetic_pix2cap, tmp_path / "segcap")
+    metrics = json.loads((seg / "metrics.json").read_text())
+    ann, images = write_test_file(tmp_path, n=4)
+    proc = subprocess.run([sys.executable, "-m", "quickstart.report", "--before", str(before), "--after", str(after),
+                           "--train-dir", str(train_dir(tmp_path / "train", 40)), "--annotations", str(ann),
+                           "--image-root", str(images), "--segcap", str(seg), "--out", str(tmp_path / "report")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    part = json.loads((tmp_path / "report" / "report.json").read_text())["segmentation_captioning"]
+    assert part["PQ"] == 1.0 and part["images"] == 2 and part["segments"] == metrics["gt_segments"]
+    assert part["CIDEr"] == metrics["CIDEr"] and part["mAP"] == metrics["mAP"]
+    assert "Segmentation captioning" in proc.stdout and f"| {100 * metrics['CIDEr']:.1f} |" in proc.stdout
+
+
+def test_report_refuses_segmentation_scores_of_another_model():
+    from quickstart.report import build_report
+
+    def summary(fingerprint):
+        return {"metrics": {"CIDEr": 0.1}, "provenance": {"produced_by": {"model": {"path": "m", "fingerprint": fingerprint}}}}
+
+    segcap = {"PQ": 1.0, "CIDEr": 0.2, "images": 2, "gt_segments": 5, "provenance": summary("bbbb")["provenance"]}
+    with pytest.raises(Exception, match="same trained model"):
+        build_report(summary("aaaa"), summary("aaaa"), [], segcap)
+    assert build_report(summary("aaaa"), summary("bbbb"), [], segcap)["segmentation_captioning"]["CIDEr"] == 0.2
