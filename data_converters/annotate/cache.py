@@ -26,14 +26,6 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = 1
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def request_key(*, image_sha256: str, panoptic_sha256: str, segment_ids: Sequence[int], prompt: str,
                 reask_template: str, model: str, mark_style: dict, round_: int = 0) -> str:
     """A hex digest of what one request shows and asks; equal keys mean an interchangeable answer."""

@@ -37,7 +37,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data_converters.annotate.cache import ReplyCache, file_sha256, request_key
+from data_converters.annotate.cache import ReplyCache, request_key
+from gpt4roi_sft.provenance import file_sha256
 from data_converters.annotate.client import MarkCaptioner
 from data_converters.annotate.marks import MarkStyle, render_marks
 from data_converters.annotate.prompt import PROMPT_TEMPLATE, REASK_TEMPLATE, category_hint, prompt_text
