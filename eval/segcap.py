@@ -588,16 +588,6 @@ def format_table(m: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
-def evaluate_given_segments(model_dir, data_dir, out, **kwargs) -> dict:
-    """Caption the ground-truth segments of a Pix2Cap-layout ``data_dir`` with ``model_dir`` and score them.
-
-    For reports (e.g. the quickstart's); see :func:`eval.segcap_predict.evaluate_given_segments` for ``kwargs``.
-    """
-    from eval.segcap_predict import evaluate_given_segments as predict_and_score
-
-    return predict_and_score(model_dir, data_dir, out, **kwargs)
-
-
 def add_nltk_data(folder: Path) -> None:
     """Let NLTK find its data (``corpora/wordnet``) in ``folder`` too (entry points call this for ``--nltk-data``)."""
     try:

@@ -264,7 +264,7 @@ def test_mask_mode_captioner_without_masks_names_the_request():
 
 def test_evaluate_given_segments_returns_the_metrics(synthetic_pix2cap, tmp_path):
     root = synthetic_pix2cap["root"]
-    metrics = segcap.evaluate_given_segments(None, root, tmp_path, max_images=1, captioner=RecordingCaptioner())
+    metrics = segcap_predict.evaluate_given_segments(None, root, tmp_path, max_images=1, captioner=RecordingCaptioner())
     assert metrics["PQ"] == 1.0 and metrics["images"] == 1 and all(k in metrics for k in segcap.CAPTION_KEYS)
     assert json.loads((tmp_path / "metrics.json").read_text())["TP"] == metrics["TP"]
 
