@@ -57,6 +57,21 @@ ZERO2_LORA = ("train.max_steps=20", "train.save_steps=10", "lora.enabled=true", 
               "model.freeze=stage2", "deepspeed.config=ds_configs/zero2.json")
 
 
+def test_a_cpu_run_leaves_no_deepspeed_shared_memory_behind(tiny_model_dir, synthetic_pix2cap, tmp_path):
+    """DeepSpeed's CPU all-reduce creates a ~69 MB /dev/shm file per process and never removes it."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm here")
+    port = str(free_port())
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", port, str(REPO / "train_sft.py"),
+           *recipe_args(tiny_model_dir, synthetic_pix2cap, tmp_path / "run", "train.max_steps=2", "train.save_steps=2")]
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "deepspeed_shm_comm_op" in proc.stdout + proc.stderr  # the shared-memory all-reduce was in use
+    left = sorted(p.name for p in shm.glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not left, left
+
+
 @pytest.fixture(scope="module")
 def zero2_lora_run(tiny_model_dir, synthetic_pix2cap, tmp_path_factory):
     out = tmp_path_factory.mktemp("zero2_lora")

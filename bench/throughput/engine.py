@@ -96,6 +96,10 @@ def init_single_process_group(on_cpu: bool, port: Optional[int]) -> None:
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"})
         os.environ["MASTER_PORT"] = str(port or os.environ.get("MASTER_PORT", 29531))
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
+    if on_cpu:  # DeepSpeed's CPU all-reduce leaves a 69 MB /dev/shm file per run unless its name is released
+        from gpt4roi_sft.train.distributed import Collectives, release_cpu_allreduce_buffer
+
+        release_cpu_allreduce_buffer(Collectives("cpu"))
 
 
 def training_config(args, ds_config_path: str):

@@ -7,6 +7,8 @@ calls a collective itself; :class:`Collectives` builds every tensor it reduces o
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, List, Optional, Sequence, Union
 
 import torch
@@ -73,3 +75,27 @@ class Collectives:
             dist.barrier()
         else:
             dist.barrier(device_ids=[self.device.index or 0])
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+def cpu_allreduce_buffer(rank: int, shm_dir: Path = SHM_DIR) -> Path:
+    """The shared-memory file DeepSpeed's CPU all-reduce creates for ``rank`` of this process group."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return shm_dir / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_cpu_allreduce_buffer(comm: Collectives, shm_dir: Path = SHM_DIR) -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer name once every rank has mapped every buffer.
+
+    DeepSpeed's CPU shared-memory all-reduce creates one ~69 MB file per process in /dev/shm, named by
+    MASTER_ADDR, MASTER_PORT and rank, and never removes it: every CPU run on a new port left 140 MB behind (a
+    day of test runs filled 19 GB of a 24 GB machine's memory and stalled the next training). Each rank maps
+    every peer's buffer while the process group starts, and a mapping outlives its name, so after a barrier the
+    names can go at once: a finished, failed or killed run then leaves nothing behind.
+    """
+    if comm.device.type != "cpu" or not shm_dir.is_dir():
+        return
+    comm.barrier()
+    cpu_allreduce_buffer(comm.rank, shm_dir).unlink(missing_ok=True)

@@ -24,7 +24,7 @@ from gpt4roi_sft.model.modeling import check_multimodal_counts
 from gpt4roi_sft.train import checkpoint as ckpt
 from gpt4roi_sft.train.deepspeed_config import fill_auto_values
 from gpt4roi_sft.train.data_stream import DataPosition
-from gpt4roi_sft.train.distributed import Collectives, training_device
+from gpt4roi_sft.train.distributed import Collectives, release_cpu_allreduce_buffer, training_device
 from gpt4roi_sft.train.speedups import apply_speedups
 from gpt4roi_sft.train.modes import (
     apply_training_mode,
@@ -241,6 +241,7 @@ def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
         accel.set_device(local_rank)
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu else accel.communication_backend_name())
     comm = Collectives(device)
+    release_cpu_allreduce_buffer(comm)
     rank, world = comm.rank, comm.world_size
     is_rank0 = rank == 0
     out_dir = Path(cfg.train.output_dir)
