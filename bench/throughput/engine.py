@@ -90,16 +90,12 @@ def init_single_process_group(on_cpu: bool, port: Optional[int]) -> None:
 
     ``port`` (``--port``) wins over an inherited ``MASTER_PORT``; without either, 29531.
     """
-    import deepspeed
+    from gpt4roi_sft.train.distributed import start_process_group
 
     if "WORLD_SIZE" not in os.environ:
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"})
         os.environ["MASTER_PORT"] = str(port or os.environ.get("MASTER_PORT", 29531))
-    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
-    if on_cpu:  # DeepSpeed's CPU all-reduce leaves a 69 MB /dev/shm file per run unless its name is released
-        from gpt4roi_sft.train.distributed import Collectives, release_cpu_allreduce_buffer
-
-        release_cpu_allreduce_buffer(Collectives("cpu"))
+    start_process_group("cpu" if on_cpu else "cuda", "gloo" if on_cpu else "nccl")
 
 
 def training_config(args, ds_config_path: str):

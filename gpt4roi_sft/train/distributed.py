@@ -99,3 +99,17 @@ def release_cpu_allreduce_buffer(comm: Collectives, shm_dir: Path = SHM_DIR) -> 
         return
     comm.barrier()
     cpu_allreduce_buffer(comm.rank, shm_dir).unlink(missing_ok=True)
+
+
+def start_process_group(device: Union[str, torch.device], backend: str) -> Collectives:
+    """``deepspeed.init_distributed`` with ``backend``, then the :class:`Collectives` of ``device``.
+
+    On the CPU, DeepSpeed's shared-memory buffer names are released as soon as every rank has mapped them
+    (:func:`release_cpu_allreduce_buffer`), so no run leaves one behind.
+    """
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend)
+    comm = Collectives(device)
+    release_cpu_allreduce_buffer(comm)
+    return comm

@@ -24,7 +24,7 @@ from gpt4roi_sft.model.modeling import check_multimodal_counts
 from gpt4roi_sft.train import checkpoint as ckpt
 from gpt4roi_sft.train.deepspeed_config import fill_auto_values
 from gpt4roi_sft.train.data_stream import DataPosition
-from gpt4roi_sft.train.distributed import Collectives, release_cpu_allreduce_buffer, training_device
+from gpt4roi_sft.train.distributed import Collectives, start_process_group, training_device
 from gpt4roi_sft.train.speedups import apply_speedups
 from gpt4roi_sft.train.modes import (
     apply_training_mode,
@@ -228,7 +228,6 @@ def resume_position(stream, saved: Dict[str, Any], resume_dir: Path, rank: int, 
 
 def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
     """Run (or resume) the training described by ``cfg``; returns a summary dict on every rank."""
-    import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     from gpt4roi_sft.train.data_stream import build_stream
@@ -239,9 +238,7 @@ def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
     device = training_device(accel.device_name(), local_rank)
     if not on_cpu:
         accel.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else accel.communication_backend_name())
-    comm = Collectives(device)
-    release_cpu_allreduce_buffer(comm)
+    comm = start_process_group(device, "gloo" if on_cpu else accel.communication_backend_name())
     rank, world = comm.rank, comm.world_size
     is_rank0 = rank == 0
     out_dir = Path(cfg.train.output_dir)
