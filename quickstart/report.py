@@ -20,11 +20,16 @@ from gpt4roi_sft.train.metrics_log import plot_loss
 METRIC_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 
 
-def _read_summary(run_dir: Path) -> dict:
-    path = run_dir / "summary.json"
+def _read_output(run_dir: Path, name: str, producer: str = "eval.vg"):
+    """``run_dir/name`` parsed, or a one-line error naming the command that writes it."""
+    path = run_dir / name
     if not path.is_file():
-        raise DataError(f"{path}: missing; run eval.vg into {run_dir} first")
+        raise DataError(f"{path}: missing; run {producer} into {run_dir} first")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _read_summary(run_dir: Path) -> dict:
+    return _read_output(run_dir, "summary.json")
 
 
 def evaluated_model(summary: dict) -> Optional[dict]:
@@ -225,10 +230,7 @@ def captioned_example(annotations: Path, image_root: Path, before: Dict[int, str
 
 
 def _predictions(run_dir: Path) -> Dict[int, str]:
-    path = run_dir / "predictions.json"
-    if not path.is_file():
-        raise DataError(f"{path}: missing; run eval.vg into {run_dir} first")
-    return {p["image_id"]: p["caption"] for p in json.loads(path.read_text(encoding="utf-8"))}
+    return {p["image_id"]: p["caption"] for p in _read_output(run_dir, "predictions.json")}
 
 
 def main(argv=None) -> int:
@@ -244,12 +246,7 @@ def main(argv=None) -> int:
     before, after = _read_summary(args.before), _read_summary(args.after)
     log_path = args.train_dir / "train_log.jsonl"
     train_log = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()] if log_path.is_file() else []
-    segcap = None
-    if args.segcap is not None:
-        path = args.segcap / "metrics.json"
-        if not path.is_file():
-            raise DataError(f"{path}: missing; run eval.segcap_predict into {args.segcap} first")
-        segcap = json.loads(path.read_text(encoding="utf-8"))
+    segcap = _read_output(args.segcap, "metrics.json", "eval.segcap_predict") if args.segcap is not None else None
     report = build_report(before, after, train_log, segcap)
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / "report.json", report)

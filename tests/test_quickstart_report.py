@@ -32,11 +32,12 @@ def train_dir(path: Path, steps: int) -> Path:
     return path
 
 
-def run_report(tmp_path, before, after, train):
+def run_report(tmp_path, before, after, train, *extra):
     ann, images = write_test_file(tmp_path, n=4)
     return subprocess.run([sys.executable, "-m", "quickstart.report", "--before", str(before), "--after", str(after),
                            "--train-dir", str(train), "--annotations", str(ann), "--image-root", str(images),
-                           "--out", str(tmp_path / "report")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                           "--out", str(tmp_path / "report"), *extra], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
 
 
 def test_report_compares_both_runs_and_draws_the_first_image(tmp_path):
@@ -131,11 +132,7 @@ def test_report_adds_segmentation_captioning_of_the_trained_model(tmp_path, synt
     after = eval_dir(tmp_path / "after", 0.45, 0.6, captions, step=40)
     seg = segcap_dir(synthetic_pix2cap, tmp_path / "segcap")
     metrics = json.loads((seg / "metrics.json").read_text())
-    ann, images = write_test_file(tmp_path, n=4)
-    proc = subprocess.run([sys.executable, "-m", "quickstart.report", "--before", str(before), "--after", str(after),
-                           "--train-dir", str(train_dir(tmp_path / "train", 40)), "--annotations", str(ann),
-                           "--image-root", str(images), "--segcap", str(seg), "--out", str(tmp_path / "report")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = run_report(tmp_path, before, after, train_dir(tmp_path / "train", 40), "--segcap", str(seg))
     assert proc.returncode == 0, proc.stderr
     part = json.loads((tmp_path / "report" / "report.json").read_text())["segmentation_captioning"]
     assert part["PQ"] == 1.0 and part["images"] == 2 and part["segments"] == metrics["gt_segments"]
