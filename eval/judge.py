@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
+from eval.prediction_store import must_start_afresh
 from gpt4roi_sft.atomic import write_json_atomic
 from gpt4roi_sft.chat_api import ChatAPIError, ChatAPISettings, ChatCompletionsClient
 from gpt4roi_sft.errors import DataError, UserError
@@ -199,14 +200,8 @@ class GradeCache:
                 raise DataError(f"{self.path}: not a grade cache ({exc}); move it away to regrade") from None
         if setup is not None:
             setup = json.loads(json.dumps(setup))
-            if (self.setup is not None or self.data) and self.setup != setup:
-                from eval.prediction_store import describe_changes
-
-                change = describe_changes(self.setup, setup)
-                if not overwrite:
-                    raise DataError(f"{self.path}: grades of another setup's answers ({change}); pass --overwrite "
-                                    f"to regrade afresh, or choose another --out")
-                logger.warning("%s: grades of another setup (%s); starting afresh (--overwrite)", self.path, change)
+            if must_start_afresh(self.path, self.setup, setup, holds_results=bool(self.data), overwrite=overwrite,
+                                 what="grades of another setup's answers", redo="regrade afresh"):
                 self.data = {}
             self.setup = setup
 

@@ -52,6 +52,23 @@ def describe_changes(old: Optional[dict], new: dict) -> str:
     return "changed " + ", ".join(changed) if changed else "its setup differs"
 
 
+def must_start_afresh(path: os.PathLike | str, stored: Optional[dict], setup: dict, *, holds_results: bool,
+                      overwrite: bool, what: str = "written by another setup", redo: str = "start afresh") -> bool:
+    """Whether results kept at ``path`` under setup ``stored`` must be discarded before working for ``setup``.
+
+    False when the setups agree or nothing is kept (``holds_results`` false and no recorded setup). When they
+    differ: a one-line :class:`DataError` naming what changed, unless ``overwrite``, which warns and returns True.
+    One check for every cache of results (prediction stores, grade caches), so none reuses another setup's work.
+    """
+    if (stored is None and not holds_results) or stored == setup:
+        return False
+    change = describe_changes(stored, setup)
+    if not overwrite:
+        raise DataError(f"{path}: {what} ({change}); pass --overwrite to {redo}, or choose another --out")
+    logger.warning("%s: %s (%s); --overwrite: discarding it", path, what, change)
+    return True
+
+
 class PredictionStore:
     """``{id: record}`` backed by ``path`` (JSONL). ``records`` holds what is already done, first write wins.
 
@@ -70,12 +87,8 @@ class PredictionStore:
         self._load()
         if metadata is not None:
             metadata = json.loads(json.dumps(metadata))  # as it reads back from the file
-            if (self.metadata is not None or self.records) and self.metadata != metadata:
-                change = describe_changes(self.metadata, metadata)
-                if not overwrite:
-                    raise DataError(f"{self.path}: written by another setup ({change}); pass --overwrite to start "
-                                    f"afresh, or choose another --out")
-                logger.warning("%s: written by another setup (%s); starting afresh (--overwrite)", self.path, change)
+            if must_start_afresh(self.path, self.metadata, metadata, holds_results=bool(self.records),
+                                 overwrite=overwrite):
                 self.path.unlink()
                 self.records = {}
             self.metadata = metadata
