@@ -168,7 +168,9 @@ def attribute_accuracy(samples: Sequence[VGSample], predictions: Dict[int, str])
     The subject's colour and kind are the *first* colour word and the *first* kind word of the caption
     (the vocabularies are the values seen in the test file). Counting any mention would reward a caption
     that names the neighbour it describes the region against. ``chance`` is what always answering the most
-    common colour and the most common kind would score. ``None`` when no sample has ``colour`` and ``kind``.
+    common colour and the most common kind would score. ``per_attribute`` scores each attribute of the test file
+    alone the same way (``{"colour": {"accuracy", "chance", "values"}, "kind": ..., "size": ..., ...}``), so a
+    run that names colours but guesses kinds shows as such. ``None`` when no sample has ``colour`` and ``kind``.
     """
     rated = [s for s in samples if s.attributes and "colour" in s.attributes and "kind" in s.attributes]
     if not rated:
@@ -181,7 +183,25 @@ def attribute_accuracy(samples: Sequence[VGSample], predictions: Dict[int, str])
     kind = collections.Counter(s.attributes["kind"] for s in rated).most_common(1)[0][0]
     chance_hits = sum(s.attributes["colour"] == colour and s.attributes["kind"] == kind for s in rated)
     return {"accuracy": hits / len(rated), "chance": chance_hits / len(rated), "num_samples": len(rated),
-            "most_common_colour": colour, "most_common_kind": kind}
+            "most_common_colour": colour, "most_common_kind": kind,
+            "per_attribute": per_attribute_accuracy(rated, predictions)}
+
+
+def per_attribute_accuracy(samples: Sequence[VGSample], predictions: Dict[int, str]) -> Dict[str, dict]:
+    """For each string-valued attribute of ``samples``: the share of captions whose first word (or phrase) of that
+    attribute's vocabulary is the true value, the share that always answering its most common value scores, and the
+    number of values."""
+    names = sorted({k for s in samples for k, v in s.attributes.items() if isinstance(v, str)})
+    scores = {}
+    for name in names:
+        rated = [s for s in samples if isinstance(s.attributes.get(name), str)]
+        values = sorted({s.attributes[name] for s in rated})
+        # the longest phrase first, so "upper left" is not read as a shorter value that it contains
+        vocabulary = sorted(values, key=len, reverse=True)
+        hits = sum(_first_of(predictions[s.sample_id], vocabulary) == s.attributes[name] for s in rated)
+        modal = collections.Counter(s.attributes[name] for s in rated).most_common(1)[0][1]
+        scores[name] = {"accuracy": hits / len(rated), "chance": modal / len(rated), "values": len(values)}
+    return scores
 
 
 def finalize(samples: Sequence[VGSample], records: Dict[str, dict], out: Path, spice_jars: Optional[Path] = None,

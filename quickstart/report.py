@@ -57,7 +57,8 @@ def build_report(before: dict, after: dict, train_log: List[dict], segcap: Optio
     report = {
         "before": before["metrics"],
         "after": after["metrics"],
-        "attribute_accuracy": {"before": b_attr.get("accuracy"), "after": a_attr.get("accuracy"), "chance": a_attr.get("chance")},
+        "attribute_accuracy": {"before": b_attr.get("accuracy"), "after": a_attr.get("accuracy"), "chance": a_attr.get("chance"),
+                               "per_attribute_after": a_attr.get("per_attribute")},
         "num_samples": after.get("num_samples"),
         "evaluated": {"before": evaluated_model(before), "after": evaluated_model(after)},
     }
@@ -103,6 +104,11 @@ def report_markdown(report: dict) -> str:
         f"Attribute accuracy: share of held-out regions whose caption names the region's true colour and kind as "
         f"its subject; guessing the most common colour and kind scores {_fmt(attr['chance'])}.",
     ]
+    per = attr.get("per_attribute_after")
+    if per:
+        lines += ["", "Each attribute alone (after; the most common value's share in brackets): " + ", ".join(
+            f"{name} {_fmt(score['accuracy'])} ({_fmt(score['chance'])}, {score['values']} values)"
+            for name, score in per.items()) + "."]
     if report.get("training"):
         t = report["training"]
         lines += ["", f"Training: {t['steps']} steps, loss {t['first_loss']:.3f} -> {t['last_loss']:.3f}, "

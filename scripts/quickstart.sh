@@ -15,9 +15,11 @@ source "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
 export TOKENIZERS_PARALLELISM=false PYTHONWARNINGS="ignore::FutureWarning" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
 # QUICKSTART_SEED=1 bash scripts/quickstart.sh: another draw of data, random model and training order, in runs/quickstart_seed1.
+# QUICKSTART_RUN=DIR puts the whole run (data, models, evaluations, report) in DIR instead.
 SEED="${QUICKSTART_SEED:-0}"
 RUN=runs/quickstart
 [ "$SEED" = 0 ] || RUN="runs/quickstart_seed$SEED"
+RUN="${QUICKSTART_RUN:-$RUN}"
 PATHS=(model.path="$RUN/tiny_model" data.train="$RUN/train.jsonl" data.image_root="$RUN/data"
        train.output_dir="$RUN/train" train.seed="$SEED")
 mkdir -p "$RUN"

@@ -328,6 +328,24 @@ def test_segcap_eval_bench_writes_seconds_stages_and_counts(tmp_path):
     assert result["counts"]["TP"] > 0 and result["counts"]["FP"] + result["counts"]["FN"] > 0
 
 
+def test_quickstart_spread_refuses_to_measure_over_an_earlier_run(tmp_path):
+    (tmp_path / "seed1").mkdir()
+    (tmp_path / "seed1" / "report.json").write_text("{}")
+    cmd = [sys.executable, str(REPO / "bench" / "quickstart_seeds.py"), "--seeds", "1", "--runs", str(tmp_path),
+           "--out", str(tmp_path / "spread.json")]
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    assert (tmp_path / "seed1" / "report.json").exists() and not (tmp_path / "spread.json").exists()
+
+
+def test_quickstart_spread_rows_give_accuracy_with_chance_and_ratio():
+    from bench.quickstart_seeds import table_rows
+
+    run = {"seed": 2, "wall_s": 301.4, "after": {"Bleu_4": 0.5, "METEOR": 0.4, "ROUGE_L": 0.6, "CIDEr": 3.5},
+           "attribute_accuracy": 0.45, "chance": 0.09, "ratio_to_chance": 5.0}
+    assert table_rows([run]) == ["| 2 | 301 s | 50.0 | 40.0 | 60.0 | 350.0 | 45.0 (9.0; 5.0x) |"]
+
+
 def test_attention_switch_sets_and_restores_every_config():
     from bench.throughput.arms import attention_implementation
     from gpt4roi_sft.model.modeling import GPT4RoIForCausalLM

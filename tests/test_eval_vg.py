@@ -169,6 +169,22 @@ def test_attribute_match_takes_the_caption_subject_not_a_mentioned_neighbour():
     assert acc["accuracy"] == 0.5
 
 
+def test_each_attribute_is_scored_alone_against_its_most_common_value():
+    attrs = [{"colour": "red", "kind": "square", "position": "upper left"},
+             {"colour": "red", "kind": "circle", "position": "upper middle"},
+             {"colour": "blue", "kind": "circle", "position": "lower left"},
+             {"colour": "red", "kind": "circle", "position": "lower left"}]
+    samples = [vg.VGSample(i, Path("x.jpg"), [0, 0, 1, 1], "ref", a) for i, a in enumerate(attrs, 1)]
+    preds = {1: "A red circle in the upper left, left of a blue square.",  # colour, position right; kind wrong
+             2: "A red circle in the lower left.",                          # colour, kind right; position wrong
+             3: "A red circle in the lower left.",                          # kind, position right
+             4: "Nothing here."}                                            # no attribute named
+    per = vg.attribute_accuracy(samples, preds)["per_attribute"]
+    assert per["colour"] == {"accuracy": 0.5, "chance": 0.75, "values": 2}
+    assert per["kind"] == {"accuracy": 0.5, "chance": 0.75, "values": 2}
+    assert per["position"] == {"accuracy": 0.5, "chance": 0.5, "values": 3}
+
+
 def test_shards_partition_samples_and_merge_scores_all(tmp_path):
     ann, images = write_test_file(tmp_path)
     seen = []

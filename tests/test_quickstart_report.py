@@ -14,12 +14,17 @@ from tests.test_eval_vg import write_test_file
 ROOT = Path(__file__).resolve().parents[1]
 
 
+PER_ATTRIBUTE = {"colour": {"accuracy": 0.75, "chance": 0.5, "values": 2},
+                 "kind": {"accuracy": 0.5, "chance": 0.5, "values": 2}}
+
+
 def eval_dir(path: Path, cider: float, accuracy: float, captions, step=None) -> Path:
     path.mkdir()
     metrics = {"Bleu_1": 0.1, "CIDEr": cider}
     model = {"path": str(path / "model"), "fingerprint": "0123456789abcdef", "step": step}
     (path / "summary.json").write_text(json.dumps({"metrics": metrics, "num_samples": len(captions),
-                                                   "attribute_accuracy": {"accuracy": accuracy, "chance": 0.25},
+                                                   "attribute_accuracy": {"accuracy": accuracy, "chance": 0.25,
+                                                                          "per_attribute": PER_ATTRIBUTE},
                                                    "provenance": {"produced_by": {"model": model}}}))
     (path / "predictions.json").write_text(json.dumps([{"image_id": i, "caption": c} for i, c in captions.items()]))
     return path
@@ -47,8 +52,10 @@ def test_report_compares_both_runs_and_draws_the_first_image(tmp_path):
     proc = run_report(tmp_path, before, after, train_dir(tmp_path / "train", 40))
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "report" / "report.json").read_text())
-    assert report["attribute_accuracy"] == {"before": 0.1, "after": 0.6, "chance": 0.25}
+    assert report["attribute_accuracy"] == {"before": 0.1, "after": 0.6, "chance": 0.25,
+                                            "per_attribute_after": PER_ATTRIBUTE}
     assert "CIDEr gain: +40.0 points." in proc.stdout
+    assert "colour 75.0 (50.0, 2 values), kind 50.0 (50.0, 2 values)" in proc.stdout
     assert (tmp_path / "report" / "example_captions.png").stat().st_size > 0
     assert (tmp_path / "report" / "loss.png").stat().st_size > 0
 
