@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -26,22 +25,12 @@ from typing import List, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
+from bench.throughput.device import device_name  # noqa: E402
 from gpt4roi_sft.atomic import write_json_atomic  # noqa: E402
 from gpt4roi_sft.json_io import load_json  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine() -> str:
-    return f"{os.cpu_count()}-core {platform.machine()} CPU ({cpu_name()}), no GPU"
+from quickstart.report import SEGCAP_KEYS  # noqa: E402
 
 
 def run_seed(seed: int, run_dir: Path, port: int) -> dict:
@@ -71,7 +60,7 @@ def run_seed(seed: int, run_dir: Path, port: int) -> dict:
         "after": {k: report["after"][k] for k in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr")},
         "before_CIDEr": report["before"]["CIDEr"],
         "segcap": {k: v for k, v in (report.get("segmentation_captioning") or {}).items()
-                   if k in ("PQ", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "mAP")},
+                   if k in SEGCAP_KEYS},
     }
 
 
@@ -114,7 +103,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"(chance {100 * r['chance']:.1f}, {r['ratio_to_chance']:.2f}x), CIDEr {100 * r['after']['CIDEr']:.1f}",
               flush=True)
     result = {
-        "machine": machine(),
+        "machine": device_name(torch.device("cpu")) + ", no GPU",
         "date": day,
         "command": "python bench/quickstart_seeds.py --seeds " + " ".join(map(str, args.seeds))
                    + " (QUICKSTART_SEED=N bash scripts/quickstart.sh per seed, .venv already present)",

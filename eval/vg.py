@@ -175,10 +175,8 @@ def attribute_accuracy(samples: Sequence[VGSample], predictions: Dict[int, str])
     rated = [s for s in samples if s.attributes and "colour" in s.attributes and "kind" in s.attributes]
     if not rated:
         return None
-    colours = sorted({s.attributes["colour"] for s in rated})
-    kinds = sorted({s.attributes["kind"] for s in rated})
-    hits = sum(_first_of(predictions[s.sample_id], colours) == s.attributes["colour"]
-               and _first_of(predictions[s.sample_id], kinds) == s.attributes["kind"] for s in rated)
+    both = zip(named_right(rated, predictions, "colour"), named_right(rated, predictions, "kind"))
+    hits = sum(colour_right and kind_right for colour_right, kind_right in both)
     colour = collections.Counter(s.attributes["colour"] for s in rated).most_common(1)[0][0]
     kind = collections.Counter(s.attributes["kind"] for s in rated).most_common(1)[0][0]
     chance_hits = sum(s.attributes["colour"] == colour and s.attributes["kind"] == kind for s in rated)
@@ -187,20 +185,24 @@ def attribute_accuracy(samples: Sequence[VGSample], predictions: Dict[int, str])
             "per_attribute": per_attribute_accuracy(rated, predictions)}
 
 
+def named_right(samples: Sequence[VGSample], predictions: Dict[int, str], name: str) -> List[bool]:
+    """Per sample (each must have attribute ``name``): is the caption's first word (or phrase) of that attribute's
+    vocabulary, the values seen in ``samples``, its true value?"""
+    # the longest phrase first, so "upper left" is not read as a shorter value that it contains
+    vocabulary = sorted({s.attributes[name] for s in samples}, key=lambda v: (-len(v), v))
+    return [_first_of(predictions[s.sample_id], vocabulary) == s.attributes[name] for s in samples]
+
+
 def per_attribute_accuracy(samples: Sequence[VGSample], predictions: Dict[int, str]) -> Dict[str, dict]:
-    """For each string-valued attribute of ``samples``: the share of captions whose first word (or phrase) of that
-    attribute's vocabulary is the true value, the share that always answering its most common value scores, and the
-    number of values."""
+    """For each string-valued attribute of ``samples``: the share of captions that name it right
+    (:func:`named_right`), the share that always answering its most common value scores, and the number of values."""
     names = sorted({k for s in samples for k, v in s.attributes.items() if isinstance(v, str)})
     scores = {}
     for name in names:
         rated = [s for s in samples if isinstance(s.attributes.get(name), str)]
-        values = sorted({s.attributes[name] for s in rated})
-        # the longest phrase first, so "upper left" is not read as a shorter value that it contains
-        vocabulary = sorted(values, key=len, reverse=True)
-        hits = sum(_first_of(predictions[s.sample_id], vocabulary) == s.attributes[name] for s in rated)
-        modal = collections.Counter(s.attributes[name] for s in rated).most_common(1)[0][1]
-        scores[name] = {"accuracy": hits / len(rated), "chance": modal / len(rated), "values": len(values)}
+        counts = collections.Counter(s.attributes[name] for s in rated)
+        scores[name] = {"accuracy": sum(named_right(rated, predictions, name)) / len(rated),
+                        "chance": counts.most_common(1)[0][1] / len(rated), "values": len(counts)}
     return scores
 
 
