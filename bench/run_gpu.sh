@@ -22,8 +22,9 @@
 # Settings (7B shapes, random bf16 weights, LoRA r=128 on every LLM linear + region encoder and projector trained,
 # micro-batches filled to 3072 tokens, >= 20 timed steps per arm, arms interleaved on one engine):
 #   levers-224     ZeRO-2, 224 px: padded baseline | packed | +LoRA dropout 0 | +Liger | +channels-last | +DeepSpeed sync-free
+#                  | +varlen attention (model.attn_implementation=torch_varlen)
 #   eval-224       evaluation: VG captioning regions/s, fast (static cache, compiled step) vs eager, 7B shapes
-#   levers-336     ZeRO-2, 336 px: padded baseline | packed | packed with every lever above
+#   levers-336     ZeRO-2, 336 px: padded baseline | packed | packed with every lever above | the same + varlen
 #   zero1-224      ZeRO-1, 224 px: packed with every lever (compare with the same arm of levers-224)
 #   compile-224    ZeRO-2, 224 px: every lever, without and with regional torch.compile
 #   search-224     the largest data.pack_tokens that fits, without and with activation checkpointing (every lever)
@@ -126,9 +127,9 @@ PLAIN=(--arm baseline=padded --arm packed=packed)
 EVERY="packed+nodrop$LIGER+channels_last+ds_sync_free"
 SEARCH_LEVERS="nodrop$LIGER+channels_last"
 setting levers-224 "$T_LEVERS" --image-size 224 "${PLAIN[@]}" --arm nodrop=packed+nodrop --arm liger=packed+nodrop+liger \
-  --arm channels_last="packed+nodrop$LIGER+channels_last" --arm sync_free="$EVERY"
+  --arm channels_last="packed+nodrop$LIGER+channels_last" --arm sync_free="$EVERY" --arm varlen="$EVERY+varlen"
 eval_throughput
-setting levers-336 "$T_336" --image-size 336 "${PLAIN[@]}" --arm every="$EVERY"
+setting levers-336 "$T_336" --image-size 336 "${PLAIN[@]}" --arm every="$EVERY" --arm varlen="$EVERY+varlen"
 setting zero1-224 "$T_ZERO1" --image-size 224 --zero 1 --arm every="$EVERY"
 setting compile-224 "$T_COMPILE" --image-size 224 --arm every="$EVERY" --arm compiled="$EVERY+compile" "${COMPILE_WARMUP[@]}"
 setting search-224 "$T_SEARCH" --image-size 224 --arm every="$EVERY" --arm every_big="$EVERY@$BIG" \

@@ -31,7 +31,9 @@ SCHEDULERS = ("cosine", "linear", "constant")
 class ModelSection:
     path: str = ""  # our saved dir, a llava-hf dir, an original-LLaVA dir, or an LLM dir (with vision_tower)
     vision_tower: Optional[str] = None  # CLIP directory when `path` is a bare LLM
-    attn_implementation: Optional[str] = None  # None: flash_attention_2 if flash_attn imports, else sdpa
+    # None: flash_attention_2 if flash_attn imports, else sdpa; torch_varlen: packed rows through PyTorch's varlen
+    # flash kernel (gpt4roi_sft.model.varlen_attention), sdpa elsewhere
+    attn_implementation: Optional[str] = None
     gradient_checkpointing: bool = False
     freeze: str = "stage2"  # none: train all; stage1: region encoder only; stage2: all but the vision tower; llm: LLM frozen
     # Throughput levers (gpt4roi_sft.train.speedups); none changes what is computed, each is off until measured.

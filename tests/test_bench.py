@@ -196,7 +196,7 @@ def test_tiny_cpu_run_times_lever_arms_with_medians_shapes_outliers_and_a_budget
     out = tmp_path / "levers.json"
     proc = run_bench("--tiny", "--warmup", "1", "--steps", "3", "--pack-tokens", "1024", "--arm", "baseline=padded",
                      "--arm", "packed=packed", "--arm", "nodrop=packed+nodrop+channels_last+ds_sync_free",
-                     "--arm", "liger=packed+nodrop+liger", "--arm", "big=packed+nodrop@2048",
+                     "--arm", "liger=packed+nodrop+liger", "--arm", "varlen=packed+varlen", "--arm", "big=packed+nodrop@2048",
                      "--max-budget-search", "--search-levers", "nodrop", "--search-limit", "1024", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
@@ -204,6 +204,8 @@ def test_tiny_cpu_run_times_lever_arms_with_medians_shapes_outliers_and_a_budget
     assert "needs a CUDA GPU" in arms["liger"]["failed"]  # dropped with its reason; the others ran
     base, packed, fast, big = arms["baseline"], arms["packed"], arms["nodrop"], arms["big"]
     assert base["tokens"] == packed["tokens"] == fast["tokens"] != big["tokens"]  # same grouping, same samples
+    assert arms["varlen"]["levers"]["model.attn_implementation"] == "torch_varlen"
+    assert "failed" not in arms["varlen"] and arms["varlen"]["tokens"] == packed["tokens"]  # CPU: per-sample sdpa
     assert max(packed["tokens_per_step_mean"], fast["tokens_per_step_mean"]) <= 1024 < big["tokens_per_step_mean"]
     for arm in (base, packed, fast, big):
         assert arm["steps"] == 3 and len(arm["step_times_s"]) == 3
@@ -262,6 +264,10 @@ def test_lever_switch_turns_lora_dropout_and_channels_last_off_again(tiny_model_
     assert dropouts() == before and channels_last() == {True}
     switch.set(frozenset())
     assert dropouts() == before and channels_last() == {False}
+    switch.set(frozenset({"varlen"}))
+    assert {model.get_base_model().language_model.config._attn_implementation} == {"torch_varlen"}
+    switch.set(frozenset())
+    assert model.get_base_model().language_model.config._attn_implementation == "sdpa"
 
 
 def test_real_shape_mode_refuses_to_run_on_cpu(tmp_path):
@@ -374,6 +380,8 @@ def test_padding_a_packed_batch_adds_one_untrained_tail_sequence():
     assert torch.equal(wide["input_ids"][:, :width], packed["input_ids"])
     assert (wide["labels"][:, width:] == -100).all()
     assert packed_sequence_lengths(wide["position_ids"]) == [len(it["input_ids"]) for it in items] + [1024 - width]
+    assert wide["cu_seq_lens_q"].tolist()[-2:] == [width, 1024] and wide["max_length_q"] == max(
+        max(len(it["input_ids"]) for it in items), 1024 - width)
     assert wide["num_tokens"] == packed["num_tokens"]
 
 
@@ -402,7 +410,7 @@ def test_tiny_gpu_run_times_every_lever(tmp_path):
     (compile is checked by tests/test_speedups.py; here it would only add its compile time.)"""
     out = tmp_path / "levers.json"
     env = {k: v for k, v in ENV.items() if k != "DS_ACCELERATOR"}
-    arms = ["baseline=padded", "packed=packed", "fast=packed+nodrop+liger+channels_last+ds_sync_free"]
+    arms = ["baseline=padded", "packed=packed", "fast=packed+nodrop+liger+channels_last+ds_sync_free+varlen"]
     cmd = [sys.executable, str(REPO / "bench" / "train_throughput.py"), "--tiny", "--precision", "bf16", "--warmup", "2",
            "--steps", "2", "--pack-tokens", "1024", *[f"--arm={a}" for a in arms], "--max-budget-search",
            "--search-limit", "2048", "--out", str(out), "--port", str(free_port())]

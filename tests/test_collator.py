@@ -167,6 +167,15 @@ def test_position_ids_restart_at_each_sample():
     assert cu_seqlens_from_position_ids(batch["position_ids"]).tolist() == [0, 6, 10, 15, 18, 20]
 
 
+def test_packed_batch_names_its_samples_for_varlen_attention_on_the_host():
+    """cu_seq_lens over the flattened rows (padding runs included) and the longest sample as a Python int."""
+    _, batch = packed([6, 5, 4, 3])
+    for side in ("q", "k"):
+        assert batch[f"cu_seq_lens_{side}"].dtype == torch.int32 and not batch[f"cu_seq_lens_{side}"].is_cuda
+        assert batch[f"cu_seq_lens_{side}"].tolist() == [0, 6, 10, 15, 18, 20]
+        assert batch[f"max_length_{side}"] == 6 and type(batch[f"max_length_{side}"]) is int
+
+
 def test_no_label_at_any_sample_start():
     _, batch = packed([6, 5, 4, 3])
     starts = batch["position_ids"] == 0

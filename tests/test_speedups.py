@@ -149,6 +149,113 @@ def test_regional_compile_gives_the_same_loss_and_gradients(tiny_model_dir, tiny
     assert all("_orig_mod" not in n for n, _ in model.named_parameters())  # checkpoints keep their names
 
 
+# ------------------------------------------------------------------------------------ torch_varlen (CPU)
+class _Attention(torch.nn.Module):
+    is_causal = True
+
+
+def _packed_qkv(rows_positions, heads=2, head_dim=4, seed=0):
+    """Random (B, H, T, D) query/key/value and (B, T) position ids restarting at 0 per sample."""
+    g = torch.Generator().manual_seed(seed)
+    positions = torch.tensor(rows_positions)
+    b, t = positions.shape
+    return [torch.randn(b, heads, t, head_dim, generator=g) for _ in range(3)], positions
+
+
+def test_torch_varlen_attends_within_each_packed_sample_only():
+    """Two rows of several samples each: the result equals sdpa under the block-diagonal causal mask."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from gpt4roi_sft.data.collator import varlen_fields
+    from gpt4roi_sft.model.varlen_attention import varlen_attention_forward
+
+    (q, k, v), positions = _packed_qkv([[0, 1, 2, 3, 0, 1, 0, 1, 2], [0, 1, 2, 3, 4, 5, 0, 1, 2]])
+    sample = (positions == 0).cumsum(-1)
+    causal = torch.ones(9, 9).tril().bool()
+    mask = ((sample[:, :, None] == sample[:, None, :]) & causal)[:, None]
+    expected, _ = sdpa_attention_forward(_Attention(), q, k, v, mask, scaling=0.3)
+    got, _ = varlen_attention_forward(_Attention(), q, k, v, None, scaling=0.3, **varlen_fields(positions))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    whole_rows, _ = sdpa_attention_forward(_Attention(), q, k, v, None, scaling=0.3)  # what ignoring the samples gives
+    assert not torch.allclose(got, whole_rows, atol=1e-3)
+
+
+def test_torch_varlen_packed_rows_give_the_sdpa_loss_and_gradients(tiny_model_dir, tiny):
+    """The tiny model loaded with attn_implementation=torch_varlen, on PackingCollator's rows (their
+    cu_seq_lens/max_length fields), against the same rows under sdpa's block-diagonal mask."""
+    from gpt4roi_sft import load_model
+
+    sdpa_model, batch = tiny
+    sdpa_model.eval()
+    assert batch["cu_seq_lens_q"].tolist()[-1] == batch["input_ids"].numel()
+    varlen_model, _ = load_model(tiny_model_dir, attn_implementation="torch_varlen")
+    varlen_model.eval()
+    assert varlen_model.language_model.config._attn_implementation == "torch_varlen"
+    assert_same(loss_and_grads(varlen_model, batch), loss_and_grads(sdpa_model, batch), rtol=1e-4, atol=1e-5)
+
+
+def test_torch_varlen_without_sample_boundaries_is_sdpa(tiny_model_dir, synthetic_pix2cap):
+    """Padded batches and generation (left padding, then a cache) carry no cu_seq_lens: they run sdpa itself."""
+    from gpt4roi_sft import load_model
+    from gpt4roi_sft.data.collator import PaddingCollator
+    from gpt4roi_sft.data.dataset import ConversationDataset
+    from gpt4roi_sft.infer import DecodeSettings, RegionCaptioner, RegionRequest
+
+    models = {attn: load_model(tiny_model_dir, attn_implementation=attn) for attn in ("sdpa", "torch_varlen")}
+    model, processor = models["sdpa"]
+    dataset = ConversationDataset(str(synthetic_pix2cap["train"]), str(synthetic_pix2cap["root"]), processor.tokenizer,
+                                  processor.image_transform, model.config.image_token_id, processor.num_image_tokens)
+    batch = PaddingCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(3)])
+    assert batch["attention_mask"].min() == 0  # some padding
+    image = sorted(synthetic_pix2cap["root"].rglob("*.jpg"))[0]
+    requests = [RegionRequest(str(image), "<image>\nWhat is in <bbox>?", [[2, 2, 30, 30]]),
+                RegionRequest(str(image), "<image>\nDescribe the region <bbox> in a few words, please.", [[5, 8, 40, 36]])]
+    settings = DecodeSettings(max_new_tokens=6, min_new_tokens=6)
+    out = {}
+    for attn, (m, proc) in models.items():
+        m.eval()
+        with torch.no_grad():
+            logits = m(**inputs(batch)).logits
+        out[attn] = logits, RegionCaptioner(m, proc, settings=settings).new_tokens(requests)
+    torch.testing.assert_close(out["torch_varlen"][0], out["sdpa"][0], rtol=0, atol=0)
+    assert torch.equal(out["torch_varlen"][1], out["sdpa"][1])
+
+
+@pytest.mark.parametrize("signature", ["is_causal", "window_size"])
+def test_varlen_kernel_calls_either_varlen_attn_signature_causally(monkeypatch, signature):
+    """torch 2.10 took is_causal (and no scale); later releases take window_size and scale."""
+    import torch.nn.attention.varlen as varlen_module
+
+    from gpt4roi_sft.model import varlen_attention
+
+    calls = []
+    if signature == "is_causal":
+        def fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+            calls.append(dict(q=query, max_q=max_q, is_causal=is_causal))
+            return query
+    else:
+        def fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                 window_size=(-1, -1), enable_gqa=False):
+            calls.append(dict(q=query, max_q=max_q, window_size=window_size, scale=scale))
+            return query
+    monkeypatch.setattr(varlen_module, "varlen_attn", fake)
+    varlen_attention.varlen_kernel.cache_clear()
+    try:
+        q = torch.ones(6, 2, 4)
+        cu = torch.tensor([0, 4, 6], dtype=torch.int32)
+        out = varlen_attention.varlen_kernel()(q, q, q, cu, 4, True, 0.25)
+    finally:
+        varlen_attention.varlen_kernel.cache_clear()
+    (call,) = calls
+    assert call["max_q"] == 4
+    if signature == "is_causal":
+        assert call["is_causal"] is True
+        torch.testing.assert_close(out, q * 0.25 * 2)  # no scale argument: the scale is folded into the queries
+    else:
+        assert call["window_size"] == (-1, 0) and call["scale"] == 0.25
+        assert out is q
+
+
 # --------------------------------------------------------------------------------------------------- GPU
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
@@ -220,3 +327,36 @@ def test_cuda_engine_uses_fused_adamw(tiny_model_dir, tmp_path, monkeypatch):
     engine, _, stage = build_engine(model, cfg, 1, model.get_base_model().config.text_config.hidden_size, 10, on_cpu=False)
     inner = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
     assert stage == 2 and isinstance(inner, torch.optim.AdamW) and inner.defaults["fused"] is True
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_torch_varlen_kernel_matches_per_sample_sdpa_in_bf16():
+    from gpt4roi_sft.data.collator import varlen_fields
+    from gpt4roi_sft.model.varlen_attention import per_sample_sdpa, varlen_attention
+
+    positions = torch.tensor([list(range(700)) + list(range(324)), list(range(100)) + list(range(900)) + list(range(24))])
+    fields = varlen_fields(positions)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(positions.numel(), 8, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    cu = fields["cu_seq_lens_q"].to("cuda")
+    fast = varlen_attention(q, k, v, cu, fields["max_length_q"], True, 64 ** -0.5)
+    reference = per_sample_sdpa(q.float(), k.float(), v.float(), cu, True, 64 ** -0.5)
+    torch.testing.assert_close(fast.float(), reference, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_torch_varlen_gives_the_sdpa_loss_and_gradients_within_bf16_tolerance(tiny_model_dir, tiny):
+    from gpt4roi_sft import load_model
+
+    _, batch = tiny
+    results = {}
+    for attn in ("sdpa", "torch_varlen"):
+        model, _ = load_model(tiny_model_dir, attn_implementation=attn, torch_dtype=torch.bfloat16)
+        model = model.to("cuda").train()
+        results[attn] = loss_and_grads(model, batch, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(results["torch_varlen"][0].float(), results["sdpa"][0].float(), rtol=2e-2, atol=2e-2)
+    for name, plain in results["sdpa"][1].items():
+        a, b = results["torch_varlen"][1][name].float(), plain.float()
+        assert (a - b).norm() <= 0.05 * b.norm() + 1e-3, name

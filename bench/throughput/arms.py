@@ -12,7 +12,7 @@ import torch
 
 from bench.flops import FlopModel, mfu
 from bench.throughput.device import Clock, peak_memory_gb, reset_peak_memory
-from bench.throughput.levers import ArmSpec, LeverSwitch, lever_settings
+from bench.throughput.levers import ArmSpec, LeverSwitch, attention_configs, lever_settings
 from bench.throughput.samples import EOS_ID, PAD_ID, SamplePool
 
 log = logging.getLogger("bench.train_throughput")
@@ -22,17 +22,12 @@ log = logging.getLogger("bench.train_throughput")
 def attention_implementation(model, name: Optional[str]):
     """Run the LLM (and tower) with attention ``name`` inside the block; ``None`` leaves the model as it is.
 
-    transformers reads ``config._attn_implementation`` at every forward (kernel and mask alike), so one
-    engine can time two arms with different attention kernels, step by step.
+    One engine can so time two arms with different attention kernels, step by step (see :func:`attention_configs`).
     """
     if name is None:
         yield
         return
-    configs = {id(c): c for m in model.modules() for c in [getattr(m, "config", None)] if c is not None}
-    for c in list(configs.values()):
-        for sub in ("text_config", "vision_config"):
-            if getattr(c, sub, None) is not None:
-                configs[id(getattr(c, sub))] = getattr(c, sub)
+    configs = attention_configs(model)
     saved = {k: c._attn_implementation for k, c in configs.items()}
     try:
         for c in configs.values():

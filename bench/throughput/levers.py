@@ -16,6 +16,8 @@ lever              what the arm's steps run with                recipe switch
 ``ds_sync_free``   DeepSpeed's throughput timer (a device sync  ``deepspeed.overrides=timers.throughput.enabled=false,``
                    at every forward and step) and bf16          ``bf16.check_grad_overflow=false``
                    overflow check (one more) off
+``varlen``         packed rows' attention through PyTorch's     ``model.attn_implementation=torch_varlen``
+                   varlen flash kernel (no block-diagonal mask)
 =================  ===========================================  ==========================================
 
 The library's own functions (``gpt4roi_sft.train.speedups``) switch Liger, compile and channels-last on, so the
@@ -33,7 +35,7 @@ from torch import nn
 
 log = logging.getLogger("bench.train_throughput")
 
-LEVERS = ("nodrop", "liger", "channels_last", "compile", "ds_sync_free")
+LEVERS = ("nodrop", "liger", "channels_last", "compile", "ds_sync_free", "varlen")
 COLLATES = ("padded", "packed")
 
 
@@ -97,6 +99,8 @@ class LeverSwitch:
                           for key, drop in m.lora_dropout.items() if not isinstance(drop, nn.Identity)]
         self._timer_config = getattr(getattr(engine, "tput_timer", None), "config", None)
         self._overflow_check = getattr(engine.optimizer, "check_grad_overflow", None)
+        self._attn_configs = attention_configs(engine.module)
+        self._attn_saved = {k: c._attn_implementation for k, c in self._attn_configs.items()}
 
     def set(self, levers: FrozenSet[str]) -> None:
         for lever in sorted(self.active - levers):
@@ -133,6 +137,23 @@ class LeverSwitch:
                 timer.config = self._timer_config.model_copy(update={"enabled": False}) if on else self._timer_config
             if self._overflow_check is not None:
                 self.engine.optimizer.check_grad_overflow = False if on else self._overflow_check
+        elif lever == "varlen":
+            from gpt4roi_sft.model.varlen_attention import TORCH_VARLEN
+
+            for k, c in self._attn_configs.items():
+                c._attn_implementation = TORCH_VARLEN if on else self._attn_saved[k]
+
+
+def attention_configs(model: nn.Module) -> Dict[int, object]:
+    """Every config of ``model``'s modules (and their text/vision sub-configs) by id: transformers reads
+    ``config._attn_implementation`` at every forward (kernel and mask alike), so setting it there switches the
+    attention of the next step."""
+    configs = {id(c): c for m in model.modules() for c in [getattr(m, "config", None)] if c is not None}
+    for c in list(configs.values()):
+        for sub in ("text_config", "vision_config"):
+            if getattr(c, sub, None) is not None:
+                configs[id(getattr(c, sub))] = getattr(c, sub)
+    return configs
 
 
 def lever_settings(spec: ArmSpec) -> Dict[str, object]:
@@ -144,9 +165,10 @@ def lever_settings(spec: ArmSpec) -> Dict[str, object]:
         "model.compile": ["decoder_layers", "region_encoder"] if "compile" in spec.levers else [],
         "deepspeed.overrides": (["timers.throughput.enabled=false", "bf16.check_grad_overflow=false"]
                                 if "ds_sync_free" in spec.levers else []),
+        "model.attn_implementation": "torch_varlen" if "varlen" in spec.levers else None,
         "data.pack_tokens": spec.budget,
         "collate": spec.collate,
     }
 
 
-__all__ = ["ArmSpec", "LEVERS", "LeverSwitch", "lever_settings", "parse_arm", "parse_arms"]
+__all__ = ["ArmSpec", "LEVERS", "LeverSwitch", "attention_configs", "lever_settings", "parse_arm", "parse_arms"]

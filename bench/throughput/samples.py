@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from gpt4roi_sft.constants import IGNORE_INDEX
+from gpt4roi_sft.data.collator import varlen_fields
 
 # Token ids of the synthetic vocabulary: LLaMA's <unk>, <s>, </s>, then pad, then the two added tokens.
 BOS_ID, EOS_ID, PAD_ID = 1, 2, 0
@@ -95,6 +96,7 @@ def pad_packed_batch(batch: dict, length: int) -> dict:
     out["input_ids"] = torch.cat([batch["input_ids"], torch.full((rows, extra), PAD_ID, dtype=torch.long)], dim=1)
     out["labels"] = torch.cat([batch["labels"], torch.full((rows, extra), IGNORE_INDEX, dtype=torch.long)], dim=1)
     out["position_ids"] = torch.cat([batch["position_ids"], torch.arange(extra).expand(rows, extra)], dim=1)
+    out.update(varlen_fields(out["position_ids"]))
     return out
 
 

@@ -12,6 +12,7 @@ _SOURCES = {
     "cu_seqlens_from_position_ids": "collator",
     "pack_sequences": "collator",
     "packed_sequence_lengths": "collator",
+    "varlen_fields": "collator",
     "ConversationDataset": "dataset",
     "index_jsonl": "dataset",
     "panoptic_segment_mask": "dataset",

@@ -86,8 +86,9 @@ class PackingCollator:
 
     ``position_ids`` restart at 0 for every sample (and for the padding run at a row's end, which is a
     sample of its own that nothing attends to); there is no ``attention_mask`` (None), so the model must
-    keep attention within samples (varlen flash-attn via :func:`cu_seqlens_from_position_ids`, or the
-    block-diagonal mask transformers builds from ``position_ids``). Each sample's first label is
+    keep attention within samples: ``sdpa`` through the block-diagonal mask transformers builds from
+    ``position_ids``, varlen kernels (``torch_varlen``, flash attention) through :func:`varlen_fields`,
+    the samples' boundaries in the flattened batch, computed here on the host. Each sample's first label is
     ``IGNORE_INDEX`` so no loss predicts one sample from the previous one. Rows are as wide as the fullest
     one, rounded up to a multiple of ``pad_to_multiple`` (so few distinct shapes reach the kernels).
     """
@@ -124,6 +125,7 @@ class PackingCollator:
             "position_ids": positions,
             "labels": labels,
             **_vision_inputs([items[i] for i in order]),
+            **varlen_fields(positions),
             "num_tokens": num_tokens,
             "num_label_tokens": int((labels != IGNORE_INDEX).sum()),
         }
@@ -165,3 +167,11 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     """``cu_seqlens (num_seqs + 1,)`` int32 of packed ``position_ids``, for varlen flash attention."""
     lengths = torch.tensor([0] + packed_sequence_lengths(position_ids), dtype=torch.int32)
     return torch.cumsum(lengths, dim=0, dtype=torch.int32)
+
+
+def varlen_fields(position_ids: torch.Tensor) -> Dict[str, object]:
+    """The keyword arguments transformers' varlen attention reads (``cu_seq_lens_q/_k`` int32, ``max_length_q/_k``
+    int) for packed ``position_ids``; the lengths are Python ints, so the kernel call reads nothing back."""
+    cu = cu_seqlens_from_position_ids(position_ids)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}

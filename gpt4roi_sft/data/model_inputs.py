@@ -16,8 +16,10 @@ from gpt4roi_sft.constants import BBOX_TOKEN, IGNORE_INDEX, IM_END_TOKEN, IM_PAT
 from gpt4roi_sft.data.image_transform import ImageTransform
 from gpt4roi_sft.errors import BoxError, DataError
 
-# The keyword arguments of GPT4RoIForCausalLM.forward / generate that a batch may carry.
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "boxes", "region_masks", "labels")
+# The keyword arguments of GPT4RoIForCausalLM.forward / generate that a batch may carry (the cu_seq_lens /
+# max_length ones: packed samples' boundaries for varlen attention, see collator.varlen_fields).
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "boxes", "region_masks", "labels",
+                    "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 # How an image sits in the token ids:
 #   image_token   the tokenizer holds <image>; each becomes num_image_tokens copies of image_token_id here;

@@ -5,7 +5,8 @@ Batch layout (docs/architecture.md): ``input_ids`` (B, L) already hold ``num_ima
 image per image-token run in row-major order; ``boxes`` is a list of I tensors (N_i, 4) of xyxy fractions,
 and the ``<bbox>`` tokens of the flattened batch take the concatenated boxes in order. Packed rows pass
 ``position_ids`` restarting at 0 per sample and no ``attention_mask``; the LLM then builds a block-diagonal
-causal mask from the position ids, so no token attends across samples.
+causal mask from the position ids, so no token attends across samples (``torch_varlen`` and flash attention
+instead read the samples' boundaries, ``cu_seq_lens_q``/``max_length_q``, which pass through ``**kwargs``).
 
 The vision tower and the region encoder run on every forward, on a dummy image / box whose result enters
 with weight 0 when the batch has none: under ZeRO-3 every rank must gather the same parameters.
@@ -26,6 +27,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from gpt4roi_sft.model.configuration import GPT4RoIConfig
 from gpt4roi_sft.model.region_encoder import RegionEncoder
+from gpt4roi_sft.model import varlen_attention  # noqa: F401  (registers attn_implementation="torch_varlen")
 
 logger = logging.getLogger(__name__)
 
