@@ -26,7 +26,7 @@
 #   eval-224       evaluation: VG captioning regions/s, fast (static cache, compiled step) vs eager, 7B shapes
 #   levers-336     ZeRO-2, 336 px: padded baseline | packed | packed with every lever above | the same + varlen
 #   zero1-224      ZeRO-1, 224 px: packed with every lever (compare with the same arm of levers-224)
-#   compile-224    ZeRO-2, 224 px: every lever, without and with regional torch.compile
+#   compile-224    ZeRO-2, 224 px: every lever, without and with regional torch.compile (and compile + varlen)
 #   search-224     the largest data.pack_tokens that fits, without and with activation checkpointing (every lever)
 #   search-336     the same at 336 px
 # Results: one JSON per setting and the table, in bench/results/<date>_<gpu>_<tag>.json (GPU runs only) and in $OUT.
@@ -131,7 +131,8 @@ setting levers-224 "$T_LEVERS" --image-size 224 "${PLAIN[@]}" --arm nodrop=packe
 eval_throughput
 setting levers-336 "$T_336" --image-size 336 "${PLAIN[@]}" --arm every="$EVERY" --arm varlen="$EVERY+varlen"
 setting zero1-224 "$T_ZERO1" --image-size 224 --zero 1 --arm every="$EVERY"
-setting compile-224 "$T_COMPILE" --image-size 224 --arm every="$EVERY" --arm compiled="$EVERY+compile" "${COMPILE_WARMUP[@]}"
+setting compile-224 "$T_COMPILE" --image-size 224 --arm every="$EVERY" --arm compiled="$EVERY+compile" \
+  --arm compiled_varlen="$EVERY+varlen+compile" "${COMPILE_WARMUP[@]}"
 setting search-224 "$T_SEARCH" --image-size 224 --arm every="$EVERY" --arm every_big="$EVERY@$BIG" \
   --max-budget-search --search-levers "$SEARCH_LEVERS" "${SEARCH[@]}"
 setting search-336 "$T_SEARCH" --image-size 336 --arm every="$EVERY" --max-budget-search --search-levers "$SEARCH_LEVERS" "${SEARCH[@]}"

@@ -180,18 +180,30 @@ def test_torch_varlen_attends_within_each_packed_sample_only():
     assert not torch.allclose(got, whole_rows, atol=1e-3)
 
 
-def test_torch_varlen_packed_rows_give_the_sdpa_loss_and_gradients(tiny_model_dir, tiny):
+def test_torch_varlen_packed_rows_give_the_sdpa_loss_and_gradients_without_building_a_mask(tiny_model_dir, tiny,
+                                                                                          monkeypatch):
     """The tiny model loaded with attn_implementation=torch_varlen, on PackingCollator's rows (their
-    cu_seq_lens/max_length fields), against the same rows under sdpa's block-diagonal mask."""
+    cu_seq_lens/max_length fields), against the same rows under sdpa's block-diagonal mask. The varlen forward
+    never asks transformers for a mask: its packed-row detection (a device-to-host read) is made to fail."""
+    import transformers.masking_utils as masking_utils
+
     from gpt4roi_sft import load_model
 
     sdpa_model, batch = tiny
     sdpa_model.eval()
     assert batch["cu_seq_lens_q"].tolist()[-1] == batch["input_ids"].numel()
+    expected = loss_and_grads(sdpa_model, batch)
     varlen_model, _ = load_model(tiny_model_dir, attn_implementation="torch_varlen")
     varlen_model.eval()
     assert varlen_model.language_model.config._attn_implementation == "torch_varlen"
-    assert_same(loss_and_grads(varlen_model, batch), loss_and_grads(sdpa_model, batch), rtol=1e-4, atol=1e-5)
+
+    def no_mask_building(*args, **kwargs):
+        raise AssertionError("find_packed_sequence_indices called: transformers is building the packed mask")
+
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", no_mask_building)
+    with pytest.raises(AssertionError, match="building the packed mask"):  # sdpa does need the mask
+        loss_and_grads(sdpa_model, batch)
+    assert_same(loss_and_grads(varlen_model, batch), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_torch_varlen_without_sample_boundaries_is_sdpa(tiny_model_dir, synthetic_pix2cap):
@@ -360,3 +372,28 @@ def test_cuda_torch_varlen_gives_the_sdpa_loss_and_gradients_within_bf16_toleran
     for name, plain in results["sdpa"][1].items():
         a, b = results["torch_varlen"][1][name].float(), plain.float()
         assert (a - b).norm() <= 0.05 * b.norm() + 1e-3, name
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_compiled_decoder_layers_with_torch_varlen_give_the_sdpa_loss(tiny_model_dir, synthetic_pix2cap):
+    """Regional compile over the varlen path, on packed batches whose row widths and longest samples differ
+    (each a new shape / max_length for the compiled layers): the same loss as eager sdpa within bf16 tolerance."""
+    from gpt4roi_sft import load_model
+    from gpt4roi_sft.data.collator import PackingCollator
+    from gpt4roi_sft.data.dataset import ConversationDataset
+
+    models = {}
+    for attn in ("sdpa", "torch_varlen"):
+        model, processor = load_model(tiny_model_dir, attn_implementation=attn, torch_dtype=torch.bfloat16)
+        models[attn] = model.to("cuda").train()
+    dataset = ConversationDataset(str(synthetic_pix2cap["train"]), str(synthetic_pix2cap["root"]), processor.tokenizer,
+                                  processor.image_transform, model.config.image_token_id, processor.num_image_tokens)
+    collate = PackingCollator(1024, processor.tokenizer.pad_token_id, pad_to_multiple=128)
+    batches = [collate([dataset[i] for i in range(a, b)]) for a, b in ((0, 3), (3, 4), (4, 8))]
+    assert len({(tuple(b["input_ids"].shape), b["max_length_q"]) for b in batches}) == 3
+    speedups.compile_regions(models["torch_varlen"], ["decoder_layers"])
+    for batch in batches:
+        plain = loss_and_grads(models["sdpa"], batch, device="cuda", dtype=torch.bfloat16)[0]
+        fast = loss_and_grads(models["torch_varlen"], batch, device="cuda", dtype=torch.bfloat16)[0]
+        torch.testing.assert_close(fast.float(), plain.float(), rtol=2e-2, atol=2e-2)

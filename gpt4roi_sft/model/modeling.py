@@ -6,7 +6,8 @@ image per image-token run in row-major order; ``boxes`` is a list of I tensors (
 and the ``<bbox>`` tokens of the flattened batch take the concatenated boxes in order. Packed rows pass
 ``position_ids`` restarting at 0 per sample and no ``attention_mask``; the LLM then builds a block-diagonal
 causal mask from the position ids, so no token attends across samples (``torch_varlen`` and flash attention
-instead read the samples' boundaries, ``cu_seq_lens_q``/``max_length_q``, which pass through ``**kwargs``).
+instead read the samples' boundaries, ``cu_seq_lens_q``/``max_length_q``, which pass through ``**kwargs``;
+under ``torch_varlen`` no mask is built at all, see ``varlen_attention.skip_mask_building``).
 
 The vision tower and the region encoder run on every forward, on a dummy image / box whose result enters
 with weight 0 when the batch has none: under ZeRO-3 every rank must gather the same parameters.
@@ -240,6 +241,8 @@ class GPT4RoIForCausalLM(GPT4RoIPreTrainedModel, GenerationMixin):
         if attention_mask is None and position_ids is not None and past_key_values is None and not use_cache:
             # Packed rows: transformers derives the block-diagonal mask from position_ids only without a cache.
             use_cache = False
+        attention_mask = varlen_attention.skip_mask_building(self.language_model.config, attention_mask, kwargs,
+                                                             past_key_values is not None or bool(use_cache), inputs_embeds)
         if past_key_values is not None:
             kwargs["cache"] = past_key_values  # transformers >= 5.2x renamed the argument
         if labels is not None and self.training and self.linear_cross_entropy is not None:

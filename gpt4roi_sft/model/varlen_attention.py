@@ -9,6 +9,11 @@ nothing is read back from the device); under ``torch_varlen`` the LLM's attentio
 batches, generation with a cache, the vision tower, a row without those fields) runs transformers' ``sdpa``
 with the mask transformers builds, so the implementation is never wrong where it is not faster.
 
+transformers would still build that block-diagonal mask for every forward (and read one flag back from the
+device to see whether the rows are packed); :func:`skip_mask_building` hands the LLM a placeholder 4D mask
+instead, which transformers passes through untouched and the varlen path never reads, so a packed forward
+waits for nothing.
+
 The kernel needs CUDA and fp16/bf16; elsewhere each sample goes through ``sdpa`` on its own (the same
 result, slowly), which is what the CPU tests exercise. PyTorch changed ``varlen_attn``'s arguments between
 releases (``is_causal`` in 2.10, ``window_size`` later); :func:`varlen_kernel` adapts to the one installed.
@@ -88,6 +93,21 @@ def per_sample_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     return torch.cat(out, dim=0)
 
 
+def skip_mask_building(llm_config, attention_mask: Optional[torch.Tensor], kwargs: dict, cached: bool,
+                       like: torch.Tensor) -> Optional[torch.Tensor]:
+    """The ``attention_mask`` to hand the LLM: a (1, 1, 1, 1) placeholder when every attention of this forward
+    takes the varlen path (``torch_varlen``, the batch names its samples, no mask, no cache), else ``attention_mask``.
+
+    transformers returns a 4D mask as it is, so it neither builds the (B, 1, T, T) block-diagonal mask nor runs
+    ``find_packed_sequence_indices`` (a device-to-host read); :func:`varlen_attention_forward` ignores the
+    placeholder because it only reaches that function together with ``cu_seq_lens_q`` and equal query/key lengths.
+    """
+    if (attention_mask is not None or cached or kwargs.get("cu_seq_lens_q") is None
+            or getattr(llm_config, "_attn_implementation", None) != TORCH_VARLEN):
+        return attention_mask
+    return torch.ones(1, 1, 1, 1, dtype=torch.bool, device=like.device)
+
+
 @functools.lru_cache(maxsize=1)
 def varlen_kernel() -> Callable[..., torch.Tensor]:
     """``f(q, k, v, cu_seqlens, max_length, causal, scale)`` over the installed ``varlen_attn``'s own arguments."""
@@ -129,4 +149,4 @@ def register() -> None:
 
 register()
 
-__all__ = ["TORCH_VARLEN", "per_sample_sdpa", "register", "varlen_attention", "varlen_attention_forward", "varlen_kernel"]
+__all__ = ["TORCH_VARLEN", "per_sample_sdpa", "register", "skip_mask_building", "varlen_attention", "varlen_attention_forward", "varlen_kernel"]
