@@ -22,13 +22,14 @@
 # Settings (7B shapes, random bf16 weights, LoRA r=128 on every LLM linear + region encoder and projector trained,
 # micro-batches filled to 3072 tokens, >= 20 timed steps per arm, arms interleaved on one engine):
 #   levers-224     ZeRO-2, 224 px: padded baseline | packed | +LoRA dropout 0 | +Liger | +channels-last | +DeepSpeed sync-free
-#                  | +varlen attention (model.attn_implementation=torch_varlen)
+#                  | +varlen attention (model.attn_implementation=torch_varlen) | +ZeRO without contiguous gradients (one GPU)
 #   eval-224       evaluation: VG captioning regions/s, fast (static cache, compiled step) vs eager, 7B shapes
 #   levers-336     ZeRO-2, 336 px: padded baseline | packed | packed with every lever above | the same + varlen
 #   zero1-224      ZeRO-1, 224 px: packed with every lever (compare with the same arm of levers-224)
 #   compile-224    ZeRO-2, 224 px: every lever, without and with regional torch.compile (and compile + varlen)
 #   search-224     the largest data.pack_tokens that fits, without and with activation checkpointing (every lever)
 #   search-336     the same at 336 px
+#   zero1-nocontig-224  ZeRO-1 without contiguous gradients (no gradient hooks at all on one GPU), every lever
 # Results: one JSON per setting and the table, in bench/results/<date>_<gpu>_<tag>.json (GPU runs only) and in $OUT.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -127,7 +128,8 @@ PLAIN=(--arm baseline=padded --arm packed=packed)
 EVERY="packed+nodrop$LIGER+channels_last+ds_sync_free"
 SEARCH_LEVERS="nodrop$LIGER+channels_last"
 setting levers-224 "$T_LEVERS" --image-size 224 "${PLAIN[@]}" --arm nodrop=packed+nodrop --arm liger=packed+nodrop+liger \
-  --arm channels_last="packed+nodrop$LIGER+channels_last" --arm sync_free="$EVERY" --arm varlen="$EVERY+varlen"
+  --arm channels_last="packed+nodrop$LIGER+channels_last" --arm sync_free="$EVERY" --arm varlen="$EVERY+varlen" \
+  --arm nocontig="$EVERY+varlen+ds_nocontig"
 eval_throughput
 setting levers-336 "$T_336" --image-size 336 "${PLAIN[@]}" --arm every="$EVERY" --arm varlen="$EVERY+varlen"
 setting zero1-224 "$T_ZERO1" --image-size 224 --zero 1 --arm every="$EVERY"
@@ -136,6 +138,8 @@ setting compile-224 "$T_COMPILE" --image-size 224 --arm every="$EVERY" --arm com
 setting search-224 "$T_SEARCH" --image-size 224 --arm every="$EVERY" --arm every_big="$EVERY@$BIG" \
   --max-budget-search --search-levers "$SEARCH_LEVERS" "${SEARCH[@]}"
 setting search-336 "$T_SEARCH" --image-size 336 --arm every="$EVERY" --max-budget-search --search-levers "$SEARCH_LEVERS" "${SEARCH[@]}"
+setting zero1-nocontig-224 "$T_ZERO1" --image-size 224 --zero 1 --ds-override zero_optimization.contiguous_gradients=false \
+  --arm every="$EVERY"
 
 
 shopt -s nullglob

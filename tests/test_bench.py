@@ -225,6 +225,34 @@ def test_tiny_cpu_run_times_lever_arms_with_medians_shapes_outliers_and_a_budget
     assert "largest data.pack_tokens that fits" in proc.stdout
 
 
+def test_dispatch_count_counts_each_phase_per_layer_and_sees_the_host_levers(tmp_path):
+    """bench/dispatch_count.py on the tiny engine at 1 and 2 LLM layers: counts per phase grow by a fixed number
+    per decoder layer, and the levers that remove host work show it (LoRA dropout 0 in the forward, DeepSpeed's
+    overflow check in the step, contiguous gradients in the backward's hooks)."""
+    out = tmp_path / "dispatch.json"
+    cmd = [sys.executable, str(REPO / "bench" / "dispatch_count.py"), "--layers", "1", "2", "--lora-r", "4", "--out", str(out),
+           "--arm", "plain=packed", "--arm", "nodrop=packed+nodrop", "--arm", "sync_free=packed+ds_sync_free",
+           "--arm", "nocontig=packed+ds_nocontig"]
+    proc = subprocess.run(cmd, cwd=REPO, env={**ENV, "MASTER_PORT": str(free_port())}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert [d["layers"] for d in result["depths"]] == [1, 2] and result["zero_stage"] == 2
+    fit = result["per_layer"]
+    plain = fit["plain"]
+    for phase in ("forward", "backward", "step"):
+        assert plain[phase]["per_layer"] > 0 and plain[phase]["linear"], phase
+    assert plain["total"]["at_7b_depth"] == round(plain["total"]["fixed"] + 32 * plain["total"]["per_layer"])
+    assert fit["nodrop"]["forward"]["per_layer"] < plain["forward"]["per_layer"]
+    assert fit["nodrop"]["backward"]["per_layer"] <= plain["backward"]["per_layer"]
+    assert fit["sync_free"]["step"]["per_layer"] < plain["step"]["per_layer"]
+    assert fit["nocontig"]["backward"]["per_layer"] < plain["backward"]["per_layer"]
+    assert fit["nocontig"]["forward"] == plain["forward"]
+    deepest = result["depths"][-1]["arms"]["plain"]["by_source"]
+    assert {"deepspeed", "autograd"} <= set(deepest["backward"]) and "peft" in deepest["forward"]
+    assert "per layer" in proc.stdout and "nocontig" in proc.stdout
+
+
 def test_arm_specs_name_their_levers_and_budget():
     from bench.throughput.levers import parse_arm
 

@@ -243,16 +243,43 @@ def test_non_finite_loss_between_log_steps_stops_before_the_next_save(tiny_model
     assert ckpt.read_client_state(last_good)["step"] == bad_step - 1  # every step before the NaN was saved, not the NaN one
 
 
-def test_log_steps_log_the_mean_loss_of_each_window_and_the_last_step(tiny_model_dir, synthetic_pix2cap, tmp_path):
-    common = ("train.max_steps=7", "train.save_steps=7", "lora.enabled=true", "lora.r=8", "model.freeze=stage2")
-    every, windows = tmp_path / "every", tmp_path / "windows"
-    run_training(recipe_args(tiny_model_dir, synthetic_pix2cap, every, *common), nproc=1)
-    run_training(recipe_args(tiny_model_dir, synthetic_pix2cap, windows, *common, "train.log_steps=3"), nproc=1)
-    per_step, logged = losses(every), losses(windows)
+PER_STEP_LORA = ("train.max_steps=7", "train.save_steps=7", "lora.enabled=true", "lora.r=8", "model.freeze=stage2")
+
+
+@pytest.fixture(scope="module")
+def per_step_lora_run(tiny_model_dir, synthetic_pix2cap, tmp_path_factory):
+    """One process, LoRA, ZeRO-2 (the quickstart's), 7 steps, every step logged."""
+    out = tmp_path_factory.mktemp("per_step_lora")
+    run_training(recipe_args(tiny_model_dir, synthetic_pix2cap, out, *PER_STEP_LORA), nproc=1)
+    return out
+
+
+def test_log_steps_log_the_mean_loss_of_each_window_and_the_last_step(per_step_lora_run, tiny_model_dir,
+                                                                      synthetic_pix2cap, tmp_path):
+    windows = tmp_path / "windows"
+    run_training(recipe_args(tiny_model_dir, synthetic_pix2cap, windows, *PER_STEP_LORA, "train.log_steps=3"), nproc=1)
+    per_step, logged = losses(per_step_lora_run), losses(windows)
     assert sorted(logged) == [3, 6, 7]
     for step, first in ((3, 1), (6, 4), (7, 7)):
         expected = sum(per_step[s] for s in range(first, step + 1)) / (step - first + 1)
         assert logged[step] == pytest.approx(expected, rel=1e-6), step
+
+
+def test_one_gpu_deepspeed_overrides_change_no_loss_or_grad_norm(per_step_lora_run, tiny_model_dir, synthetic_pix2cap,
+                                                                  tmp_path):
+    """The DeepSpeed switches the one-GPU recipes and the benchmark's ds_sync_free / ds_nocontig levers set (no
+    throughput timer, no bf16 overflow check, no contiguous gradient buffers) change how ZeRO moves gradients, not
+    what it computes: the same loss and grad norm at every step."""
+    fast = tmp_path / "fast"
+    overrides = "deepspeed.overrides=" + json.dumps(["timers.throughput.enabled=false", "bf16.check_grad_overflow=false",
+                                                     "zero_optimization.contiguous_gradients=false"])
+    run_training(recipe_args(tiny_model_dir, synthetic_pix2cap, fast, *PER_STEP_LORA, overrides), nproc=1)
+    assert (fast / "config.yaml").read_text().count("contiguous_gradients=false") == 1
+    rows = {name: [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+            for name, out in (("plain", per_step_lora_run), ("fast", fast))}
+    assert [r["step"] for r in rows["fast"]] == [r["step"] for r in rows["plain"]] == list(range(1, 8))
+    for plain, got in zip(rows["plain"], rows["fast"]):
+        assert (got["loss"], got["grad_norm"]) == (plain["loss"], plain["grad_norm"]), got["step"]
 
 
 def test_token_budget_run_resumes_with_the_uninterrupted_losses(tiny_model_dir, synthetic_pix2cap, tmp_path):

@@ -18,6 +18,9 @@ lever              what the arm's steps run with                recipe switch
                    overflow check (one more) off
 ``varlen``         packed rows' attention through PyTorch's     ``model.attn_implementation=torch_varlen``
                    varlen flash kernel (no block-diagonal mask)
+``ds_nocontig``    ZeRO-2 without contiguous gradients: one     ``deepspeed.overrides=zero_optimization.``
+                   copy per gradient instead of two (bucket     ``contiguous_gradients=false``
+                   and partition buffers), fewer views (1 GPU)
 =================  ===========================================  ==========================================
 
 The library's own functions (``gpt4roi_sft.train.speedups``) switch Liger, compile and channels-last on, so the
@@ -35,7 +38,7 @@ from torch import nn
 
 log = logging.getLogger("bench.train_throughput")
 
-LEVERS = ("nodrop", "liger", "channels_last", "compile", "ds_sync_free", "varlen")
+LEVERS = ("nodrop", "liger", "channels_last", "compile", "ds_sync_free", "varlen", "ds_nocontig")
 COLLATES = ("padded", "packed")
 
 
@@ -99,6 +102,7 @@ class LeverSwitch:
                           for key, drop in m.lora_dropout.items() if not isinstance(drop, nn.Identity)]
         self._timer_config = getattr(getattr(engine, "tput_timer", None), "config", None)
         self._overflow_check = getattr(engine.optimizer, "check_grad_overflow", None)
+        self._contiguous = getattr(engine.optimizer, "contiguous_gradients", None)
         self._attn_configs = attention_configs(engine.module)
         self._attn_saved = {k: c._attn_implementation for k, c in self._attn_configs.items()}
 
@@ -137,6 +141,18 @@ class LeverSwitch:
                 timer.config = self._timer_config.model_copy(update={"enabled": False}) if on else self._timer_config
             if self._overflow_check is not None:
                 self.engine.optimizer.check_grad_overflow = False if on else self._overflow_check
+        elif lever == "ds_nocontig":
+            # ZeRO-2's optimizer reads the flag in every gradient hook and reduction, and its buckets are empty
+            # between steps, so it can change between steps: the same code path (and the same losses) as an engine
+            # built with it off. ZeRO-1 built without it installs no gradient hooks at all, which a switch cannot
+            # undo: time that as its own setting (--zero 1 --ds-override zero_optimization.contiguous_gradients=false).
+            from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+            optimizer = self.engine.optimizer
+            if not (isinstance(optimizer, DeepSpeedZeroOptimizer) and optimizer.partition_gradients):
+                raise RuntimeError("ds_nocontig switches ZeRO-2 only; for ZeRO-1 pass --ds-override "
+                                   "zero_optimization.contiguous_gradients=false to its own run")
+            optimizer.contiguous_gradients = False if on else self._contiguous
         elif lever == "varlen":
             from gpt4roi_sft.model.varlen_attention import TORCH_VARLEN
 
@@ -163,8 +179,9 @@ def lever_settings(spec: ArmSpec) -> Dict[str, object]:
         "model.liger_kernel": "liger" in spec.levers,
         "model.channels_last": "channels_last" in spec.levers,
         "model.compile": ["decoder_layers", "region_encoder"] if "compile" in spec.levers else [],
-        "deepspeed.overrides": (["timers.throughput.enabled=false", "bf16.check_grad_overflow=false"]
-                                if "ds_sync_free" in spec.levers else []),
+        "deepspeed.overrides": ((["timers.throughput.enabled=false", "bf16.check_grad_overflow=false"]
+                                 if "ds_sync_free" in spec.levers else [])
+                                + (["zero_optimization.contiguous_gradients=false"] if "ds_nocontig" in spec.levers else [])),
         "model.attn_implementation": "torch_varlen" if "varlen" in spec.levers else None,
         "data.pack_tokens": spec.budget,
         "collate": spec.collate,
