@@ -127,7 +127,7 @@ eval_throughput() {
 PLAIN=(--arm baseline=padded --arm packed=packed)
 EVERY="packed+nodrop$LIGER+channels_last+ds_sync_free"
 SEARCH_LEVERS="nodrop$LIGER+channels_last"
-setting levers-224 "$T_LEVERS" --image-size 224 "${PLAIN[@]}" --arm nodrop=packed+nodrop --arm liger=packed+nodrop+liger \
+setting levers-224 "$T_LEVERS" --image-size 224 --profile-busy "${PLAIN[@]}" --arm nodrop=packed+nodrop --arm liger=packed+nodrop+liger \
   --arm channels_last="packed+nodrop$LIGER+channels_last" --arm sync_free="$EVERY" --arm varlen="$EVERY+varlen" \
   --arm nocontig="$EVERY+varlen+ds_nocontig"
 eval_throughput

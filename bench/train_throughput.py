@@ -93,6 +93,9 @@ def parse_args(argv=None):
                    help="add an arm: the first packed arm's rows padded to one fixed length, flex attention (block-sparse; "
                         "CUDA only, dropped with a note if its warm-up fails)")
     p.add_argument("--skip-baseline", action="store_true", help="time no padded arm (speedups left null)")
+    p.add_argument("--profile-busy", action="store_true",
+                   help="after the timed steps, one more step per arm under torch.profiler: the device's kernel time "
+                        "against the step's wall time (GPU only; arms' profiled_step)")
     p.add_argument("--eval-generation", action="store_true", help="also time batched generation (regions/s)")
     p.add_argument("--gen-batch", type=int, default=None, help="prompts per generate call (default 16; tiny 2)")
     p.add_argument("--gen-new-tokens", type=int, default=None, help="tokens generated per region (default 32; tiny 4)")
@@ -180,6 +183,8 @@ def run(args) -> dict:
     device = torch.device("cpu") if on_cpu else torch.device("cuda", 0)
     if not on_cpu:
         torch.cuda.set_device(device)
+    if args.profile_busy and on_cpu:
+        log.warning("--profile-busy measures a GPU's kernel time; skipped on the CPU")
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     attn = args.attn or "sdpa"
     torch.manual_seed(args.seed)
@@ -203,7 +208,8 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_ds_") as workdir:
         engine, stage, counts = prepare_engine(model, args, on_cpu, Path(workdir))
         switch = LeverSwitch(engine, device)
-        results = time_arms(engine, arms, args.warmup, device, dtype, flop_model, peak, matmul_rate, switch)
+        results = time_arms(engine, arms, args.warmup, device, dtype, flop_model, peak, matmul_rate, switch,
+                            profile_busy=args.profile_busy)
         generation = None
         if args.eval_generation:
             if stage == 3:

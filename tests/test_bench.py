@@ -213,6 +213,8 @@ def test_tiny_cpu_run_times_lever_arms_with_medians_shapes_outliers_and_a_budget
         assert arm["distinct_shapes"] == len(arm["shapes"]) >= 1
         assert all(o["seconds"] > 1.5 * arm["step_time_s_median"] for o in arm["outlier_steps"])
         assert arm["speedup_vs_baseline_median"] == pytest.approx(arm["tokens_per_s_median"] / base["tokens_per_s_median"])
+        assert 0 < arm["host_issue_s_median"] <= arm["step_time_s_median"] and arm["device_tail_s_median"] >= 0
+        assert "profiled_step" not in arm  # --profile-busy was not asked for (and needs a GPU)
     assert all(w % 128 == 0 for _, w in packed["shapes"])  # packed rows rounded to --pad-to-multiple
     assert fast["levers"]["lora.dropout=0"] and fast["levers"]["model.channels_last"] and fast["levers"]["deepspeed.overrides"]
     assert result["ours_arm"] in ("packed", "nodrop", "varlen", "big") and result["levers"] == arms[result["ours_arm"]]["levers"]
@@ -438,14 +440,18 @@ def test_tiny_gpu_run_times_every_lever(tmp_path):
     (compile is checked by tests/test_speedups.py; here it would only add its compile time.)"""
     out = tmp_path / "levers.json"
     env = {k: v for k, v in ENV.items() if k != "DS_ACCELERATOR"}
-    arms = ["baseline=padded", "packed=packed", "fast=packed+nodrop+liger+channels_last+ds_sync_free+varlen"]
+    arms = ["baseline=padded", "packed=packed", "fast=packed+nodrop+liger+channels_last+ds_sync_free+varlen+ds_nocontig"]
     cmd = [sys.executable, str(REPO / "bench" / "train_throughput.py"), "--tiny", "--precision", "bf16", "--warmup", "2",
            "--steps", "2", "--pack-tokens", "1024", *[f"--arm={a}" for a in arms], "--max-budget-search",
-           "--search-limit", "2048", "--out", str(out), "--port", str(free_port())]
+           "--search-limit", "2048", "--profile-busy", "--out", str(out), "--port", str(free_port())]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
     dropped = {k: a["failed"] for k, a in result["arms"].items() if "failed" in a}
     assert not dropped, dropped
+    for arm in result["arms"].values():  # the profiled step saw the device's kernels
+        busy = arm["profiled_step"]
+        assert busy["device_kernel_s"] > 0 and 0 < busy["device_busy_fraction"] <= 1, arm["arm"]
+        assert 0 < arm["host_issue_s_median"] <= arm["step_time_s_median"]
     assert result["settings"]["fused_adamw"] is True
     assert all(s["max_pack_tokens"] >= 1024 for s in result["budget_search"])

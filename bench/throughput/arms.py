@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -53,7 +54,7 @@ OUTLIER_FACTOR = 1.5  # a timed step slower than this many medians is flagged
 
 
 def time_arms(engine, arms: Dict[str, Arm], warmup: int, device, dtype, flop_model: FlopModel, peak: Optional[float],
-              matmul_rate: float, switch: LeverSwitch) -> Dict[str, dict]:
+              matmul_rate: float, switch: LeverSwitch, profile_busy: bool = False) -> Dict[str, dict]:
     """Warm up every arm, then run their timed optimizer steps interleaved (A B C, C B A, A B C, ...).
 
     Interleaving puts every arm under the same machine state (clocks, temperature, other tenants of a shared
@@ -63,6 +64,12 @@ def time_arms(engine, arms: Dict[str, Arm], warmup: int, device, dtype, flop_mod
     FLOPs come from the samples, never the padding. Per arm: total-time and median-based rates, the timed steps'
     seconds, steps slower than ``OUTLIER_FACTOR`` x the median (and whether their row shape was new to the
     process, e.g. a fresh kernel plan or recompile), and the distinct (rows, width) shapes it ran.
+
+    Each step also records when the host had issued all of its work (``micro_step`` returned, before the clock's
+    synchronisation): ``host_issue_s`` is that time, ``device_tail_s`` the wait for the device after it. A tail near
+    zero means the device kept up with the host (the step is bound by the host's issuing); a long tail means work
+    was queued faster than the device ran it. A synchronisation inside the step counts as issue time. With
+    ``profile_busy``, one more step per arm runs under ``torch.profiler`` after the timed ones (see :func:`device_busy`).
     """
     from gpt4roi_sft.train.loop import micro_step
 
@@ -89,8 +96,8 @@ def time_arms(engine, arms: Dict[str, Arm], warmup: int, device, dtype, flop_mod
             del arms[name]
             _recover(engine, device)
     switch.set(frozenset())
-    acc = {name: {"times": [], "losses": [], "tokens": [], "padded": 0, "flops": [], "samples": 0, "peak": 0.0,
-                  "shapes": [], "new": []} for name in arms}
+    acc = {name: {"times": [], "issue": [], "losses": [], "tokens": [], "padded": 0, "flops": [], "samples": 0,
+                  "peak": 0.0, "shapes": [], "new": []} for name in arms}
     names = list(arms)
     n_steps = min(len(a.batches) for a in arms.values()) if arms else 0
     for i in range(warmup, n_steps):
@@ -103,7 +110,9 @@ def time_arms(engine, arms: Dict[str, Arm], warmup: int, device, dtype, flop_mod
             with attention_implementation(engine.module, arm.attn):
                 t0 = clock.now()
                 loss = micro_step(engine, batch, device, dtype)
+                issued = time.perf_counter()
                 a["times"].append(clock.now() - t0)
+                a["issue"].append(issued - t0)
             a["peak"] = max(a["peak"], peak_memory_gb(device))
             a["losses"].append(float(loss))
             a["tokens"].append(int(batch["num_tokens"]))
@@ -113,16 +122,42 @@ def time_arms(engine, arms: Dict[str, Arm], warmup: int, device, dtype, flop_mod
             a["shapes"].append(shape)
             a["new"].append(shape not in seen_shapes)
             seen_shapes.add(shape)
+    busy = {}
+    if profile_busy and device.type == "cuda":
+        for name, arm in arms.items():
+            switch.set(arm.spec.levers)
+            with attention_implementation(engine.module, arm.attn):
+                busy[name] = device_busy(lambda: micro_step(engine, arm.batches[-1], device, dtype), clock)
     switch.set(frozenset())
     results = {name: arm_result(name, arms[name], a, warmup, peak, matmul_rate) for name, a in acc.items()}
+    for name, measured in busy.items():
+        results[name]["profiled_step"] = measured
     for name, error in failed.items():
         results[name] = {"arm": name, "failed": error}
     return results
 
 
+def device_busy(step: Callable[[], object], clock: Clock) -> dict:
+    """One step under ``torch.profiler`` (device activity only): the summed time of its device kernels and copies
+    against the step's wall time. A busy fraction near 1 means the device, not the host, sets the step time
+    (kernels on overlapping streams count twice, so the fraction is an upper bound); the profiler's own overhead
+    lengthens the step, so its seconds are not the timed arm's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = clock.now()
+        step()
+        seconds = clock.now() - t0
+    kernel_us = sum(e.self_device_time_total for e in prof.key_averages()
+                    if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
+    return {"seconds": seconds, "device_kernel_s": kernel_us / 1e6,
+            "device_busy_fraction": min(1.0, kernel_us / 1e6 / seconds) if seconds > 0 else None}
+
+
 def arm_result(name: str, arm: Arm, a: dict, warmup: int, peak: Optional[float], matmul_rate: float) -> dict:
     """Totals, medians and outliers of one arm's timed steps."""
     times = np.asarray(a["times"])
+    issue = np.asarray(a["issue"])
     tokens = np.asarray(a["tokens"], dtype=np.float64)
     flops = np.asarray(a["flops"])
     seconds = float(times.sum())
@@ -144,6 +179,8 @@ def arm_result(name: str, arm: Arm, a: dict, warmup: int, peak: Optional[float],
         "seconds": seconds,
         "step_times_s": [round(float(t), 4) for t in times],
         "step_time_s_median": median,
+        "host_issue_s_median": float(np.median(issue)),
+        "device_tail_s_median": float(np.median(times - issue)),
         "tokens": int(tokens.sum()),
         "tokens_per_step_mean": float(tokens.mean()),
         "tokens_in_batches": a["padded"],
@@ -165,8 +202,9 @@ def arm_result(name: str, arm: Arm, a: dict, warmup: int, peak: Optional[float],
         "shapes": [list(s) for s in shapes],
         "outlier_steps": outliers,
     }
-    log.info("%s: %.1f tokens/s (median %.1f), %.3f s/step median, %d shapes, %d outlier step(s), peak %.2f GB", name,
-             result["tokens_per_s"], result["tokens_per_s_median"], median, len(shapes), len(outliers), result["peak_mem_gb"])
+    log.info("%s: %.1f tokens/s (median %.1f), %.3f s/step median (host issued its work in %.3f s), %d shapes, "
+             "%d outlier step(s), peak %.2f GB", name, result["tokens_per_s"], result["tokens_per_s_median"], median,
+             result["host_issue_s_median"], len(shapes), len(outliers), result["peak_mem_gb"])
     return result
 
 

@@ -39,17 +39,21 @@ def format_table(result: dict) -> str:
     def num(x, fmt):
         return "n/a" if x is None else format(x, fmt)
 
-    rows = [("arm", "spec", "tokens/s", "median tok/s", "x base (median)", "s/step", "MFU", "MFU median", "MFU(matmul)",
-             "peak GB", "padding", "shapes", "outliers")]
+    rows = [("arm", "spec", "tokens/s", "median tok/s", "x base (median)", "s/step", "host s", "busy", "MFU", "MFU median",
+             "MFU(matmul)", "peak GB", "padding", "shapes", "outliers")]
     for arm in [a for a in result["arms"].values() if "failed" not in a]:
+        busy = (arm.get("profiled_step") or {}).get("device_busy_fraction")
         rows.append((arm["arm"], arm["spec"], f"{arm['tokens_per_s']:.1f}", f"{arm['tokens_per_s_median']:.1f}",
                      num(arm.get("speedup_vs_baseline_median"), ".2f"), f"{arm['step_time_s_median']:.3f}",
+                     num(arm.get("host_issue_s_median"), ".3f"), pct(busy),
                      pct(arm["mfu"]), pct(arm["mfu_median"]), pct(arm["mfu_vs_matmul"]), f"{arm['peak_mem_gb']:.2f}",
                      pct(arm["padding_fraction"]), str(arm["distinct_shapes"]), str(len(arm["outlier_steps"]))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"device: {result['device']}  |  {result['settings']['label']}"]
     lines += ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines += [f"arm {a['arm']} dropped: {a['failed']}" for a in result["arms"].values() if "failed" in a]
+    lines.append("host s: median time until the host had issued a step's work (the rest of s/step is the wait for the "
+                 "device); busy: device kernel time / wall time of one profiled step (--profile-busy)")
     peak = result["peak_tflops"]
     lines.append(f"headline arm: {result['ours_arm']}   speedup vs baseline: median {num(result['speedup_vs_baseline_median'], '.2f')}x, "
                  f"total time {num(result['speedup_vs_baseline'], '.2f')}x   matmul rate: {result['matmul_tflops']:.2f} TFLOP/s   "
