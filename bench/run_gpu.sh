@@ -16,7 +16,7 @@
 # with its own time limit, clipped to what is left; a setting that would get less than MIN_SETTING_S (75 s) is
 # skipped and named at the end with the command that runs it. One failure or timeout leaves the others' results.
 # Every limit is an environment variable (BUDGET_S, GPU_CHECK_S, MIN_SETTING_S, T_LEVERS, T_EVAL, T_336, T_ZERO1,
-# T_COMPILE, T_SEARCH; EVAL_EXTRA adds arguments of bench/eval_throughput.py; GPU_CHECK_K selects gpu tests as
+# T_COMPILE, T_SEARCH, SEARCH_MEMORY_GB; EVAL_EXTRA adds arguments of bench/eval_throughput.py; GPU_CHECK_K selects gpu tests as
 # pytest's -k does), so a short lease can run the same script with a smaller budget.
 #
 # Settings (7B shapes, random bf16 weights, LoRA r=128 on every LLM linear + region encoder and projector trained,
@@ -26,8 +26,9 @@
 #   eval-224       evaluation: VG captioning regions/s, fast (static cache, compiled step) vs eager, 7B shapes
 #   levers-336     ZeRO-2, 336 px: padded baseline | packed | packed with every lever above | the same + varlen
 #   zero1-224      ZeRO-1, 224 px: packed with every lever (compare with the same arm of levers-224)
-#   compile-224    ZeRO-2, 224 px: every lever, without and with regional torch.compile (and compile + varlen)
-#   search-224     the largest data.pack_tokens that fits, without and with activation checkpointing (every lever)
+#   compile-224    ZeRO-2, 224 px: every lever, without and with regional torch.compile (+ varlen, + ds_nocontig)
+#   search-224     the largest data.pack_tokens that fits an 80 GB card (SEARCH_MEMORY_GB, default 84 GB of allocations),
+#                  without and with activation checkpointing (every lever)
 #   search-336     the same at 336 px
 #   zero1-nocontig-224  ZeRO-1 without contiguous gradients (no gradient hooks at all on one GPU), every lever
 # Results: one JSON per setting and the table, in bench/results/<date>_<gpu>_<tag>.json (GPU runs only) and in $OUT.
@@ -69,7 +70,8 @@ else
   # longest, ~10 MB of activations per token without levers) still fits an 80 GB card; larger budgets are the
   # search settings' (rows of 2048 there, as data.max_length makes them in training)
   COMMON=(--warmup 3 --steps 20 --pack-tokens 3072 --pack-length 3072)
-  BIG=8192 SEARCH=(--search-limit 131072 --pack-length 2048) COMPILE_WARMUP=(--warmup 4 --steps 20)
+  # the searches answer for an 80 GB H100 whatever card runs them (79.1 GiB = 84.9 GB, ~0.5 GB of it CUDA's context)
+  BIG=8192 SEARCH=(--search-limit 131072 --pack-length 2048 --search-memory-gb "${SEARCH_MEMORY_GB:-84}") COMPILE_WARMUP=(--warmup 4 --steps 20)
   LIGER="+liger"
   BUDGET_S="${BUDGET_S:-570}" GPU_CHECK_S="${GPU_CHECK_S:-230}" MIN_SETTING_S="${MIN_SETTING_S:-75}"
   T_LEVERS="${T_LEVERS:-200}" T_336="${T_336:-140}" T_ZERO1="${T_ZERO1:-100}" T_COMPILE="${T_COMPILE:-200}"
@@ -134,7 +136,7 @@ eval_throughput
 setting levers-336 "$T_336" --image-size 336 "${PLAIN[@]}" --arm every="$EVERY" --arm varlen="$EVERY+varlen"
 setting zero1-224 "$T_ZERO1" --image-size 224 --zero 1 --arm every="$EVERY"
 setting compile-224 "$T_COMPILE" --image-size 224 --arm every="$EVERY" --arm compiled="$EVERY+compile" \
-  --arm compiled_varlen="$EVERY+varlen+compile" "${COMPILE_WARMUP[@]}"
+  --arm compiled_varlen="$EVERY+varlen+compile" --arm compiled_all="$EVERY+varlen+ds_nocontig+compile" "${COMPILE_WARMUP[@]}"
 setting search-224 "$T_SEARCH" --image-size 224 --arm every="$EVERY" --arm every_big="$EVERY@$BIG" \
   --max-budget-search --search-levers "$SEARCH_LEVERS" "${SEARCH[@]}"
 setting search-336 "$T_SEARCH" --image-size 336 --arm every="$EVERY" --max-budget-search --search-levers "$SEARCH_LEVERS" "${SEARCH[@]}"

@@ -104,6 +104,9 @@ def parse_args(argv=None):
     p.add_argument("--search-levers", default="", help="levers the search runs with, e.g. nodrop+liger")
     p.add_argument("--search-checkpointing", choices=("off", "both"), default="both",
                    help="search without activation checkpointing, then (both) with it, switched on at run time")
+    p.add_argument("--search-memory-gb", type=float, default=None,
+                   help="the budget search may allocate at most this many GB (1e9 bytes), e.g. 84 for an 80 GB H100 "
+                        "(79.1 GiB = 84.9 GB, ~0.5 GB of it CUDA's context) searched on a larger card; default: all")
     p.add_argument("--search-start", type=int, default=None, help="first budget tried (default 4096; tiny 512)")
     p.add_argument("--search-limit", type=int, default=None, help="largest budget tried (default 131072; tiny 2048)")
     p.add_argument("--seed", type=int, default=0)
@@ -219,6 +222,7 @@ def run(args) -> dict:
         searches = None
         if args.max_budget_search:
             searches = []
+            cap = cap_device_memory(device, args.search_memory_gb)
             for checkpointing in ((False, True) if args.search_checkpointing == "both" else (False,)):
                 if checkpointing:
                     from gpt4roi_sft.train.modes import unwrap_base_model
@@ -227,7 +231,7 @@ def run(args) -> dict:
                 start = max(args.search_start, searches[-1]["max_pack_tokens"]) if searches else args.search_start
                 found = find_max_budget(engine, pool, switch, args.search_lever_set, args.pack_length, args.pad_to_multiple,
                                         device, dtype, start, args.search_limit)
-                found.update(gradient_checkpointing=checkpointing, levers=sorted(args.search_lever_set))
+                found.update(gradient_checkpointing=checkpointing, levers=sorted(args.search_lever_set), memory_cap_gb=cap)
                 searches.append(found)
                 if "stopped_by" in found:
                     break
@@ -235,6 +239,24 @@ def run(args) -> dict:
     return build_result(args, config=config, device=device, attn=attn, arms=results, flop_model=flop_model, peak=peak,
                         matmul_rate=matmul_rate, matmul_n=matmul_n, counts=counts, generation=generation,
                         searches=searches, items=pool.items)
+
+
+def cap_device_memory(device: torch.device, gb: Optional[float]) -> Optional[float]:
+    """Limit this process's CUDA allocations to ``gb`` (so a large card answers for a smaller one); returns the cap
+    in force (None: the whole device). What the engine already holds counts against it, as it would there."""
+    if gb is None:
+        return None
+    if device.type != "cuda":
+        log.warning("--search-memory-gb caps CUDA memory; ignored on the CPU")
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    if gb * 1e9 >= total:
+        log.warning("--search-memory-gb %.1f is not below this device's %.1f GB; searching all of it", gb, total / 1e9)
+        return None
+    torch.cuda.empty_cache()  # cached blocks above the cap would otherwise stay usable
+    torch.cuda.set_per_process_memory_fraction(gb * 1e9 / total, device)
+    log.info("budget search capped at %.1f GB of %.1f GB", gb, total / 1e9)
+    return gb
 
 
 def main(argv=None) -> int:

@@ -197,7 +197,8 @@ def test_tiny_cpu_run_times_lever_arms_with_medians_shapes_outliers_and_a_budget
     proc = run_bench("--tiny", "--warmup", "1", "--steps", "3", "--pack-tokens", "1024", "--arm", "baseline=padded",
                      "--arm", "packed=packed", "--arm", "nodrop=packed+nodrop+channels_last+ds_sync_free",
                      "--arm", "liger=packed+nodrop+liger", "--arm", "varlen=packed+varlen", "--arm", "big=packed+nodrop@2048",
-                     "--max-budget-search", "--search-levers", "nodrop", "--search-limit", "1024", "--out", str(out))
+                     "--max-budget-search", "--search-levers", "nodrop", "--search-limit", "1024", "--search-memory-gb", "50",
+                     "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
     arms = result["arms"]
@@ -224,6 +225,7 @@ def test_tiny_cpu_run_times_lever_arms_with_medians_shapes_outliers_and_a_budget
     searches = result["budget_search"]
     assert [s["gradient_checkpointing"] for s in searches] == [False, True]
     assert all(s["max_pack_tokens"] == 1024 and s["first_oom"] is None and s["levers"] == ["nodrop"] for s in searches)
+    assert all(s["memory_cap_gb"] is None for s in searches) and "--search-memory-gb caps CUDA memory" in proc.stderr
     assert "largest data.pack_tokens that fits" in proc.stdout
 
 
@@ -443,7 +445,7 @@ def test_tiny_gpu_run_times_every_lever(tmp_path):
     arms = ["baseline=padded", "packed=packed", "fast=packed+nodrop+liger+channels_last+ds_sync_free+varlen+ds_nocontig"]
     cmd = [sys.executable, str(REPO / "bench" / "train_throughput.py"), "--tiny", "--precision", "bf16", "--warmup", "2",
            "--steps", "2", "--pack-tokens", "1024", *[f"--arm={a}" for a in arms], "--max-budget-search",
-           "--search-limit", "2048", "--profile-busy", "--out", str(out), "--port", str(free_port())]
+           "--search-limit", "2048", "--search-memory-gb", "20", "--profile-busy", "--out", str(out), "--port", str(free_port())]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
@@ -455,3 +457,4 @@ def test_tiny_gpu_run_times_every_lever(tmp_path):
         assert 0 < arm["host_issue_s_median"] <= arm["step_time_s_median"]
     assert result["settings"]["fused_adamw"] is True
     assert all(s["max_pack_tokens"] >= 1024 for s in result["budget_search"])
+    assert all(s["memory_cap_gb"] == 20 and s["peak_mem_gb"] <= 20 for s in result["budget_search"])

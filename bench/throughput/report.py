@@ -66,7 +66,8 @@ def format_table(result: dict) -> str:
         g = result["generation"]
         lines.append(f"generation: {g['regions_per_s']:.2f} regions/s (batch {g['batch_size']}, {g['new_tokens_per_region']} new tokens each)")
     for search in result.get("budget_search") or []:
-        lines.append(f"largest data.pack_tokens that fits ({'with' if search['gradient_checkpointing'] else 'without'} activation "
+        within = f" within {search['memory_cap_gb']:.0f} GB" if search.get("memory_cap_gb") else ""
+        lines.append(f"largest data.pack_tokens that fits{within} ({'with' if search['gradient_checkpointing'] else 'without'} activation "
                      f"checkpointing, levers {'+'.join(search['levers']) or 'none'}): {search['max_pack_tokens']} tokens "
                      f"(first OOM: {search['first_oom'] or 'none up to ' + str(search['limit'])})")
     return "\n".join(lines)
