@@ -257,6 +257,15 @@ def test_dispatch_count_counts_each_phase_per_layer_and_sees_the_host_levers(tmp
     assert "per layer" in proc.stdout and "nocontig" in proc.stdout
 
 
+def test_busy_length_counts_overlapping_device_intervals_once():
+    from bench.throughput.arms import busy_length
+
+    assert busy_length([]) == 0
+    assert busy_length([(0, 10), (20, 25)]) == 15  # a gap is not busy
+    assert busy_length([(0, 10), (5, 15), (2, 4)]) == 15  # overlap and nesting (two streams) count once
+    assert busy_length([(30, 40), (0, 10), (10, 12)]) == 22  # unsorted, touching
+
+
 def test_arm_specs_name_their_levers_and_budget():
     from bench.throughput.levers import parse_arm
 
@@ -454,6 +463,7 @@ def test_tiny_gpu_run_times_every_lever(tmp_path):
     for arm in result["arms"].values():  # the profiled step saw the device's kernels
         busy = arm["profiled_step"]
         assert busy["device_kernel_s"] > 0 and 0 < busy["device_busy_fraction"] <= 1, arm["arm"]
+        assert busy["device_busy_s"] is None or 0 < busy["device_busy_s"] <= min(busy["device_kernel_s"], busy["seconds"]) + 1e-6
         assert 0 < arm["host_issue_s_median"] <= arm["step_time_s_median"]
     assert result["settings"]["fused_adamw"] is True
     assert all(s["max_pack_tokens"] >= 1024 for s in result["budget_search"])

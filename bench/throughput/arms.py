@@ -138,20 +138,41 @@ def time_arms(engine, arms: Dict[str, Arm], warmup: int, device, dtype, flop_mod
 
 
 def device_busy(step: Callable[[], object], clock: Clock) -> dict:
-    """One step under ``torch.profiler`` (device activity only): the summed time of its device kernels and copies
-    against the step's wall time. A busy fraction near 1 means the device, not the host, sets the step time
-    (kernels on overlapping streams count twice, so the fraction is an upper bound); the profiler's own overhead
-    lengthens the step, so its seconds are not the timed arm's."""
+    """One step under ``torch.profiler`` (device activity only): how long the device was busy, against the step's
+    wall time. ``device_busy_s`` is the union of its kernels' and copies' time intervals (overlapping streams count
+    once); ``device_kernel_s`` their plain sum. A busy fraction near 1 means the device, not the host, sets the step
+    time. The profiler's own overhead lengthens the step, so its seconds are not the timed arm's."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         t0 = clock.now()
         step()
         seconds = clock.now() - t0
-    kernel_us = sum(e.self_device_time_total for e in prof.key_averages()
-                    if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
-    return {"seconds": seconds, "device_kernel_s": kernel_us / 1e6,
-            "device_busy_fraction": min(1.0, kernel_us / 1e6 / seconds) if seconds > 0 else None}
+    raw = getattr(getattr(prof, "profiler", None), "kineto_results", None)
+    if raw is not None:
+        spans = [(e.start_ns(), e.end_ns()) for e in raw.events() if e.device_type() == torch.autograd.DeviceType.CUDA]
+        kernel_s = sum(b - a for a, b in spans) / 1e9
+        busy_s = busy_length(spans) / 1e9
+    else:  # no raw events in this torch: the summed kernel time only (an upper bound of the busy time)
+        kernel_s = sum(e.self_device_time_total for e in prof.key_averages()
+                       if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA) / 1e6
+        busy_s = None
+    shown = busy_s if busy_s is not None else kernel_s
+    return {"seconds": seconds, "device_kernel_s": kernel_s, "device_busy_s": busy_s,
+            "device_busy_fraction": min(1.0, shown / seconds) if seconds > 0 else None}
+
+
+def busy_length(spans: List[tuple]) -> int:
+    """Total length covered by ``(start, end)`` intervals, each stretch counted once."""
+    total, reach = 0, None
+    for start, end in sorted(spans):
+        if reach is None or start > reach:
+            total += end - start
+            reach = end
+        elif end > reach:
+            total += end - reach
+            reach = end
+    return total
 
 
 def arm_result(name: str, arm: Arm, a: dict, warmup: int, peak: Optional[float], matmul_rate: float) -> dict:

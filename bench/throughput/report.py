@@ -53,7 +53,7 @@ def format_table(result: dict) -> str:
     lines += ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines += [f"arm {a['arm']} dropped: {a['failed']}" for a in result["arms"].values() if "failed" in a]
     lines.append("host s: median time until the host had issued a step's work (the rest of s/step is the wait for the "
-                 "device); busy: device kernel time / wall time of one profiled step (--profile-busy)")
+                 "device); busy: time the device was busy / wall time of one profiled step (--profile-busy)")
     peak = result["peak_tflops"]
     lines.append(f"headline arm: {result['ours_arm']}   speedup vs baseline: median {num(result['speedup_vs_baseline_median'], '.2f')}x, "
                  f"total time {num(result['speedup_vs_baseline'], '.2f')}x   matmul rate: {result['matmul_tflops']:.2f} TFLOP/s   "
