@@ -10,7 +10,7 @@ library issued them (DeepSpeed's gradient hooks, peft, transformers, this projec
 
 It does so at two or more LLM depths (``--layers``): the LLM's decoder layers are the same code at any width,
 so counts grow by a fixed number per layer, and ``per_layer`` x 32 + ``fixed`` is the count at Vicuna-7B's
-depth (``at_7b_depth``; the vision tower keeps the tiny model's 4 layers, and a wider model adds no ops).
+depth (``at_7b_depth``; the vision tower has ``--vision-layers``, CLIP ViT-L's 24 by default, and a wider model adds no ops).
 It does not time anything: how long one operation takes on the GPU machine's host is for a GPU run to say.
 Regional ``torch.compile`` is not countable this way (compiled code dispatches no aten operations one by one),
 and the ``varlen`` lever takes its CPU fallback here (each sample through sdpa), not the GPU kernel's path.
@@ -104,7 +104,7 @@ def summarize(counters: Dict[str, DispatchCounter]) -> dict:
 
 
 def count_at_depth(layers: int, arm_specs: Sequence[str], zero: str, precision: str, lora_r: int, port: int,
-                   ds_overrides: Sequence[str] = ()) -> dict:
+                   ds_overrides: Sequence[str] = (), vision_layers: int = 4) -> dict:
     """Counts of every arm's second micro-step (the first warms caches and builds optimizer state)."""
     from bench import train_throughput as tt
     from bench.throughput.engine import build_model, prepare_engine, tiny_bench_config
@@ -124,6 +124,7 @@ def count_at_depth(layers: int, arm_specs: Sequence[str], zero: str, precision: 
     torch.manual_seed(0)
     config = tiny_bench_config("sdpa")
     config.text_config.num_hidden_layers = layers
+    config.vision_config.num_hidden_layers = vision_layers
     model = build_model(config, device, dtype)
     shape = SampleShape(config.num_image_tokens, config.image_size, config.text_config.vocab_size, config.image_token_id,
                         config.bbox_token_id, min_len=args.min_len, max_len=args.max_len)
@@ -140,7 +141,7 @@ def count_at_depth(layers: int, arm_specs: Sequence[str], zero: str, precision: 
                                  **summarize(count_step(engine, arm.batches[1], device, dtype)))
         switch.set(frozenset())
     trainable = sum(1 for p in model.parameters() if p.requires_grad)
-    return {"layers": layers, "zero_stage": stage, "trainable_tensors": trainable, "arms": results}
+    return {"layers": layers, "vision_layers": vision_layers, "zero_stage": stage, "trainable_tensors": trainable, "arms": results}
 
 
 def per_layer_fit(depths: List[dict]) -> Dict[str, dict]:
@@ -164,7 +165,7 @@ def per_layer_fit(depths: List[dict]) -> Dict[str, dict]:
 
 def format_report(result: dict) -> str:
     overrides = "".join(f", {o}" for o in result["ds_overrides"])
-    lines = [f"dispatched aten ops per micro-step (tiny model, CPU, ZeRO-{result['zero_stage']}{overrides}, "
+    lines = [f"dispatched aten ops per micro-step (tiny model, {result['vision_layers']} vision layers, CPU, ZeRO-{result['zero_stage']}{overrides}, "
              f"{result['precision']}; LLM depths {', '.join(str(d['layers']) for d in result['depths'])})",
              f"{'arm':<10} {'spec':<50} {'per layer':>9} {'fixed':>7} {'at 32 layers':>12}   forward/backward/step per layer"]
     for name, fit in result["per_layer"].items():
@@ -185,6 +186,7 @@ def main(argv=None) -> int:
     p.add_argument("--arm", action="append", default=None, metavar="NAME=COLLATE[+LEVER...]",
                    help=f"arms as bench/train_throughput.py takes them (default: {' '.join(DEFAULT_ARMS)})")
     p.add_argument("--layers", type=int, nargs="+", default=[2, 4], help="LLM depths to count at (at least two)")
+    p.add_argument("--vision-layers", type=int, default=24, help="layers of the (frozen) vision tower (24: CLIP ViT-L/14)")
     p.add_argument("--zero", choices=("1", "2", "3"), default="2")
     p.add_argument("--ds-override", action="append", default=[], metavar="KEY=VALUE",
                    help="DeepSpeed config override, as deepspeed.overrides takes it (e.g. zero_optimization.overlap_comm=false)")
@@ -203,14 +205,15 @@ def main(argv=None) -> int:
 
     init_single_process_group(True, port)
     arms = args.arm or DEFAULT_ARMS
-    depths = [count_at_depth(n, arms, args.zero, args.precision, args.lora_r, port, args.ds_override) for n in layers]
+    depths = [count_at_depth(n, arms, args.zero, args.precision, args.lora_r, port, args.ds_override, args.vision_layers)
+              for n in layers]
     from bench.throughput.device import device_name
 
     result = {"tool": "bench/dispatch_count.py", "machine": device_name(torch.device("cpu")),
               "torch": torch.__version__, "deepspeed": _version("deepspeed"), "transformers": _version("transformers"),
               "peft": _version("peft"), "zero_stage": depths[0]["zero_stage"], "ds_overrides": args.ds_override,
               "precision": args.precision,
-              "lora_r": args.lora_r, "depths": depths, "per_layer": per_layer_fit(depths)}
+              "lora_r": args.lora_r, "vision_layers": args.vision_layers, "depths": depths, "per_layer": per_layer_fit(depths)}
     if args.out:
         from gpt4roi_sft.atomic import write_json_atomic
 
