@@ -23,13 +23,14 @@
 # micro-batches filled to 3072 tokens, >= 20 timed steps per arm, arms interleaved on one engine):
 #   levers-224     ZeRO-2, 224 px: padded baseline | packed | +LoRA dropout 0 | +Liger | +channels-last | +DeepSpeed sync-free
 #                  | +varlen attention (model.attn_implementation=torch_varlen) | +ZeRO without contiguous gradients (one GPU)
+#   search-224     the largest data.pack_tokens that fits an 80 GB card (SEARCH_MEMORY_GB, default 84 GB of allocations),
+#                  without activation checkpointing, with it on one decoder layer in 2 (model.checkpoint_every=2),
+#                  and on every layer (every lever); a search still running 25 s before its limit stops and is written
 #   eval-224       evaluation: VG captioning regions/s, fast (static cache, compiled step) vs eager, 7B shapes
 #   levers-336     ZeRO-2, 336 px: padded baseline | packed | packed with every lever above | the same + varlen
 #   zero1-224      ZeRO-1, 224 px: packed with every lever (compare with the same arm of levers-224)
 #   compile-224    ZeRO-2, 224 px: every lever, without and with regional torch.compile (+ varlen, + ds_nocontig)
-#   search-224     the largest data.pack_tokens that fits an 80 GB card (SEARCH_MEMORY_GB, default 84 GB of allocations),
-#                  without and with activation checkpointing (every lever)
-#   search-336     the same at 336 px
+#   search-336     as search-224, at 336 px
 #   zero1-nocontig-224  ZeRO-1 without contiguous gradients (no gradient hooks at all on one GPU), every lever
 # Results: one JSON per setting and the table, in bench/results/<date>_<gpu>_<tag>.json (GPU runs only) and in $OUT.
 set -uo pipefail
@@ -107,7 +108,9 @@ setting() {  # setting TAG TIMEOUT ARGS...: one train_throughput run, its own pr
   local t=$(( $(left) - 10 )); [ "$t" -gt "$limit" ] && t="$limit"
   if [ "$t" -lt "$MIN_SETTING_S" ]; then SKIPPED+=("$tag"); echo "== setting $tag skipped: ${t} s left of the budget"; return 0; fi
   echo "== setting $tag (up to ${t} s): ${COMMON[*]} $*"
-  timeout "$t" "$PY" bench/train_throughput.py "${COMMON[@]}" --tag "$tag" --out "$STAGE/train/$tag.json" "$@" \
+  # --time-limit-s: a budget search still running near the limit stops and writes what it found
+  timeout "$t" "$PY" bench/train_throughput.py "${COMMON[@]}" --tag "$tag" --out "$STAGE/train/$tag.json" \
+    --time-limit-s $(( t > 60 ? t - 25 : t * 2 / 3 )) "$@" \
     2> >(grep -v -e FutureWarning -e 'return func' -e 'warnings.warn' >&2) | tee -a "$STAGE/log.txt" || FAILED+=("$tag")
   keep "$STAGE/train/$tag.json"
 }
@@ -132,14 +135,15 @@ SEARCH_LEVERS="nodrop$LIGER+channels_last"
 setting levers-224 "$T_LEVERS" --image-size 224 --profile-busy "${PLAIN[@]}" --arm nodrop=packed+nodrop --arm liger=packed+nodrop+liger \
   --arm channels_last="packed+nodrop$LIGER+channels_last" --arm sync_free="$EVERY" --arm varlen="$EVERY+varlen" \
   --arm nocontig="$EVERY+varlen+ds_nocontig"
+setting search-224 "$T_SEARCH" --image-size 224 --arm every="$EVERY" --arm every_big="$EVERY@$BIG" \
+  --max-budget-search --search-levers "$SEARCH_LEVERS" --search-checkpointing off,2,1 "${SEARCH[@]}"
 eval_throughput
 setting levers-336 "$T_336" --image-size 336 "${PLAIN[@]}" --arm every="$EVERY" --arm varlen="$EVERY+varlen"
 setting zero1-224 "$T_ZERO1" --image-size 224 --zero 1 --arm every="$EVERY"
 setting compile-224 "$T_COMPILE" --image-size 224 --arm every="$EVERY" --arm compiled="$EVERY+compile" \
   --arm compiled_varlen="$EVERY+varlen+compile" --arm compiled_all="$EVERY+varlen+ds_nocontig+compile" "${COMPILE_WARMUP[@]}"
-setting search-224 "$T_SEARCH" --image-size 224 --arm every="$EVERY" --arm every_big="$EVERY@$BIG" \
-  --max-budget-search --search-levers "$SEARCH_LEVERS" "${SEARCH[@]}"
-setting search-336 "$T_SEARCH" --image-size 336 --arm every="$EVERY" --max-budget-search --search-levers "$SEARCH_LEVERS" "${SEARCH[@]}"
+setting search-336 "$T_SEARCH" --image-size 336 --arm every="$EVERY" --max-budget-search --search-levers "$SEARCH_LEVERS" \
+  --search-checkpointing off,2,1 "${SEARCH[@]}"
 setting zero1-nocontig-224 "$T_ZERO1" --image-size 224 --zero 1 --ds-override zero_optimization.contiguous_gradients=false \
   --arm every="$EVERY"
 

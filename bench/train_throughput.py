@@ -77,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default 128; tiny 8)")
     p.add_argument("--lora-dropout", type=float, default=0.05, help="the recipes' LoRA dropout (arms with nodrop run without)")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--checkpoint-every", type=int, default=1,
+                   help="with --gradient-checkpointing: every n-th decoder layer only (model.checkpoint_every)")
     p.add_argument("--precision", choices=("bf16", "fp32"), default=None,
                    help="default bf16; tiny fp32 (CPUs without bf16 matrix units run bf16 far slower)")
     p.add_argument("--attn", default=None, help="attention implementation the model is built with (default: sdpa)")
@@ -102,8 +104,12 @@ def parse_args(argv=None):
     p.add_argument("--max-budget-search", action="store_true",
                    help="last: find the largest data.pack_tokens that trains a step without running out of memory")
     p.add_argument("--search-levers", default="", help="levers the search runs with, e.g. nodrop+liger")
-    p.add_argument("--search-checkpointing", choices=("off", "both"), default="both",
-                   help="search without activation checkpointing, then (both) with it, switched on at run time")
+    p.add_argument("--search-checkpointing", default="both", metavar="off|both|off,2,1",
+                   help="activation checkpointing of each search, switched at run time: off (none), an n (every n-th "
+                        "decoder layer; 1: all), comma-separated; both = off,1. Run from the least saving to the most")
+    p.add_argument("--time-limit-s", type=float, default=None,
+                   help="the budget search tries no new budget after this many seconds from the start, so a run "
+                        "under an outer time limit still writes its results (stopped_by says so)")
     p.add_argument("--search-memory-gb", type=float, default=None,
                    help="the budget search may allocate at most this many GB (1e9 bytes), e.g. 84 for an 80 GB H100 "
                         "(79.1 GiB = 84.9 GB, ~0.5 GB of it CUDA's context) searched on a larger card; default: all")
@@ -129,6 +135,12 @@ def parse_args(argv=None):
         args.pack_length = (512 if tiny else 2048) if args.pack_tokens else args.micro_batch * args.max_len
     if args.min_len > args.max_len:
         p.error(f"--min-len {args.min_len} exceeds --max-len {args.max_len}")
+    try:
+        args.search_variants = parse_checkpointing_variants(args.search_checkpointing)
+    except ValueError as exc:
+        p.error(f"--search-checkpointing: {exc}")
+    if args.checkpoint_every < 1:
+        p.error("--checkpoint-every must be >= 1")
     if args.steps < 1 or args.micro_batch < 1 or args.warmup < 0:
         p.error("--steps and --micro-batch must be >= 1, --warmup >= 0")
     if args.pack_length < args.max_len:
@@ -178,6 +190,8 @@ def run(args) -> dict:
     """Build, time the arms (and the extras), and return the result dict (also written to disk)."""
     import tempfile
 
+    started = time.monotonic()
+
     from deepspeed.accelerator import get_accelerator
 
     on_cpu = get_accelerator().device_name() == "cpu"
@@ -223,15 +237,14 @@ def run(args) -> dict:
         if args.max_budget_search:
             searches = []
             cap = cap_device_memory(device, args.search_memory_gb)
-            for checkpointing in ((False, True) if args.search_checkpointing == "both" else (False,)):
-                if checkpointing:
-                    from gpt4roi_sft.train.modes import unwrap_base_model
-
-                    unwrap_base_model(engine.module).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            deadline = None if args.time_limit_s is None else started + args.time_limit_s
+            for every in args.search_variants:
+                set_checkpointing(engine.module, every)
                 start = max(args.search_start, searches[-1]["max_pack_tokens"]) if searches else args.search_start
                 found = find_max_budget(engine, pool, switch, args.search_lever_set, args.pack_length, args.pad_to_multiple,
-                                        device, dtype, start, args.search_limit)
-                found.update(gradient_checkpointing=checkpointing, levers=sorted(args.search_lever_set), memory_cap_gb=cap)
+                                        device, dtype, start, args.search_limit, deadline=deadline)
+                found.update(gradient_checkpointing=every is not None, checkpoint_every=every,
+                             levers=sorted(args.search_lever_set), memory_cap_gb=cap)
                 searches.append(found)
                 if "stopped_by" in found:
                     break
@@ -239,6 +252,36 @@ def run(args) -> dict:
     return build_result(args, config=config, device=device, attn=attn, arms=results, flop_model=flop_model, peak=peak,
                         matmul_rate=matmul_rate, matmul_n=matmul_n, counts=counts, generation=generation,
                         searches=searches, items=pool.items)
+
+
+def parse_checkpointing_variants(text: str) -> List[Optional[int]]:
+    """``"off,2,1"`` -> ``[None, 2, 1]`` (None: no checkpointing; n: every n-th decoder layer), from the least
+    activation memory saved to the most, so each search can start at the budget the one before it found."""
+    variants: List[Optional[int]] = []
+    for part in ("off,1" if text.strip() == "both" else text).split(","):
+        part = part.strip()
+        if part == "off":
+            variants.append(None)
+        elif part.isdigit() and int(part) >= 1:
+            variants.append(int(part))
+        else:
+            raise ValueError(f"{part!r} is neither off nor a layer interval >= 1")
+    if len(set(variants)) != len(variants):
+        raise ValueError(f"{text!r} names a variant twice")
+    order = sorted(variants, key=lambda v: -1 if v is None else 1.0 / v)
+    if variants != order:
+        raise ValueError(f"{text!r}: give them from the least saving to the most ({','.join('off' if v is None else str(v) for v in order)})")
+    return variants
+
+
+def set_checkpointing(model, every: Optional[int]) -> None:
+    """Activation checkpointing of the engine's model switched at run time (None: off), as model.checkpoint_every sets it."""
+    from gpt4roi_sft.train.modes import enable_activation_checkpointing, unwrap_base_model
+
+    if every is None:
+        unwrap_base_model(model).gradient_checkpointing_disable()
+    else:
+        enable_activation_checkpointing(model, every)
 
 
 def cap_device_memory(device: torch.device, gb: Optional[float]) -> Optional[float]:

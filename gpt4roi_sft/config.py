@@ -35,6 +35,9 @@ class ModelSection:
     # flash kernel (gpt4roi_sft.model.varlen_attention), sdpa elsewhere
     attn_implementation: Optional[str] = None
     gradient_checkpointing: bool = False
+    # with gradient_checkpointing: checkpoint every n-th LLM decoder layer only (1: all; 2: half of them, about half
+    # the activation memory of none for half the recompute); the vision tower and region encoder are never checkpointed
+    checkpoint_every: int = 1
     freeze: str = "stage2"  # none: train all; stage1: region encoder only; stage2: all but the vision tower; llm: LLM frozen
     # Throughput levers (gpt4roi_sft.train.speedups); none changes what is computed, each is off until measured.
     liger_kernel: bool = False  # Liger's Triton RMSNorm, RoPE, SwiGLU and fused linear cross-entropy in the LLM (CUDA)
@@ -227,6 +230,7 @@ def _check_choices(cfg: Config) -> None:
         ("data.max_length", cfg.data.max_length),
         ("train.log_steps", cfg.train.log_steps),
         ("lora.r", cfg.lora.r),
+        ("model.checkpoint_every", cfg.model.checkpoint_every),
     ):
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
@@ -237,6 +241,8 @@ def _check_choices(cfg: Config) -> None:
     if 0 < cfg.data.pack_tokens < cfg.data.max_length:
         raise ConfigError(f"data.pack_tokens: {cfg.data.pack_tokens} is less than data.max_length={cfg.data.max_length}; "
                           "every sample must fit one micro-batch")
+    if cfg.model.checkpoint_every > 1 and not cfg.model.gradient_checkpointing:
+        raise ConfigError(f"model.checkpoint_every={cfg.model.checkpoint_every} needs model.gradient_checkpointing=true")
     unknown = sorted(set(cfg.model.compile) - set(COMPILE_PARTS))
     if unknown:
         raise ConfigError(f"model.compile: unknown part(s) {', '.join(unknown)}; choose from {', '.join(COMPILE_PARTS)}")

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -198,6 +199,7 @@ def test_tiny_cpu_run_times_lever_arms_with_medians_shapes_outliers_and_a_budget
                      "--arm", "packed=packed", "--arm", "nodrop=packed+nodrop+channels_last+ds_sync_free",
                      "--arm", "liger=packed+nodrop+liger", "--arm", "varlen=packed+varlen", "--arm", "big=packed+nodrop@2048",
                      "--max-budget-search", "--search-levers", "nodrop", "--search-limit", "1024", "--search-memory-gb", "50",
+                     "--search-checkpointing", "off,2,1",
                      "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
@@ -223,10 +225,34 @@ def test_tiny_cpu_run_times_lever_arms_with_medians_shapes_outliers_and_a_budget
         assert key in result, key
     assert result["settings"]["pack_tokens"] == 1024 and result["settings"]["fused_adamw"] is False  # CPU: plain AdamW
     searches = result["budget_search"]
-    assert [s["gradient_checkpointing"] for s in searches] == [False, True]
+    assert [(s["gradient_checkpointing"], s["checkpoint_every"]) for s in searches] == [(False, None), (True, 2), (True, 1)]
     assert all(s["max_pack_tokens"] == 1024 and s["first_oom"] is None and s["levers"] == ["nodrop"] for s in searches)
     assert all(s["memory_cap_gb"] is None for s in searches) and "--search-memory-gb caps CUDA memory" in proc.stderr
     assert "largest data.pack_tokens that fits" in proc.stdout
+
+
+def test_search_checkpointing_variants_run_from_the_least_saving_to_the_most():
+    from bench.train_throughput import parse_checkpointing_variants
+
+    assert parse_checkpointing_variants("both") == [None, 1]
+    assert parse_checkpointing_variants("off,4,2,1") == [None, 4, 2, 1]
+    for bad, words in (("1,off", "least saving to the most"), ("off,off", "twice"), ("off,0", "neither off"),
+                       ("half", "neither off")):
+        with pytest.raises(ValueError, match=words):
+            parse_checkpointing_variants(bad)
+
+
+def test_budget_search_past_its_deadline_tries_nothing_and_says_why():
+    from bench.throughput.arms import find_max_budget
+
+    class Switch:
+        def set(self, levers):
+            self.levers = levers
+
+    found = find_max_budget(None, None, Switch(), frozenset(), 512, 128, torch.device("cpu"), torch.float32, 512, 2048,
+                            deadline=time.monotonic() - 1)
+    assert found["max_pack_tokens"] == 0 and found["first_oom"] is None
+    assert found["stopped_by"] == "time limit reached before trying 512 tokens"
 
 
 def test_dispatch_count_counts_each_phase_per_layer_and_sees_the_host_levers(tmp_path):

@@ -71,6 +71,14 @@ def test_choice_fields_list_the_allowed_values():
         load_config(None, ["model.freeze=everything"])
 
 
+def test_partial_activation_checkpointing_needs_checkpointing_and_a_positive_interval():
+    assert load_config(None, ["model.gradient_checkpointing=true", "model.checkpoint_every=2"]).model.checkpoint_every == 2
+    with pytest.raises(ConfigError, match=r"model\.checkpoint_every=2 needs model\.gradient_checkpointing=true"):
+        load_config(None, ["model.checkpoint_every=2"])
+    with pytest.raises(ConfigError, match=r"model\.checkpoint_every: must be >= 1, got 0"):
+        load_config(None, ["model.gradient_checkpointing=true", "model.checkpoint_every=0"])
+
+
 def test_mixing_ratios_are_parsed_from_data_train():
     assert parse_data_sources("a.jsonl:0.7, b.jsonl:0.3") == [("a.jsonl", 0.7), ("b.jsonl", 0.3)]
     assert parse_data_sources("only.jsonl") == [("only.jsonl", 1.0)]

@@ -103,6 +103,20 @@ def test_cuda_kill_9_after_the_step_20_checkpoint_then_resume_follows_the_uninte
 
 
 @LORA_GROUP
+def test_cuda_checkpointing_one_decoder_layer_in_two_follows_the_run_without(lora_run, tiny_model_dir, synthetic_pix2cap, tmp_path):
+    """model.checkpoint_every=2 on CUDA in bf16: the recompute replays the same dropout masks, so the first 10 steps
+    follow the uninterrupted run without checkpointing (within the RoIAlign atomics' noise)."""
+    half = tmp_path / "half"
+    out = train(recipe(tiny_model_dir, synthetic_pix2cap, half, "train.max_steps=10", "train.save_steps=10", *LORA,
+                       "deepspeed.config=ds_configs/zero2.json", "model.gradient_checkpointing=true", "model.checkpoint_every=2"))
+    assert "activation checkpointing: 1 of 2 decoder layers" in out
+    ref, got = losses(lora_run), losses(half)
+    assert sorted(got) == list(range(1, 11))
+    for step in got:
+        assert got[step] == pytest.approx(ref[step], rel=1e-3), (step, got[step], ref[step])
+
+
+@LORA_GROUP
 def test_cuda_adapter_export_loads_in_plain_peft_and_equals_the_merged_export(lora_run, tiny_model_dir, tmp_path):
     from peft import PeftModel
 

@@ -143,6 +143,55 @@ def test_gradient_checkpointing_gives_the_same_loss(tiny):
         model.eval()
 
 
+def _saved_activation_bytes(model, batch):
+    """Bytes the forward keeps for the backward outside checkpointed layers (parameters and inputs excluded),
+    then the backward's gradients of the trained tensors."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    inputs = {t.untyped_storage().data_ptr() for t in batch.values() if isinstance(t, torch.Tensor)}
+    kept = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params and ptr not in inputs:
+            kept[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**batch, labels=batch["input_ids"]).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), sum(kept.values()), grads
+
+
+def test_checkpointing_one_decoder_layer_in_two_gives_the_same_loss_and_gradients_and_keeps_fewer_activations(tiny):
+    """model.checkpoint_every: the layers picked by their index in the LLM, the exact gradients of no checkpointing,
+    and activation memory between none and all."""
+    from gpt4roi_sft.train.modes import decoder_layers, enable_activation_checkpointing
+
+    model, proc = tiny
+    batch = proc(images=[_image()], texts=["<image> region1 <bbox> is blue and region2 <bbox> is red"],
+                 boxes=[[[0, 0, 40, 40], [50, 30, 110, 90]]])
+    model.train()
+    try:
+        loss_none, kept_none, grads_none = _saved_activation_bytes(model, batch)
+        layers = decoder_layers(model, "test")
+        assert enable_activation_checkpointing(model, 2) == 1
+        assert [layer.gradient_checkpointing for layer in layers] == [True, False]
+        loss_half, kept_half, grads_half = _saved_activation_bytes(model, batch)
+        assert enable_activation_checkpointing(model, 1) == len(layers)
+        loss_all, kept_all, grads_all = _saved_activation_bytes(model, batch)
+    finally:
+        model.gradient_checkpointing_disable()
+        model.eval()
+    assert kept_all < kept_half < kept_none
+    for loss, grads in ((loss_half, grads_half), (loss_all, grads_all)):
+        torch.testing.assert_close(loss, loss_none, atol=1e-6, rtol=1e-6)
+        assert grads.keys() == grads_none.keys() and grads_none
+        for name in grads_none:
+            torch.testing.assert_close(grads[name], grads_none[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_generate_with_regions_matches_greedy_forward_and_left_padding(tiny):
     model, proc = tiny
     texts = ["<image> describe region1 <bbox>", "<image> a much longer prompt about region1 <bbox> here"]

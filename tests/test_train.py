@@ -282,6 +282,18 @@ def test_one_gpu_deepspeed_overrides_change_no_loss_or_grad_norm(per_step_lora_r
         assert (got["loss"], got["grad_norm"]) == (plain["loss"], plain["grad_norm"]), got["step"]
 
 
+def test_checkpointing_one_decoder_layer_in_two_trains_with_the_losses_of_no_checkpointing(per_step_lora_run, tiny_model_dir,
+                                                                                           synthetic_pix2cap, tmp_path):
+    half = tmp_path / "half"
+    out = run_training(recipe_args(tiny_model_dir, synthetic_pix2cap, half, *PER_STEP_LORA, "model.gradient_checkpointing=true",
+                                   "model.checkpoint_every=2"), nproc=1)
+    assert "activation checkpointing: 1 of 2 decoder layers" in out
+    plain, got = losses(per_step_lora_run), losses(half)
+    assert sorted(got) == sorted(plain) == list(range(1, 8))
+    for step in plain:
+        assert got[step] == pytest.approx(plain[step], rel=1e-6), step
+
+
 def test_token_budget_run_resumes_with_the_uninterrupted_losses(tiny_model_dir, synthetic_pix2cap, tmp_path):
     # Two processes fill micro-batches to 1024 tokens; each resumes from its own saved data position.
     common = ("data.pack_tokens=1024", "train.save_steps=3", "lora.enabled=true", "lora.r=8", "lora.dropout=0.2",

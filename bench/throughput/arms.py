@@ -284,14 +284,21 @@ def generation_throughput(engine, items: List[dict], args, device, dtype) -> dic
             "new_tokens_per_region": args.gen_new_tokens, "regions": regions, "seconds": seconds}
 
 
+class SearchTimeUp(Exception):
+    """The budget search reached its deadline."""
+
+
 def find_max_budget(engine, pool: SamplePool, switch: LeverSwitch, levers, row_length: int, pad_to_multiple: int,
-                    device, dtype, start: int, limit: int, granularity: int = 1024) -> dict:
+                    device, dtype, start: int, limit: int, granularity: int = 1024,
+                    deadline: Optional[float] = None) -> dict:
     """Largest token budget per packed micro-batch that trains a step without running out of memory.
 
     Doubles from ``start`` until an out-of-memory error (or ``limit``), then bisects to ``granularity`` tokens.
     The micro-batch of budget ``n`` is the pool's first token-budget group (real tokens <= n), in rows of
     ``row_length`` rounded to ``pad_to_multiple``, run with ``levers``. Runs last: an optimizer step interrupted
     by OOM can leave the engine unusable, so a later non-OOM failure ends the search with the bound found so far.
+    ``deadline`` (``time.monotonic()``): no budget is tried after it; the bound found so far is returned with
+    ``stopped_by`` saying so.
     """
     from gpt4roi_sft.data.collator import PackingCollator
     from gpt4roi_sft.train.loop import micro_step
@@ -300,6 +307,8 @@ def find_max_budget(engine, pool: SamplePool, switch: LeverSwitch, levers, row_l
     peaks: Dict[int, float] = {}
 
     def fits(n: int) -> bool:
+        if deadline is not None and time.monotonic() > deadline:
+            raise SearchTimeUp(f"time limit reached before trying {n} tokens")
         (group,) = pool.groups(1, 1, budget=n)
         batch = collate(group)
         switch.set(levers)
@@ -327,6 +336,10 @@ def find_max_budget(engine, pool: SamplePool, switch: LeverSwitch, levers, row_l
             if mid <= good:
                 break
             good, bad = (mid, bad) if fits(mid) else (good, mid)
+    except SearchTimeUp as exc:
+        log.warning("budget search stopped after %d fit: %s", good, exc)
+        return {"max_pack_tokens": good, "first_oom": bad, "limit": limit, "peak_mem_gb": peaks.get(good),
+                "stopped_by": str(exc)}
     except Exception as exc:  # an engine left inconsistent by an earlier OOM: keep the bound found so far
         log.warning("budget search stopped after %d fit: %r", good, exc)
         return {"max_pack_tokens": good, "first_oom": bad, "limit": limit, "peak_mem_gb": peaks.get(good),

@@ -109,6 +109,7 @@ def training_config(args, ds_config_path: str):
         "train.lr_scheduler=constant",
         f"deepspeed.config={ds_config_path}",
         f"model.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
+        f"model.checkpoint_every={args.checkpoint_every if args.gradient_checkpointing else 1}",
         "model.freeze=stage2",  # GPT4RoI stage 2: everything but the vision tower
     ]
     if args.ds_override:
@@ -139,12 +140,12 @@ def deepspeed_config_path(args, workdir: Path) -> str:
 def prepare_engine(model, args, on_cpu: bool, workdir: Path):
     """``apply_training_mode`` then ``build_engine``: exactly the objects ``train_sft.py`` trains."""
     from gpt4roi_sft.train.loop import build_engine
-    from gpt4roi_sft.train.modes import apply_training_mode, trainable_parameter_count, unwrap_base_model
+    from gpt4roi_sft.train.modes import (apply_training_mode, enable_activation_checkpointing, trainable_parameter_count,
+                                         unwrap_base_model)
 
     cfg = training_config(args, deepspeed_config_path(args, workdir))
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_activation_checkpointing(model, cfg.model.checkpoint_every)
     model = apply_training_mode(model, cfg)
     counts = trainable_parameter_count(model)
     log.info("parameters: %d total, %d trainable", counts["total"], counts["trainable"])

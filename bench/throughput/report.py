@@ -67,10 +67,26 @@ def format_table(result: dict) -> str:
         lines.append(f"generation: {g['regions_per_s']:.2f} regions/s (batch {g['batch_size']}, {g['new_tokens_per_region']} new tokens each)")
     for search in result.get("budget_search") or []:
         within = f" within {search['memory_cap_gb']:.0f} GB" if search.get("memory_cap_gb") else ""
-        lines.append(f"largest data.pack_tokens that fits{within} ({'with' if search['gradient_checkpointing'] else 'without'} activation "
-                     f"checkpointing, levers {'+'.join(search['levers']) or 'none'}): {search['max_pack_tokens']} tokens "
-                     f"(first OOM: {search['first_oom'] or 'none up to ' + str(search['limit'])})")
+        stopped = f"; stopped: {search['stopped_by']}" if search.get("stopped_by") else ""
+        lines.append(f"largest data.pack_tokens that fits{within} ({checkpointing_words(search)}, levers "
+                     f"{'+'.join(search['levers']) or 'none'}): {search['max_pack_tokens']} tokens "
+                     f"(first OOM: {search['first_oom'] or 'none up to ' + str(search['limit'])}{stopped})")
     return "\n".join(lines)
+
+
+def checkpointing_words(search: dict) -> str:
+    every = search.get("checkpoint_every") or 1
+    if not search["gradient_checkpointing"]:
+        return "without activation checkpointing"
+    return "activation checkpointing of " + ("every decoder layer" if every == 1 else f"one decoder layer in {every}")
+
+
+def checkpointing_suffix(entry: dict, word: str = "ckpt") -> str:
+    """``ckpt`` (every layer), ``ckpt-every2`` (one layer in 2) or nothing, for a search or the run's settings."""
+    if not entry.get("gradient_checkpointing"):
+        return ""
+    every = entry.get("checkpoint_every") or 1
+    return word + (f"-every{every}" if every > 1 else "")
 
 
 def results_path(args, result: dict) -> Path:
@@ -91,8 +107,7 @@ def summary_table(results: List[dict]) -> str:
              "MFU(matmul)", "peak GB", "regions/s", "max budget")]
     for r in results:
         gen = r.get("generation") or {}
-        budgets = "/".join(str(s["max_pack_tokens"]) + ("ckpt" if s["gradient_checkpointing"] else "")
-                           for s in r.get("budget_search") or []) or "n/a"
+        budgets = "/".join(str(s["max_pack_tokens"]) + checkpointing_suffix(s) for s in r.get("budget_search") or []) or "n/a"
         tag = r["settings"].get("tag")
         rows.append((f"{tag}: {r['settings']['label']}" if tag else r["settings"]["label"], str(r.get("ours_arm")),
                      num(r["tokens_per_s"], ".1f"), num(r.get("tokens_per_s_median"), ".1f"),
@@ -121,7 +136,7 @@ def build_result(args, *, config, device: torch.device, attn: str, arms: Dict[st
     mode = "full-FT" if args.full_ft else f"LoRA r={args.lora_r}"
     grouping = f"pack_tokens {args.pack_tokens}" if args.pack_tokens else f"micro-batch {args.micro_batch}"
     label = (f"{'tiny' if args.tiny else '7B'} {mode} ZeRO-{args.zero} {args.precision} {config.image_size}px {grouping}"
-             f"{' grad-ckpt' if args.gradient_checkpointing else ''}")
+             f"{checkpointing_suffix(vars(args), ' grad-ckpt')}")
     result = {
         "device": device_name(device),
         "ours_arm": ours["arm"],
@@ -171,6 +186,7 @@ def build_result(args, *, config, device: torch.device, attn: str, arms: Dict[st
             "lora_r": None if args.full_ft else args.lora_r,
             "lora_dropout": None if args.full_ft else args.lora_dropout,
             "gradient_checkpointing": args.gradient_checkpointing,
+            "checkpoint_every": args.checkpoint_every if args.gradient_checkpointing else None,
             "precision": args.precision,
             "attn_implementation": attn,
             "ours_attn_implementation": args.ours_attn or attn,

@@ -28,6 +28,7 @@ from gpt4roi_sft.train.distributed import Collectives, start_process_group, trai
 from gpt4roi_sft.train.speedups import apply_speedups
 from gpt4roi_sft.train.modes import (
     apply_training_mode,
+    enable_activation_checkpointing,
     load_model_from_config,
     model_dtype,
     trainable_parameter_count,
@@ -276,8 +277,7 @@ def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
 
         model = quantize_language_model_4bit(model, dtype, device)
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_activation_checkpointing(model, cfg.model.checkpoint_every)
     model = apply_training_mode(model, cfg)
     apply_speedups(model, cfg, device)
     counts = trainable_parameter_count(model)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from gpt4roi_sft.config import Config
+from gpt4roi_sft.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,35 @@ def unwrap_base_model(model: nn.Module) -> nn.Module:
     """The GPT4RoI model inside a peft wrapper (or the model itself)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
+
+
+def decoder_layers(model: nn.Module, key: str) -> List[nn.Module]:
+    """The LLM's decoder layers of ``model`` (peft-wrapped or not); ``key`` names the recipe key that needs them."""
+    base = unwrap_base_model(model)
+    layers = getattr(base.language_model.get_decoder(), "layers", None)
+    if layers is None:
+        raise UserError(f"{key}: the {type(base.language_model).__name__} decoder has no .layers")
+    return list(layers)
+
+
+def enable_activation_checkpointing(model: nn.Module, every: int = 1) -> int:
+    """Non-reentrant activation checkpointing, of only every ``every``-th LLM decoder layer (0, every, 2 x every...).
+
+    Checkpointing half the layers keeps about half the activations of none for half the recompute of all, so a
+    token budget between the two fits. transformers' own ``every_n_layers`` counts the vision tower's layers as
+    well, so the LLM layers it picks would move with the vision depth; this counts from the LLM's first layer.
+    Other checkpointable modules (a trained vision tower) stay as ``gradient_checkpointing_enable`` sets them.
+    Returns the number of decoder layers checkpointed.
+    """
+    base = unwrap_base_model(model)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.config.use_cache = False
+    layers = decoder_layers(base, "model.checkpoint_every")
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index % every == 0
+    chosen = sum(1 for layer in layers if layer.gradient_checkpointing)
+    log.info("activation checkpointing: %d of %d decoder layers", chosen, len(layers))
+    return chosen
 
 
 def model_dtype(precision: str) -> torch.dtype:

@@ -24,7 +24,7 @@ from torch import nn
 from gpt4roi_sft.config import Config
 from gpt4roi_sft.errors import UserError
 from gpt4roi_sft.model.region_encoder import MultiLevelFuse, RegionEncoder
-from gpt4roi_sft.train.modes import unwrap_base_model
+from gpt4roi_sft.train.modes import decoder_layers, unwrap_base_model
 
 log = logging.getLogger(__name__)
 
@@ -122,14 +122,10 @@ def compile_regions(model: nn.Module, parts: Sequence[str]) -> Dict[str, List[nn
     ``region_encoder``: every :class:`MultiLevelFuse` (the region encoder's convolution stack). Compilation
     happens at the first forward. Returns ``{part: [compiled modules]}``.
     """
-    base = unwrap_base_model(model)
     compiled: Dict[str, List[nn.Module]] = {}
     for part in parts:
         if part == "decoder_layers":
-            layers = getattr(base.language_model.get_decoder(), "layers", None)
-            if layers is None:
-                raise UserError(f"model.compile=decoder_layers: the {type(base.language_model).__name__} decoder has no .layers")
-            modules = list(layers)
+            modules = decoder_layers(model, "model.compile=decoder_layers")
         elif part == "region_encoder":
             modules = [m for m in model.modules() if isinstance(m, MultiLevelFuse)]
         else:
