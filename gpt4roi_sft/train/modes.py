@@ -87,7 +87,10 @@ def apply_training_mode(model: nn.Module, cfg: Config) -> nn.Module:
     if cfg.lora.qlora:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.model.gradient_checkpointing)
+        # Activation checkpointing is the trainer's (enable_activation_checkpointing: non-reentrant, the layers
+        # model.checkpoint_every picks); peft's, for a base marked as loaded in k-bit, would switch every layer
+        # back on with its own checkpoint arguments.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     # Under LoRA the LLM base is frozen; the region encoder / projector train in full as modules_to_save.
     present = {n.split(".")[0] for n, _ in model.named_children()}
     modules_to_save = [m for m in cfg.lora.modules_to_save if m in present]
