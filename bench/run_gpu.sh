@@ -76,7 +76,7 @@ else
   LIGER="+liger"
   BUDGET_S="${BUDGET_S:-570}" GPU_CHECK_S="${GPU_CHECK_S:-230}" MIN_SETTING_S="${MIN_SETTING_S:-75}"
   T_LEVERS="${T_LEVERS:-200}" T_336="${T_336:-140}" T_ZERO1="${T_ZERO1:-100}" T_COMPILE="${T_COMPILE:-200}"
-  T_SEARCH="${T_SEARCH:-150}" T_EVAL="${T_EVAL:-180}"
+  T_SEARCH="${T_SEARCH:-200}" T_EVAL="${T_EVAL:-180}"
   read -r -a EVAL_ARGS <<< "--repeats 2 ${EVAL_EXTRA:-}"  # EVAL_EXTRA="--regions 512": a shorter evaluation arm
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv || true
 fi
