@@ -36,7 +36,7 @@ class ModelSection:
     attn_implementation: Optional[str] = None
     gradient_checkpointing: bool = False
     # with gradient_checkpointing: checkpoint every n-th LLM decoder layer only (1: all; 2: half of them, about half
-    # the activation memory of none for half the recompute); the vision tower and region encoder are never checkpointed
+    # the activation memory of none for half the recompute); a trained vision tower stays checkpointed throughout
     checkpoint_every: int = 1
     freeze: str = "stage2"  # none: train all; stage1: region encoder only; stage2: all but the vision tower; llm: LLM frozen
     # Throughput levers (gpt4roi_sft.train.speedups); none changes what is computed, each is off until measured.

@@ -326,7 +326,7 @@ def find_max_budget(engine, pool: SamplePool, switch: LeverSwitch, levers, row_l
             _recover(engine, device)
             return False
 
-    good, bad, n = 0, None, start
+    good, bad, n, stopped_by = 0, None, start, None
     try:
         while n <= limit and fits(n):
             good, n = n, n * 2
@@ -336,14 +336,10 @@ def find_max_budget(engine, pool: SamplePool, switch: LeverSwitch, levers, row_l
             if mid <= good:
                 break
             good, bad = (mid, bad) if fits(mid) else (good, mid)
-    except SearchTimeUp as exc:
-        log.warning("budget search stopped after %d fit: %s", good, exc)
-        return {"max_pack_tokens": good, "first_oom": bad, "limit": limit, "peak_mem_gb": peaks.get(good),
-                "stopped_by": str(exc)}
-    except Exception as exc:  # an engine left inconsistent by an earlier OOM: keep the bound found so far
-        log.warning("budget search stopped after %d fit: %r", good, exc)
-        return {"max_pack_tokens": good, "first_oom": bad, "limit": limit, "peak_mem_gb": peaks.get(good),
-                "stopped_by": repr(exc)[:300]}
+    except Exception as exc:  # the deadline, or an engine left inconsistent by an earlier OOM: keep the bound so far
+        stopped_by = str(exc) if isinstance(exc, SearchTimeUp) else repr(exc)[:300]
+        log.warning("budget search stopped after %d fit: %s", good, stopped_by)
     finally:
         switch.set(frozenset())
-    return {"max_pack_tokens": good, "first_oom": bad, "limit": limit, "peak_mem_gb": peaks.get(good)}
+    found = {"max_pack_tokens": good, "first_oom": bad, "limit": limit, "peak_mem_gb": peaks.get(good)}
+    return {**found, "stopped_by": stopped_by} if stopped_by else found
