@@ -48,7 +48,9 @@ def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     if "WORLD_SIZE" not in os.environ:  # plain `python train_sft.py`: a one-process group
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"})
-        os.environ.setdefault("MASTER_PORT", os.environ.get("GPT4ROI_MASTER_PORT", "29511"))
+        from gpt4roi_sft.train.distributed import one_process_port
+
+        os.environ["MASTER_PORT"] = one_process_port()
     from gpt4roi_sft.console import setup_cli_logging
 
     setup_cli_logging(rank, fmt=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", uses_4bit=cfg.lora.qlora)

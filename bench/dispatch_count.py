@@ -17,6 +17,11 @@ and the ``varlen`` lever takes its CPU fallback here (each sample through sdpa),
 
     python bench/dispatch_count.py                      # the default arms at 2 and 4 layers
     python bench/dispatch_count.py --zero 1 --arm every=packed+nodrop+channels_last+ds_sync_free
+    python bench/dispatch_count.py --grad-accum 4       # per micro-step of a 4-micro-step optimizer step
+
+With ``--grad-accum K`` each arm's counted optimizer step is K micro-steps (the engine built with
+``train.gradient_accumulation_steps=K``), and every figure is that step's count / K: the optimizer step's
+operations, run once per K micro-batches, spread over them.
 """
 
 from __future__ import annotations
@@ -89,30 +94,42 @@ def count_step(engine, batch: dict, device: torch.device, dtype: torch.dtype) ->
     return counters
 
 
-def summarize(counters: Dict[str, DispatchCounter]) -> dict:
-    by_source: Dict[str, Dict[str, int]] = {}
+def count_optimizer_step(engine, micro: List[dict], device: torch.device, dtype: torch.dtype) -> Dict[str, DispatchCounter]:
+    """:func:`count_step` of every micro-batch of one optimizer step, the phases' counts summed over them."""
+    summed = {phase: DispatchCounter() for phase in PHASES}
+    for batch in micro:
+        for phase, counter in count_step(engine, batch, device, dtype).items():
+            summed[phase].counts.update(counter.counts)
+    return summed
+
+
+def summarize(counters: Dict[str, DispatchCounter], micro_steps: int = 1) -> dict:
+    """Counts per micro-step: those of one optimizer step divided by its ``micro_steps`` (so the step phase's
+    count is spread over the micro-steps it serves)."""
+    by_source: Dict[str, Dict[str, float]] = {}
     top: Dict[str, List[list]] = {}
     for phase, counter in counters.items():
         sources = collections.Counter()
         for (source, _), n in counter.counts.items():
             sources[source] += n
-        by_source[phase] = dict(sources.most_common())
-        top[phase] = [[source, op, n] for (source, op), n in counter.counts.most_common(12)]
-    return {"total": sum(c.total() for c in counters.values()),
-            "by_phase": {phase: c.total() for phase, c in counters.items()},
+        by_source[phase] = {s: n / micro_steps for s, n in sources.most_common()}
+        top[phase] = [[source, op, n / micro_steps] for (source, op), n in counter.counts.most_common(12)]
+    return {"total": sum(c.total() for c in counters.values()) / micro_steps,
+            "by_phase": {phase: c.total() / micro_steps for phase, c in counters.items()},
             "by_source": by_source, "top_ops": top}
 
 
 def count_at_depth(layers: int, arm_specs: Sequence[str], zero: str, precision: str, lora_r: int, port: int,
-                   ds_overrides: Sequence[str] = (), vision_layers: int = 4) -> dict:
-    """Counts of every arm's second micro-step (the first warms caches and builds optimizer state)."""
+                   ds_overrides: Sequence[str] = (), vision_layers: int = 4, grad_accum: int = 1) -> dict:
+    """Counts per micro-step of every arm's second optimizer step (the first warms caches and builds optimizer
+    state), each of ``grad_accum`` micro-steps."""
     from bench import train_throughput as tt
     from bench.throughput.engine import build_model, prepare_engine, tiny_bench_config
     from bench.throughput.levers import LeverSwitch
     from bench.throughput.samples import SamplePool, SampleShape
 
     argv = ["--tiny", "--zero", zero, "--precision", precision, "--lora-r", str(lora_r), "--steps", "1", "--warmup", "1",
-            "--pack-tokens", "1024", "--pack-length", "512", "--port", str(port)]
+            "--pack-tokens", "1024", "--pack-length", "512", "--port", str(port), "--grad-accum", str(grad_accum)]
     for spec in arm_specs:
         argv += ["--arm", spec]
     for override in ds_overrides:
@@ -136,12 +153,14 @@ def count_at_depth(layers: int, arm_specs: Sequence[str], zero: str, precision: 
         engine.train()
         for name, arm in arms.items():
             switch.set(arm.spec.levers)
-            count_step(engine, arm.batches[0], device, dtype)  # warm-up
-            results[name] = dict(spec=arm.spec.describe(), row_shape=list(arm.batches[1]["input_ids"].shape),
-                                 **summarize(count_step(engine, arm.batches[1], device, dtype)))
+            count_optimizer_step(engine, arm.batches[:grad_accum], device, dtype)  # warm-up
+            counted = arm.batches[grad_accum : 2 * grad_accum]
+            results[name] = dict(spec=arm.spec.describe(), row_shape=list(counted[0]["input_ids"].shape),
+                                 **summarize(count_optimizer_step(engine, counted, device, dtype), grad_accum))
         switch.set(frozenset())
     trainable = sum(1 for p in model.parameters() if p.requires_grad)
-    return {"layers": layers, "vision_layers": vision_layers, "zero_stage": stage, "trainable_tensors": trainable, "arms": results}
+    return {"layers": layers, "vision_layers": vision_layers, "zero_stage": stage, "trainable_tensors": trainable,
+            "gradient_accumulation_steps": grad_accum, "arms": results}
 
 
 def per_layer_fit(depths: List[dict]) -> Dict[str, dict]:
@@ -165,7 +184,9 @@ def per_layer_fit(depths: List[dict]) -> Dict[str, dict]:
 
 def format_report(result: dict) -> str:
     overrides = "".join(f", {o}" for o in result["ds_overrides"])
-    lines = [f"dispatched aten ops per micro-step (tiny model, {result['vision_layers']} vision layers, CPU, ZeRO-{result['zero_stage']}{overrides}, "
+    accum = result.get("gradient_accumulation_steps", 1)
+    per = "per micro-step" + (f" (an optimizer step of {accum} micro-steps / {accum})" if accum > 1 else "")
+    lines = [f"dispatched aten ops {per} (tiny model, {result['vision_layers']} vision layers, CPU, ZeRO-{result['zero_stage']}{overrides}, "
              f"{result['precision']}; LLM depths {', '.join(str(d['layers']) for d in result['depths'])})",
              f"{'arm':<10} {'spec':<50} {'per layer':>9} {'fixed':>7} {'at 32 layers':>12}   forward/backward/step per layer"]
     for name, fit in result["per_layer"].items():
@@ -176,7 +197,7 @@ def format_report(result: dict) -> str:
     deepest = result["depths"][-1]
     lines.append(f"by source at {deepest['layers']} layers ({deepest['trainable_tensors']} trainable tensors):")
     for name, arm in deepest["arms"].items():
-        parts = "; ".join(f"{p}: " + ", ".join(f"{s} {n}" for s, n in arm["by_source"][p].items()) for p in PHASES)
+        parts = "; ".join(f"{p}: " + ", ".join(f"{s} {n:g}" for s, n in arm["by_source"][p].items()) for p in PHASES)
         lines.append(f"  {name}: {parts}")
     return "\n".join(lines)
 
@@ -192,27 +213,34 @@ def main(argv=None) -> int:
                    help="DeepSpeed config override, as deepspeed.overrides takes it (e.g. zero_optimization.overlap_comm=false)")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--port", type=int, default=None, help="MASTER_PORT of the one-process group (default 29541)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-steps per optimizer step (train.gradient_accumulation_steps): counts are per micro-step, "
+                        "the optimizer step's spread over them")
+    p.add_argument("--port", type=int, default=None, help="MASTER_PORT of the one-process group (default: $MASTER_PORT or a free port)")
     p.add_argument("--out", type=Path, default=None, help="results JSON (default: print only)")
     args = p.parse_args(argv)
     layers = sorted(set(args.layers))
     if len(layers) < 2 or layers[0] < 1:
         p.error("--layers needs at least two distinct depths >= 1")
+    if args.grad_accum < 1:
+        p.error("--grad-accum must be >= 1")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    port = args.port or int(os.environ.get("MASTER_PORT", 29541))
+    from gpt4roi_sft.train.distributed import one_process_port
+
+    port = args.port or int(one_process_port())
     from bench.throughput.engine import init_single_process_group
 
     init_single_process_group(True, port)
     arms = args.arm or DEFAULT_ARMS
-    depths = [count_at_depth(n, arms, args.zero, args.precision, args.lora_r, port, args.ds_override, args.vision_layers)
-              for n in layers]
+    depths = [count_at_depth(n, arms, args.zero, args.precision, args.lora_r, port, args.ds_override, args.vision_layers,
+                             args.grad_accum) for n in layers]
     from bench.throughput.device import device_name
 
     result = {"tool": "bench/dispatch_count.py", "machine": device_name(torch.device("cpu")),
               "torch": torch.__version__, "deepspeed": _version("deepspeed"), "transformers": _version("transformers"),
               "peft": _version("peft"), "zero_stage": depths[0]["zero_stage"], "ds_overrides": args.ds_override,
-              "precision": args.precision,
+              "precision": args.precision, "gradient_accumulation_steps": args.grad_accum,
               "lora_r": args.lora_r, "vision_layers": args.vision_layers, "depths": depths, "per_layer": per_layer_fit(depths)}
     if args.out:
         from gpt4roi_sft.atomic import write_json_atomic

@@ -60,13 +60,17 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="the tiny test model on CPU (CI smoke run)")
     p.add_argument("--image-size", type=int, default=224, choices=(224, 336), help="CLIP ViT-L/14 input side (real mode)")
-    p.add_argument("--micro-batch", type=int, default=None, help="samples per optimizer step without --pack-tokens (default 4; tiny 2)")
+    p.add_argument("--micro-batch", type=int, default=None, help="samples per micro-batch without --pack-tokens (default 4; tiny 2)")
     p.add_argument("--pack-tokens", type=int, default=None,
                    help="token budget per micro-batch for every arm (data.pack_tokens); default: --micro-batch samples")
     p.add_argument("--arm", action="append", default=None, metavar="NAME=COLLATE[+LEVER...][@BUDGET]",
                    help="an arm to time (repeatable); levers: nodrop, liger, channels_last, compile, ds_sync_free "
                         f"(bench/throughput/levers.py). Default: {' '.join(DEFAULT_ARMS)}")
     p.add_argument("--steps", type=int, default=None, help="timed optimizer steps per arm (default 20; tiny 2)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step (train.gradient_accumulation_steps): each timed step is the "
+                        "trainer's optimizer_step over this many micro-batches, e.g. 4 for GPT4RoI's global batch of 16 "
+                        "samples on one GPU at ~4 samples per 3072-token micro-batch")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps before each arm (default 3; tiny 2)")
     p.add_argument("--zero", choices=sorted(ZERO_CONFIGS), default="2", help="ds_configs/zero{1,2,3,3_offload}.json")
     p.add_argument("--ds-override", action="append", default=[], metavar="KEY=VALUE",
@@ -116,7 +120,7 @@ def parse_args(argv=None):
     p.add_argument("--search-start", type=int, default=None, help="first budget tried (default 4096; tiny 512)")
     p.add_argument("--search-limit", type=int, default=None, help="largest budget tried (default 131072; tiny 2048)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--port", type=int, default=None, help="MASTER_PORT of the one-process group (default: $MASTER_PORT or 29531)")
+    p.add_argument("--port", type=int, default=None, help="MASTER_PORT of the one-process group (default: $MASTER_PORT or a free port)")
     p.add_argument("--tag", default="", help="suffix of the results file name (e.g. lora-z2-224)")
     p.add_argument("--out", type=Path, default=None, help="results JSON (default <out-dir>/<date>_<device>[_<tag>].json)")
     p.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
@@ -141,8 +145,11 @@ def parse_args(argv=None):
         p.error(f"--search-checkpointing: {exc}")
     if args.checkpoint_every < 1:
         p.error("--checkpoint-every must be >= 1")
-    if args.steps < 1 or args.micro_batch < 1 or args.warmup < 0:
-        p.error("--steps and --micro-batch must be >= 1, --warmup >= 0")
+    if args.steps < 1 or args.micro_batch < 1 or args.warmup < 0 or args.grad_accum < 1:
+        p.error("--steps, --micro-batch and --grad-accum must be >= 1, --warmup >= 0")
+    if args.grad_accum > 1 and args.max_budget_search:
+        p.error("--max-budget-search tries one micro-batch per optimizer step; run it without --grad-accum (a "
+                "micro-batch's memory does not depend on the accumulation)")
     if args.pack_length < args.max_len:
         p.error(f"--pack-length {args.pack_length} is shorter than the longest sample (--max-len {args.max_len})")
     try:
@@ -162,7 +169,8 @@ def parse_args(argv=None):
 
 
 def build_arms(args, pool: SamplePool, n_steps: int) -> Dict[str, Arm]:
-    """Every arm's collated micro-batches: arms with the same grouping (budget) hold the same samples per step."""
+    """Every arm's collated micro-batches, ``--grad-accum`` per optimizer step, for ``n_steps`` steps: arms with
+    the same grouping (budget) hold the same samples per step."""
     from gpt4roi_sft.data.collator import PackingCollator, PaddingCollator
 
     groups: Dict[Optional[int], List[List[dict]]] = {}
@@ -170,7 +178,7 @@ def build_arms(args, pool: SamplePool, n_steps: int) -> Dict[str, Arm]:
     for spec in args.arms:
         budget = spec.budget or args.pack_tokens
         if budget not in groups:
-            groups[budget] = pool.groups(n_steps, args.micro_batch, budget)
+            groups[budget] = pool.groups(n_steps * args.grad_accum, args.micro_batch, budget)
         if spec.collate == "padded":
             collator = PaddingCollator(PAD_ID)
         else:
@@ -205,7 +213,7 @@ def run(args) -> dict:
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     attn = args.attn or "sdpa"
     torch.manual_seed(args.seed)
-    init_single_process_group(on_cpu, args.port)
+    comm = init_single_process_group(on_cpu, args.port)
 
     config = tiny_bench_config(attn) if args.tiny else real_config(args.image_size, attn)
     t0 = time.perf_counter()
@@ -225,8 +233,10 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_ds_") as workdir:
         engine, stage, counts = prepare_engine(model, args, on_cpu, Path(workdir))
         switch = LeverSwitch(engine, device)
-        results = time_arms(engine, arms, args.warmup, device, dtype, flop_model, peak, matmul_rate, switch,
-                            profile_busy=args.profile_busy)
+        results = time_arms(engine, arms, args.warmup, device, dtype, flop_model, peak, matmul_rate, switch, comm,
+                            accum=args.grad_accum, profile_busy=args.profile_busy)
+        # what the engine ran for the arms (warm-up, timed and profiled steps): optimizer steps x --grad-accum micro-steps
+        engine_steps = {"optimizer": int(engine.global_steps), "micro": int(engine.micro_steps)}
         generation = None
         if args.eval_generation:
             if stage == 3:
@@ -251,7 +261,7 @@ def run(args) -> dict:
 
     return build_result(args, config=config, device=device, attn=attn, arms=results, flop_model=flop_model, peak=peak,
                         matmul_rate=matmul_rate, matmul_n=matmul_n, counts=counts, generation=generation,
-                        searches=searches, items=pool.items)
+                        searches=searches, items=pool.items, engine_steps=engine_steps)
 
 
 def parse_checkpointing_variants(text: str) -> List[Optional[int]]:

@@ -184,6 +184,7 @@ def test_tiny_cpu_run_writes_both_arms(tmp_path):
     assert result["mfu_vs_matmul"] > 0
     ours, base = result["arms"]["ours"], result["arms"]["baseline"]
     assert ours["steps"] == base["steps"] == 2
+    assert result["engine_steps"] == {"optimizer": 8, "micro": 8}  # 2 warm-up + 2 timed optimizer steps per arm
     assert ours["tokens"] == base["tokens"]  # same samples, real tokens only
     assert ours["model_flops"] == pytest.approx(base["model_flops"])
     assert result["generation"]["regions_per_s"] > 0
@@ -229,6 +230,26 @@ def test_tiny_cpu_run_times_lever_arms_with_medians_shapes_outliers_and_a_budget
     assert all(s["max_pack_tokens"] == 1024 and s["first_oom"] is None and s["levers"] == ["nodrop"] for s in searches)
     assert all(s["memory_cap_gb"] is None for s in searches) and "--search-memory-gb caps CUDA memory" in proc.stderr
     assert "largest data.pack_tokens that fits" in proc.stdout
+
+
+def test_gradient_accumulation_times_one_optimizer_step_over_that_many_micro_batches(tmp_path):
+    """--grad-accum 2: each timed step is the trainer's optimizer_step over two micro-batches (one optimizer step
+    of the engine), its tokens and FLOPs those of both; a step's samples are the same in every arm."""
+    out = tmp_path / "accum.json"
+    common = ("--tiny", "--warmup", "1", "--steps", "2", "--pack-tokens", "1024", "--pack-length", "512", "--grad-accum", "2")
+    proc = run_bench(*common, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    arms = 2  # baseline and ours, 1 warm-up + 2 timed steps each
+    assert result["engine_steps"] == {"optimizer": arms * 3, "micro": arms * 3 * 2}
+    assert result["settings"]["gradient_accumulation_steps"] == 2 and "accum 2" in result["settings"]["label"]
+    for arm in result["arms"].values():
+        assert arm["micro_batches_per_step"] == 2 and arm["steps"] == 2 and len(arm["step_times_s"]) == 2
+        assert 1024 < arm["tokens_per_step_mean"] <= 2048  # two micro-batches of at most 1024 real tokens
+    assert result["arms"]["ours"]["tokens"] == result["arms"]["baseline"]["tokens"]
+    assert result["arms"]["ours"]["model_flops"] == pytest.approx(result["arms"]["baseline"]["model_flops"])
+    refused = run_bench(*common, "--max-budget-search")  # the search's step is one micro-batch
+    assert refused.returncode == 2 and "without --grad-accum" in refused.stderr
 
 
 def test_search_checkpointing_variants_run_from_the_least_saving_to_the_most():
@@ -281,6 +302,27 @@ def test_dispatch_count_counts_each_phase_per_layer_and_sees_the_host_levers(tmp
     deepest = result["depths"][-1]["arms"]["plain"]["by_source"]
     assert {"deepspeed", "autograd"} <= set(deepest["backward"]) and "peft" in deepest["forward"]
     assert "per layer" in proc.stdout and "nocontig" in proc.stdout
+
+
+def test_dispatch_count_spreads_the_optimizer_step_over_the_accumulated_micro_steps(tmp_path):
+    """--grad-accum 2: a decoder layer's forward is the same per micro-step, the optimizer step's work (the same
+    operations as without accumulation) counts half per micro-step. (The fixed forward part depends on the
+    micro-batch's images and regions, which differ between the two runs' counted micro-batches.)"""
+    results = {}
+    for accum in ("1", "2"):
+        out = tmp_path / f"accum{accum}.json"
+        cmd = [sys.executable, str(REPO / "bench" / "dispatch_count.py"), "--layers", "1", "2", "--vision-layers", "2",
+               "--lora-r", "4", "--grad-accum", accum, "--out", str(out), "--arm", "plain=packed"]
+        proc = subprocess.run(cmd, cwd=REPO, env={**ENV, "MASTER_PORT": str(free_port())}, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        results[accum] = json.loads(out.read_text())
+    one, two = results["1"]["per_layer"]["plain"], results["2"]["per_layer"]["plain"]
+    assert results["2"]["gradient_accumulation_steps"] == 2 and "optimizer step of 2 micro-steps" in proc.stdout
+    assert two["forward"]["per_layer"] == one["forward"]["per_layer"]
+    assert two["step"]["per_layer"] == one["step"]["per_layer"] / 2 > 0
+    assert two["step"]["fixed"] == one["step"]["fixed"] / 2
+    assert two["total"]["at_7b_depth"] < one["total"]["at_7b_depth"]
 
 
 def test_busy_length_counts_overlapping_device_intervals_once():
@@ -467,6 +509,25 @@ def test_tiny_gpu_run_has_a_peak_and_a_working_flex_arm(tmp_path):
     assert result["arms"]["ours_flex"]["tokens"] == result["arms"]["baseline"]["tokens"]
     if result["peak_tflops"] is not None:
         assert 0 < result["mfu"] < 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tiny_gpu_run_accumulates_two_micro_batches_per_optimizer_step(tmp_path):
+    """accum4-224's path on CUDA: the trainer's optimizer_step (its NCCL loss-denominator sum included) over two
+    micro-batches, with every lever and the lever without contiguous gradients switched between steps."""
+    out = tmp_path / "accum.json"
+    env = {k: v for k, v in ENV.items() if k != "DS_ACCELERATOR"}
+    every = "packed+nodrop+liger+channels_last+ds_sync_free"
+    cmd = [sys.executable, str(REPO / "bench" / "train_throughput.py"), "--tiny", "--precision", "bf16", "--warmup", "1",
+           "--steps", "2", "--pack-tokens", "1024", "--grad-accum", "2", "--skip-baseline", f"--arm=every={every}",
+           f"--arm=nocontig={every}+ds_nocontig", "--out", str(out), "--port", str(free_port())]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert not {k: a["failed"] for k, a in result["arms"].items() if "failed" in a}
+    assert result["engine_steps"] == {"optimizer": 6, "micro": 12}
+    assert all(a["micro_batches_per_step"] == 2 and a["tokens_per_step_mean"] > 1024 for a in result["arms"].values())
 
 
 @pytest.mark.gpu

@@ -105,6 +105,22 @@ def test_collectives_build_their_tensors_on_the_declared_device(monkeypatch):
     assert seen and seen[0] is total
 
 
+def test_a_one_process_group_takes_the_port_it_is_given_or_a_free_one():
+    import socket
+
+    from gpt4roi_sft.train.distributed import one_process_port
+
+    assert one_process_port({"MASTER_PORT": "29611", "GPT4ROI_MASTER_PORT": "29612"}) == "29611"
+    assert one_process_port({"GPT4ROI_MASTER_PORT": "29612"}) == "29612"
+    with socket.socket() as held:  # another run holds a port: the one chosen is another, and binds
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        chosen = int(one_process_port({}))
+        assert chosen != held.getsockname()[1]
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", chosen))
+
+
 def test_training_device_names_the_local_rank():
     from gpt4roi_sft.train.distributed import training_device
 

@@ -29,6 +29,14 @@ def recipe_args(model_dir, data, out_dir, *extra):
     ]
 
 
+def one_process(args, timeout=600):
+    """``python train_sft.py`` without a launcher: a one-process group on a port the trainer picks free (runs of
+    the test workers side by side)."""
+    env = {k: v for k, v in ENV.items() if k not in ("MASTER_PORT", "GPT4ROI_MASTER_PORT", "WORLD_SIZE")}
+    return subprocess.run([sys.executable, str(REPO / "train_sft.py"), *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
 def launch(args, nproc=2, timeout=600, **popen):
     cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(free_port()), str(REPO / "train_sft.py"), *args]
     return subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
@@ -221,7 +229,7 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoin
     out = tmp_path / "nan"
     args = recipe_args(tiny_model_dir, synthetic_pix2cap, out, "train.max_steps=40", "train.save_steps=1",
                        "train.learning_rate=1e12", "train.max_grad_norm=1e30")
-    proc = subprocess.run([sys.executable, str(REPO / "train_sft.py"), *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    proc = one_process(args)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "loss is nan" in proc.stderr.lower() or "loss is inf" in proc.stderr.lower()
     last_good = ckpt.find_latest(out)
@@ -233,7 +241,7 @@ def test_non_finite_loss_between_log_steps_stops_before_the_next_save(tiny_model
     out = tmp_path / "nan_unlogged"
     args = recipe_args(tiny_model_dir, synthetic_pix2cap, out, "train.max_steps=40", "train.save_steps=1",
                        "train.log_steps=100", "train.learning_rate=1e12", "train.max_grad_norm=1e30")
-    proc = subprocess.run([sys.executable, str(REPO / "train_sft.py"), *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    proc = one_process(args)
     assert proc.returncode == 2, proc.stderr[-3000:]
     message = proc.stderr.lower()
     assert ("loss is nan" in message or "loss is inf" in message) and "before saving" in message
@@ -280,6 +288,25 @@ def test_one_gpu_deepspeed_overrides_change_no_loss_or_grad_norm(per_step_lora_r
     assert [r["step"] for r in rows["fast"]] == [r["step"] for r in rows["plain"]] == list(range(1, 8))
     for plain, got in zip(rows["plain"], rows["fast"]):
         assert (got["loss"], got["grad_norm"]) == (plain["loss"], plain["grad_norm"]), got["step"]
+
+
+def test_one_gpu_deepspeed_overrides_change_nothing_under_gradient_accumulation(tiny_model_dir, synthetic_pix2cap,
+                                                                              tmp_path):
+    """With 2 micro-batches per step, ZeRO-2 without contiguous gradients accumulates each gradient where it lies
+    instead of in its bucket: the same loss and grad norm at every step as the plain engine."""
+    fast = ["deepspeed.overrides=" + json.dumps(["timers.throughput.enabled=false", "bf16.check_grad_overflow=false",
+                                                 "zero_optimization.contiguous_gradients=false"])]
+    rows = {}
+    for name, extra in (("plain", []), ("fast", fast)):
+        out = tmp_path / name
+        run_training(recipe_args(tiny_model_dir, synthetic_pix2cap, out, "train.max_steps=3", "train.save_steps=3",
+                                 "lora.enabled=true", "lora.r=8", "model.freeze=stage2",
+                                 "train.gradient_accumulation_steps=2", *extra), nproc=1)
+        rows[name] = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows["fast"]] == [r["step"] for r in rows["plain"]] == [1, 2, 3]
+    for plain, got in zip(rows["plain"], rows["fast"]):
+        assert (got["loss"], got["grad_norm"]) == (plain["loss"], plain["grad_norm"]), got["step"]
+    assert rows["plain"][0]["loss"] != rows["plain"][1]["loss"]  # the steps trained different samples
 
 
 def test_checkpointing_one_decoder_layer_in_two_trains_with_the_losses_of_no_checkpointing(per_step_lora_run, tiny_model_dir,
@@ -397,9 +424,6 @@ def test_adapter_gradients_are_nonzero_after_step_one_with_gradient_checkpointin
     assert all(p.grad is None for p in frozen)
 
 
-def one_process(args, timeout=600):
-    return subprocess.run([sys.executable, str(REPO / "train_sft.py"), *args], cwd=REPO, env=ENV, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def test_rerunning_a_finished_run_says_it_is_complete_with_its_last_logged_loss(zero2_lora_run, tiny_model_dir,

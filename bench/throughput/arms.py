@@ -54,82 +54,86 @@ OUTLIER_FACTOR = 1.5  # a timed step slower than this many medians is flagged
 
 
 def time_arms(engine, arms: Dict[str, Arm], warmup: int, device, dtype, flop_model: FlopModel, peak: Optional[float],
-              matmul_rate: float, switch: LeverSwitch, profile_busy: bool = False) -> Dict[str, dict]:
+              matmul_rate: float, switch: LeverSwitch, comm, accum: int = 1, profile_busy: bool = False) -> Dict[str, dict]:
     """Warm up every arm, then run their timed optimizer steps interleaved (A B C, C B A, A B C, ...).
 
     Interleaving puts every arm under the same machine state (clocks, temperature, other tenants of a shared
-    CPU), so their ratios are fairer than back-to-back blocks. Each step runs with its arm's levers switched on
-    (switching happens outside the timed region); the clock synchronises the device before and after the step.
-    Arms with the same grouping hold the same samples in step ``i``; tokens/s counts real tokens only and model
-    FLOPs come from the samples, never the padding. Per arm: total-time and median-based rates, the timed steps'
-    seconds, steps slower than ``OUTLIER_FACTOR`` x the median (and whether their row shape was new to the
+    CPU), so their ratios are fairer than back-to-back blocks. A step is the trainer's own
+    :func:`~gpt4roi_sft.train.loop.optimizer_step` over ``accum`` consecutive micro-batches of the arm (the
+    engine's gradient accumulation steps; ``--grad-accum``), run with its arm's levers switched on (switching
+    happens outside the timed region); the clock synchronises the device before and after the step. Arms with
+    the same grouping hold the same samples in step ``i``; tokens/s counts real tokens only and model FLOPs come
+    from the samples, never the padding. Per arm: total-time and median-based rates, the timed steps' seconds,
+    steps slower than ``OUTLIER_FACTOR`` x the median (and whether one of their row shapes was new to the
     process, e.g. a fresh kernel plan or recompile), and the distinct (rows, width) shapes it ran.
 
-    Each step also records when the host had issued all of its work (``micro_step`` returned, before the clock's
-    synchronisation): ``host_issue_s`` is that time, ``device_tail_s`` the wait for the device after it. A tail near
-    zero means the device kept up with the host (the step is bound by the host's issuing); a long tail means work
-    was queued faster than the device ran it. A synchronisation inside the step counts as issue time. With
-    ``profile_busy``, one more step per arm runs under ``torch.profiler`` after the timed ones (see :func:`device_busy`).
+    Each step also records when the host had issued all of its work (``optimizer_step`` returned, before the
+    clock's synchronisation): ``host_issue_s`` is that time, ``device_tail_s`` the wait for the device after it. A
+    tail near zero means the device kept up with the host (the step is bound by the host's issuing); a long tail
+    means work was queued faster than the device ran it. A synchronisation inside the step counts as issue time.
+    With ``profile_busy``, one more step per arm runs under ``torch.profiler`` after the timed ones (see
+    :func:`device_busy`).
     """
-    from gpt4roi_sft.train.loop import micro_step
+    from gpt4roi_sft.train.loop import optimizer_step
 
     clock = Clock(device)
     failed: Dict[str, str] = {}
     seen_shapes = set()
     engine.train()
 
-    def step(arm: Arm, batch: dict) -> torch.Tensor:
-        switch.set(arm.spec.levers)
+    def micro_batches(arm: Arm, i: int) -> List[dict]:
+        return arm.batches[i * accum : (i + 1) * accum]
+
+    def run_step(arm: Arm, micro: List[dict]) -> torch.Tensor:
         with attention_implementation(engine.module, arm.attn):
-            return micro_step(engine, batch, device, dtype)
+            return optimizer_step(engine, micro, comm, device, dtype)
 
     for name, arm in list(arms.items()):
         try:
-            for batch in arm.batches[: max(warmup, 1)]:
-                seen_shapes.add(tuple(batch["input_ids"].shape))
-                step(arm, batch)
+            for i in range(max(warmup, 1)):
+                seen_shapes.update(tuple(b["input_ids"].shape) for b in micro_batches(arm, i))
+                switch.set(arm.spec.levers)
+                run_step(arm, micro_batches(arm, i))
         except Exception as exc:  # a lever or kernel that does not run here: drop the arm, keep the others
             if arm.required:
                 raise
             log.warning("arm %s dropped: its warm-up failed with %r", name, exc)
             failed[name] = repr(exc)[:500]
             del arms[name]
-            _recover(engine, device)
+            _recover(engine, device, accum)
     switch.set(frozenset())
     acc = {name: {"times": [], "issue": [], "losses": [], "tokens": [], "padded": 0, "flops": [], "samples": 0,
                   "peak": 0.0, "shapes": [], "new": []} for name in arms}
     names = list(arms)
-    n_steps = min(len(a.batches) for a in arms.values()) if arms else 0
+    n_steps = min(len(a.batches) for a in arms.values()) // accum if arms else 0
     for i in range(warmup, n_steps):
         for name in (names if (i - warmup) % 2 == 0 else names[::-1]):
             arm, a = arms[name], acc[name]
-            batch = arm.batches[i]
-            shape = tuple(batch["input_ids"].shape)
+            micro = micro_batches(arm, i)
+            shapes = [tuple(b["input_ids"].shape) for b in micro]
             switch.set(arm.spec.levers)
             reset_peak_memory(device)
-            with attention_implementation(engine.module, arm.attn):
-                t0 = clock.now()
-                loss = micro_step(engine, batch, device, dtype)
-                issued = time.perf_counter()
-                a["times"].append(clock.now() - t0)
-                a["issue"].append(issued - t0)
+            t0 = clock.now()
+            loss = run_step(arm, micro)
+            issued = time.perf_counter()
+            a["times"].append(clock.now() - t0)
+            a["issue"].append(issued - t0)
             a["peak"] = max(a["peak"], peak_memory_gb(device))
             a["losses"].append(float(loss))
-            a["tokens"].append(int(batch["num_tokens"]))
-            a["padded"] += int(batch["input_ids"].numel())
-            a["flops"].append(flop_model.batch_flops(arm.stats[i])["total"])
-            a["samples"] += len(arm.stats[i])
-            a["shapes"].append(shape)
-            a["new"].append(shape not in seen_shapes)
-            seen_shapes.add(shape)
+            a["tokens"].append(sum(int(b["num_tokens"]) for b in micro))
+            a["padded"] += sum(int(b["input_ids"].numel()) for b in micro)
+            a["flops"].append(sum(flop_model.batch_flops(stats)["total"] for stats in arm.stats[i * accum : (i + 1) * accum]))
+            a["samples"] += sum(len(stats) for stats in arm.stats[i * accum : (i + 1) * accum])
+            a["shapes"].append(max(shapes, key=lambda s: s[0] * s[1]))
+            a["new"].append(any(s not in seen_shapes for s in shapes))
+            seen_shapes.update(shapes)
     busy = {}
     if profile_busy and device.type == "cuda":
         for name, arm in arms.items():
             switch.set(arm.spec.levers)
-            with attention_implementation(engine.module, arm.attn):
-                busy[name] = device_busy(lambda: micro_step(engine, arm.batches[-1], device, dtype), clock)
+            busy[name] = device_busy(lambda: run_step(arm, arm.batches[-accum:]), clock)
     switch.set(frozenset())
-    results = {name: arm_result(name, arms[name], a, warmup, peak, matmul_rate) for name, a in acc.items()}
+    results = {name: arm_result(name, arms[name], a, warmup, peak, matmul_rate, accum) for name, a in acc.items()}
     for name, measured in busy.items():
         results[name]["profiled_step"] = measured
     for name, error in failed.items():
@@ -175,15 +179,17 @@ def busy_length(spans: List[tuple]) -> int:
     return total
 
 
-def arm_result(name: str, arm: Arm, a: dict, warmup: int, peak: Optional[float], matmul_rate: float) -> dict:
-    """Totals, medians and outliers of one arm's timed steps."""
+def arm_result(name: str, arm: Arm, a: dict, warmup: int, peak: Optional[float], matmul_rate: float,
+               accum: int = 1) -> dict:
+    """Totals, medians and outliers of one arm's timed (optimizer) steps of ``accum`` micro-batches each; an
+    outlier's ``shape`` is the largest row shape of its step."""
     times = np.asarray(a["times"])
     issue = np.asarray(a["issue"])
     tokens = np.asarray(a["tokens"], dtype=np.float64)
     flops = np.asarray(a["flops"])
     seconds = float(times.sum())
     median = float(np.median(times))
-    warm_shapes = {tuple(b["input_ids"].shape) for b in arm.batches[: max(warmup, 1)]}
+    warm_shapes = {tuple(b["input_ids"].shape) for b in arm.batches[: max(warmup, 1) * accum]}
     shapes = sorted(warm_shapes | set(a["shapes"]))
 
     def med_rate(per_step, over):
@@ -197,6 +203,7 @@ def arm_result(name: str, arm: Arm, a: dict, warmup: int, peak: Optional[float],
         "spec": arm.spec.describe(),
         "levers": lever_settings(arm.spec),
         "steps": len(times),
+        "micro_batches_per_step": accum,
         "seconds": seconds,
         "step_times_s": [round(float(t), 4) for t in times],
         "step_time_s_median": median,
@@ -229,14 +236,23 @@ def arm_result(name: str, arm: Arm, a: dict, warmup: int, peak: Optional[float],
     return result
 
 
-def _recover(engine, device) -> None:
-    """After a failed step (out of memory, a kernel that cannot run): drop partial gradients and cached blocks."""
+def _recover(engine, device, accum: int = 1) -> None:
+    """After a failed step (out of memory, a kernel that cannot run): drop partial gradients and cached blocks.
+
+    With gradient accumulation, a step that failed after some of its micro-batches leaves DeepSpeed's count of
+    micro-steps off the accumulation boundary, and every later step would then apply the optimizer in its
+    middle: that is an error here, not a silently different benchmark.
+    """
     try:
         engine.zero_grad()
     except Exception as exc:  # the engine may be past saving; the next step will tell
         log.warning("zero_grad after a failed step: %r", exc)
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    off = getattr(engine, "micro_steps", 0) % accum
+    if off:
+        raise RuntimeError(f"a step failed after {off} of its {accum} micro-batches: the engine's optimizer steps no "
+                           "longer fall on the benchmark's step boundaries; drop the failing arm or run without --grad-accum")
 
 
 def generation_throughput(engine, items: List[dict], args, device, dtype) -> dict:

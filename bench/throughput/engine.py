@@ -85,17 +85,18 @@ def build_model(config, device: torch.device, dtype: torch.dtype):
     return model.to(dtype)
 
 
-def init_single_process_group(on_cpu: bool, port: Optional[int]) -> None:
-    """A one-process group, as ``train_sft.py`` makes when no launcher set ``WORLD_SIZE``.
+def init_single_process_group(on_cpu: bool, port: Optional[int]):
+    """A one-process group, as ``train_sft.py`` makes when no launcher set ``WORLD_SIZE``; returns its
+    :class:`~gpt4roi_sft.train.distributed.Collectives`, as the trainer's optimizer step takes them.
 
-    ``port`` (``--port``) wins over an inherited ``MASTER_PORT``; without either, 29531.
+    ``port`` (``--port``) wins over an inherited ``MASTER_PORT``; without either, a free port.
     """
-    from gpt4roi_sft.train.distributed import start_process_group
+    from gpt4roi_sft.train.distributed import one_process_port, start_process_group
 
     if "WORLD_SIZE" not in os.environ:
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"})
-        os.environ["MASTER_PORT"] = str(port or os.environ.get("MASTER_PORT", 29531))
-    start_process_group("cpu" if on_cpu else "cuda", "gloo" if on_cpu else "nccl")
+        os.environ["MASTER_PORT"] = str(port) if port else one_process_port()
+    return start_process_group("cpu" if on_cpu else "cuda", "gloo" if on_cpu else "nccl")
 
 
 def training_config(args, ds_config_path: str):
@@ -104,7 +105,7 @@ def training_config(args, ds_config_path: str):
 
     overrides = [
         f"train.micro_batch_size={args.micro_batch}",
-        "train.gradient_accumulation_steps=1",
+        f"train.gradient_accumulation_steps={args.grad_accum}",
         f"train.precision={args.precision}",
         "train.lr_scheduler=constant",
         f"deepspeed.config={ds_config_path}",

@@ -122,7 +122,7 @@ def summary_table(results: List[dict]) -> str:
 
 def build_result(args, *, config, device: torch.device, attn: str, arms: Dict[str, dict], flop_model: FlopModel,
                  peak: Optional[float], matmul_rate: float, matmul_n: int, counts: dict, generation: Optional[dict],
-                 searches: Optional[List[dict]], items: List[dict]) -> dict:
+                 searches: Optional[List[dict]], items: List[dict], engine_steps: Optional[dict] = None) -> dict:
     """The results JSON of one run: the headline figures of the fastest packed arm (by median tokens/s), every
     arm with its speedup over the padded baseline, the settings and levers."""
     on_cpu = device.type != "cuda"
@@ -136,7 +136,7 @@ def build_result(args, *, config, device: torch.device, attn: str, arms: Dict[st
     mode = "full-FT" if args.full_ft else f"LoRA r={args.lora_r}"
     grouping = f"pack_tokens {args.pack_tokens}" if args.pack_tokens else f"micro-batch {args.micro_batch}"
     label = (f"{'tiny' if args.tiny else '7B'} {mode} ZeRO-{args.zero} {args.precision} {config.image_size}px {grouping}"
-             f"{checkpointing_suffix(vars(args), ' grad-ckpt')}")
+             f"{checkpointing_suffix(vars(args), ' grad-ckpt')}{f' accum {args.grad_accum}' if args.grad_accum > 1 else ''}")
     result = {
         "device": device_name(device),
         "ours_arm": ours["arm"],
@@ -166,6 +166,7 @@ def build_result(args, *, config, device: torch.device, attn: str, arms: Dict[st
         "generation": generation,
         "budget_search": searches,
         "parameters": counts,
+        "engine_steps": engine_steps,
         "settings": {
             "label": label,
             "tag": args.tag,
@@ -178,6 +179,7 @@ def build_result(args, *, config, device: torch.device, attn: str, arms: Dict[st
             "pad_to_multiple": args.pad_to_multiple,
             "steps": args.steps,
             "warmup": args.warmup,
+            "gradient_accumulation_steps": args.grad_accum,
             "zero": args.zero,
             "ds_overrides": list(args.ds_override),
             "client_optimizer": args.client_optimizer,

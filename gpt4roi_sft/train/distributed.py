@@ -77,6 +77,20 @@ class Collectives:
             dist.barrier(device_ids=[self.device.index or 0])
 
 
+def one_process_port(env=os.environ) -> str:
+    """``MASTER_PORT`` of a one-process group (no launcher): the one set (``MASTER_PORT``, then
+    ``GPT4ROI_MASTER_PORT``), else a port free now, so two runs started side by side (two single-GPU jobs on one
+    machine, tests in parallel) do not both bind one fixed default and fail with "address already in use"."""
+    chosen = env.get("MASTER_PORT") or env.get("GPT4ROI_MASTER_PORT")
+    if chosen:
+        return str(chosen)
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 SHM_DIR = Path("/dev/shm")
 
 

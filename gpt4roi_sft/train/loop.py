@@ -178,6 +178,22 @@ def micro_step(engine, batch: Dict[str, Any], device: torch.device, dtype: torch
     return out.loss.detach()
 
 
+def optimizer_step(engine, micro: List[Dict[str, Any]], comm: Collectives, device: torch.device,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """The micro-steps of one optimizer step (``len(micro)`` = the engine's gradient accumulation steps).
+
+    Returns the step's loss, the mean over every trained token of ``micro`` on this rank x world (a float64
+    device tensor, never read here). The loop and the throughput benchmark time exactly this.
+    """
+    gas = len(micro)
+    denominator = loss_denominator(comm, micro, gas)
+    step_loss = torch.zeros((), dtype=torch.float64, device=device)
+    for batch in micro:
+        step_loss += micro_step(engine, batch, device, dtype, num_items_in_batch=denominator).double()
+    # Each micro-batch loss is its token-loss sum x gas x world / N: the step's loss is their sum / (gas x world).
+    return step_loss / gas
+
+
 def loss_denominator(comm: Collectives, window: List[Dict[str, Any]], gas: int) -> torch.Tensor:
     """The ``num_items_in_batch`` that makes one optimizer step the mean over every trained token of its window.
 
@@ -381,12 +397,8 @@ def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
             consumed += gas
             for batch in micro:
                 check_counts(batch["input_ids"], batch.get("pixel_values"), batch.get("boxes"))
-            denominator = loss_denominator(comm, micro, gas)
-            step_loss = torch.zeros((), dtype=torch.float64, device=device)
-            for batch in micro:
-                step_loss += micro_step(engine, batch, device, dtype, num_items_in_batch=denominator).double()
-            # Each micro-batch loss is its token-loss sum x gas x world / N: the step's loss is their sum / (gas x world).
-            window.add(step_loss / gas, sum(int(b.get("num_tokens", b["input_ids"].numel())) for b in micro),
+            step_loss = optimizer_step(engine, micro, comm, device, dtype)
+            window.add(step_loss, sum(int(b.get("num_tokens", b["input_ids"].numel())) for b in micro),
                        engine.get_global_grad_norm())
             if is_rank0:
                 progress.update(1)
