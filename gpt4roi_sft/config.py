@@ -21,7 +21,7 @@ from gpt4roi_sft.conversation import TEMPLATES
 from gpt4roi_sft.errors import ConfigError
 
 FREEZE_PRESETS = ("none", "stage1", "stage2", "llm")
-COMPILE_PARTS = ("decoder_layers", "region_encoder")
+COMPILE_PARTS = ("decoder_layers", "region_encoder", "vision_layers")
 DEFAULT_PACKED_MULTIPLE = 128
 PRECISIONS = ("bf16", "fp32")
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -41,7 +41,7 @@ class ModelSection:
     freeze: str = "stage2"  # none: train all; stage1: region encoder only; stage2: all but the vision tower; llm: LLM frozen
     # Throughput levers (gpt4roi_sft.train.speedups); none changes what is computed, each is off until measured.
     liger_kernel: bool = False  # Liger's Triton RMSNorm, RoPE, SwiGLU and fused linear cross-entropy in the LLM (CUDA)
-    compile: List[str] = field(default_factory=list)  # regional torch.compile: decoder_layers, region_encoder
+    compile: List[str] = field(default_factory=list)  # regional torch.compile: decoder_layers, region_encoder, vision_layers
     channels_last: bool = False  # region encoder convolutions on channels-last activations
 
 

@@ -136,16 +136,23 @@ def test_lora_dropout_zero_leaves_no_dropout_in_the_adapters(tiny_model_dir):
 
 @pytest.mark.slow
 def test_regional_compile_gives_the_same_loss_and_gradients(tiny_model_dir, tiny):
-    """torch.compile (inductor, gcc on the CPU) of the decoder layers and the region fusion, on a fresh model."""
+    """torch.compile (inductor, gcc on the CPU) of the decoder layers, the region fusion and the vision tower's
+    layers, on a fresh model."""
     from gpt4roi_sft import load_model
 
     _, batch = tiny
     model, _ = load_model(tiny_model_dir, attn_implementation="sdpa")
     model.eval()
     plain = loss_and_grads(model, batch)
-    compiled = speedups.compile_regions(model, ["decoder_layers", "region_encoder"])
+    compiled = speedups.compile_regions(model, ["decoder_layers", "region_encoder", "vision_layers"])
     assert len(compiled["decoder_layers"]) == model.config.text_config.num_hidden_layers and compiled["region_encoder"]
+    assert len(compiled["vision_layers"]) == model.config.vision_config.num_hidden_layers
     assert_same(loss_and_grads(model, batch), plain, rtol=1e-4, atol=1e-5)
+    for p in model.vision_tower.parameters():  # GPT4RoI's frozen tower: the compiled layers under no_grad
+        p.requires_grad_(False)
+    frozen = loss_and_grads(model, batch)
+    assert_same(frozen, (plain[0], {n: g for n, g in plain[1].items() if not n.startswith("vision_tower.")}),
+                rtol=1e-4, atol=1e-5)
     assert all("_orig_mod" not in n for n, _ in model.named_parameters())  # checkpoints keep their names
 
 
@@ -308,7 +315,7 @@ def test_cuda_compile_and_channels_last_give_the_plain_loss(tiny_model_dir, tiny
     model = model.to("cuda").eval()
     plain = loss_and_grads(model, batch, device="cuda", dtype=torch.bfloat16)
     speedups.set_channels_last(model, True)
-    speedups.compile_regions(model, ["decoder_layers", "region_encoder"])
+    speedups.compile_regions(model, ["decoder_layers", "region_encoder", "vision_layers"])
     fast = loss_and_grads(model, batch, device="cuda", dtype=torch.bfloat16)
     torch.testing.assert_close(fast[0].float(), plain[0].float(), rtol=2e-2, atol=2e-2)
 

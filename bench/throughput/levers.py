@@ -11,8 +11,9 @@ lever              what the arm's steps run with                recipe switch
 ``nodrop``         LoRA dropout modules replaced by identity    ``lora.dropout=0``
 ``liger``          Liger RMSNorm/RoPE/SwiGLU + fused linear CE  ``model.liger_kernel=true``
 ``channels_last``  region-encoder convs on NHWC activations     ``model.channels_last=true``
-``compile``        regional torch.compile (decoder layers and   ``model.compile=decoder_layers,region_encoder``
-                   the region encoder's convolution stack)
+``compile``        regional torch.compile (decoder layers, the  ``model.compile=decoder_layers,region_encoder,``
+                   region encoder's convolution stack, the      ``vision_layers``
+                   vision tower's layers)
 ``ds_sync_free``   DeepSpeed's throughput timer (a device sync  ``deepspeed.overrides=timers.throughput.enabled=false,``
                    at every forward and step) and bf16          ``bf16.check_grad_overflow=false``
                    overflow check (one more) off
@@ -39,6 +40,7 @@ from torch import nn
 log = logging.getLogger("bench.train_throughput")
 
 LEVERS = ("nodrop", "liger", "channels_last", "compile", "ds_sync_free", "varlen", "ds_nocontig")
+COMPILED_PARTS = ("decoder_layers", "region_encoder", "vision_layers")  # what the compile lever compiles (model.compile)
 COLLATES = ("padded", "packed")
 
 
@@ -130,7 +132,7 @@ class LeverSwitch:
             speedups.set_channels_last(self.engine.module, on)
         elif lever == "compile":
             if self._compiled is None and on:
-                parts = speedups.compile_regions(self.engine.module, ["decoder_layers", "region_encoder"])
+                parts = speedups.compile_regions(self.engine.module, COMPILED_PARTS)
                 self._compiled = [m for modules in parts.values() for m in modules]
                 self._compiled_calls = {id(m): m._compiled_call_impl for m in self._compiled}
             for m in self._compiled or []:
@@ -178,7 +180,7 @@ def lever_settings(spec: ArmSpec) -> Dict[str, object]:
         "lora.dropout=0": "nodrop" in spec.levers,
         "model.liger_kernel": "liger" in spec.levers,
         "model.channels_last": "channels_last" in spec.levers,
-        "model.compile": ["decoder_layers", "region_encoder"] if "compile" in spec.levers else [],
+        "model.compile": list(COMPILED_PARTS) if "compile" in spec.levers else [],
         "deepspeed.overrides": ((["timers.throughput.enabled=false", "bf16.check_grad_overflow=false"]
                                  if "ds_sync_free" in spec.levers else [])
                                 + (["zero_optimization.contiguous_gradients=false"] if "ds_nocontig" in spec.levers else [])),
