@@ -279,7 +279,7 @@ def test_budget_search_past_its_deadline_tries_nothing_and_says_why():
 def test_dispatch_count_counts_each_phase_per_layer_and_sees_the_host_levers(tmp_path):
     """bench/dispatch_count.py on the tiny engine at 1 and 2 LLM layers: counts per phase grow by a fixed number
     per decoder layer, and the levers that remove host work show it (LoRA dropout 0 in the forward, DeepSpeed's
-    overflow check in the step, contiguous gradients in the backward's hooks)."""
+    overflow check in the step, contiguous gradients in the backward's hooks), and so does gradient accumulation."""
     out = tmp_path / "dispatch.json"
     cmd = [sys.executable, str(REPO / "bench" / "dispatch_count.py"), "--layers", "1", "2", "--lora-r", "4", "--out", str(out),
            "--arm", "plain=packed", "--arm", "nodrop=packed+nodrop", "--arm", "sync_free=packed+ds_sync_free",
@@ -303,26 +303,21 @@ def test_dispatch_count_counts_each_phase_per_layer_and_sees_the_host_levers(tmp
     assert {"deepspeed", "autograd"} <= set(deepest["backward"]) and "peft" in deepest["forward"]
     assert "per layer" in proc.stdout and "nocontig" in proc.stdout
 
-
-def test_dispatch_count_spreads_the_optimizer_step_over_the_accumulated_micro_steps(tmp_path):
-    """--grad-accum 2: a decoder layer's forward is the same per micro-step, the optimizer step's work (the same
-    operations as without accumulation) counts half per micro-step. (The fixed forward part depends on the
-    micro-batch's images and regions, which differ between the two runs' counted micro-batches.)"""
-    results = {}
-    for accum in ("1", "2"):
-        out = tmp_path / f"accum{accum}.json"
-        cmd = [sys.executable, str(REPO / "bench" / "dispatch_count.py"), "--layers", "1", "2", "--vision-layers", "2",
-               "--lora-r", "4", "--grad-accum", accum, "--out", str(out), "--arm", "plain=packed"]
-        proc = subprocess.run(cmd, cwd=REPO, env={**ENV, "MASTER_PORT": str(free_port())}, capture_output=True,
-                              text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        results[accum] = json.loads(out.read_text())
-    one, two = results["1"]["per_layer"]["plain"], results["2"]["per_layer"]["plain"]
-    assert results["2"]["gradient_accumulation_steps"] == 2 and "optimizer step of 2 micro-steps" in proc.stdout
-    assert two["forward"]["per_layer"] == one["forward"]["per_layer"]
-    assert two["step"]["per_layer"] == one["step"]["per_layer"] / 2 > 0
-    assert two["step"]["fixed"] == one["step"]["fixed"] / 2
-    assert two["total"]["at_7b_depth"] < one["total"]["at_7b_depth"]
+    # --grad-accum 2: a decoder layer's forward is the same per micro-step; the optimizer step's work (the same
+    # operations as without accumulation) counts half per micro-step. (The fixed forward part depends on the
+    # vision depth and on the counted micro-batch's images and regions, so it is not compared.)
+    accum = tmp_path / "accum2.json"
+    cmd = [sys.executable, str(REPO / "bench" / "dispatch_count.py"), "--layers", "1", "2", "--vision-layers", "2",
+           "--lora-r", "4", "--grad-accum", "2", "--out", str(accum), "--arm", "plain=packed"]
+    proc = subprocess.run(cmd, cwd=REPO, env={**ENV, "MASTER_PORT": str(free_port())}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    two = json.loads(accum.read_text())
+    assert two["gradient_accumulation_steps"] == 2 and "optimizer step of 2 micro-steps" in proc.stdout
+    halved = two["per_layer"]["plain"]
+    assert halved["forward"]["per_layer"] == plain["forward"]["per_layer"]
+    assert halved["step"]["per_layer"] == plain["step"]["per_layer"] / 2 > 0
+    assert halved["step"]["fixed"] == plain["step"]["fixed"] / 2
 
 
 def test_busy_length_counts_overlapping_device_intervals_once():
