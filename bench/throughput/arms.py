@@ -81,8 +81,8 @@ def time_arms(engine, arms: Dict[str, Arm], warmup: int, device, dtype, flop_mod
     seen_shapes = set()
     engine.train()
 
-    def micro_batches(arm: Arm, i: int) -> List[dict]:
-        return arm.batches[i * accum : (i + 1) * accum]
+    def step_slice(i: int) -> slice:  # the micro-batches (and their samples' stats) of optimizer step i
+        return slice(i * accum, (i + 1) * accum)
 
     def run_step(arm: Arm, micro: List[dict]) -> torch.Tensor:
         with attention_implementation(engine.module, arm.attn):
@@ -91,9 +91,10 @@ def time_arms(engine, arms: Dict[str, Arm], warmup: int, device, dtype, flop_mod
     for name, arm in list(arms.items()):
         try:
             for i in range(max(warmup, 1)):
-                seen_shapes.update(tuple(b["input_ids"].shape) for b in micro_batches(arm, i))
+                micro = arm.batches[step_slice(i)]
+                seen_shapes.update(tuple(b["input_ids"].shape) for b in micro)
                 switch.set(arm.spec.levers)
-                run_step(arm, micro_batches(arm, i))
+                run_step(arm, micro)
         except Exception as exc:  # a lever or kernel that does not run here: drop the arm, keep the others
             if arm.required:
                 raise
@@ -109,7 +110,7 @@ def time_arms(engine, arms: Dict[str, Arm], warmup: int, device, dtype, flop_mod
     for i in range(warmup, n_steps):
         for name in (names if (i - warmup) % 2 == 0 else names[::-1]):
             arm, a = arms[name], acc[name]
-            micro = micro_batches(arm, i)
+            micro, stats = arm.batches[step_slice(i)], arm.stats[step_slice(i)]
             shapes = [tuple(b["input_ids"].shape) for b in micro]
             switch.set(arm.spec.levers)
             reset_peak_memory(device)
@@ -122,8 +123,8 @@ def time_arms(engine, arms: Dict[str, Arm], warmup: int, device, dtype, flop_mod
             a["losses"].append(float(loss))
             a["tokens"].append(sum(int(b["num_tokens"]) for b in micro))
             a["padded"] += sum(int(b["input_ids"].numel()) for b in micro)
-            a["flops"].append(sum(flop_model.batch_flops(stats)["total"] for stats in arm.stats[i * accum : (i + 1) * accum]))
-            a["samples"] += sum(len(stats) for stats in arm.stats[i * accum : (i + 1) * accum])
+            a["flops"].append(sum(flop_model.batch_flops(samples)["total"] for samples in stats))
+            a["samples"] += sum(len(samples) for samples in stats)
             a["shapes"].append(max(shapes, key=lambda s: s[0] * s[1]))
             a["new"].append(any(s not in seen_shapes for s in shapes))
             seen_shapes.update(shapes)
