@@ -34,7 +34,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("torch", "torchvision", "transformers", "peft", "deepspeed", "bitsandbytes", "accelerate", "triton", "liger_kernel")
+PACKAGES = ("torch", "torchvision", "transformers", "peft", "deepspeed", "bitsandbytes", "accelerate", "triton", "liger_kernel",
+            "pytest", "xdist")
 
 
 def versions() -> dict:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -37,13 +38,13 @@ def one_process(args, timeout=600):
                           text=True, timeout=timeout)
 
 
-def launch(args, nproc=2, timeout=600, **popen):
-    cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(free_port()), str(REPO / "train_sft.py"), *args]
+def launch(args, nproc=2, timeout=600, port=None, **popen):
+    cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(port or free_port()), str(REPO / "train_sft.py"), *args]
     return subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
-def run_training(args, nproc=2, timeout=600):
-    proc = launch(args, nproc)
+def run_training(args, nproc=2, timeout=600, port=None):
+    proc = launch(args, nproc, port=port)
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-4000:]
     return out
@@ -65,26 +66,28 @@ ZERO2_LORA = ("train.max_steps=20", "train.save_steps=10", "lora.enabled=true", 
               "model.freeze=stage2", "deepspeed.config=ds_configs/zero2.json")
 
 
-def test_a_cpu_run_leaves_no_deepspeed_shared_memory_behind(tiny_model_dir, synthetic_pix2cap, tmp_path):
+@pytest.fixture(scope="module")
+def zero2_lora_launch(tiny_model_dir, synthetic_pix2cap, tmp_path_factory):
+    """Two processes, LoRA, ZeRO-2, 20 steps: the output dir, the launcher's master port and its console output."""
+    out = tmp_path_factory.mktemp("zero2_lora")
+    port = free_port()
+    console = run_training(recipe_args(tiny_model_dir, synthetic_pix2cap, out, *ZERO2_LORA), port=port)
+    return SimpleNamespace(out=out, port=port, console=console)
+
+
+@pytest.fixture(scope="module")
+def zero2_lora_run(zero2_lora_launch):
+    return zero2_lora_launch.out
+
+
+def test_a_cpu_run_leaves_no_deepspeed_shared_memory_behind(zero2_lora_launch):
     """DeepSpeed's CPU all-reduce creates a ~69 MB /dev/shm file per process and never removes it."""
     shm = Path("/dev/shm")
     if not shm.is_dir():
         pytest.skip("no /dev/shm here")
-    port = str(free_port())
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", port, str(REPO / "train_sft.py"),
-           *recipe_args(tiny_model_dir, synthetic_pix2cap, tmp_path / "run", "train.max_steps=2", "train.save_steps=2")]
-    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert "deepspeed_shm_comm_op" in proc.stdout + proc.stderr  # the shared-memory all-reduce was in use
-    left = sorted(p.name for p in shm.glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert "deepspeed_shm_comm_op" in zero2_lora_launch.console  # the shared-memory all-reduce was in use
+    left = sorted(p.name for p in shm.glob(f"deepspeed_allreduce_buffer_*_{zero2_lora_launch.port}_*"))
     assert not left, left
-
-
-@pytest.fixture(scope="module")
-def zero2_lora_run(tiny_model_dir, synthetic_pix2cap, tmp_path_factory):
-    out = tmp_path_factory.mktemp("zero2_lora")
-    run_training(recipe_args(tiny_model_dir, synthetic_pix2cap, out, *ZERO2_LORA))
-    return out
 
 
 def test_zero2_lora_two_processes_loss_falls(zero2_lora_run):
@@ -108,19 +111,27 @@ def test_checkpoints_keep_the_last_k_and_latest_names_a_complete_one(zero2_lora_
     assert [s for s, _ in ckpt.complete_checkpoints(root)] == [10, 20]
 
 
-def test_exported_adapter_through_plain_peft_matches_the_merged_export(zero2_lora_run, tiny_model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def zero2_exports(zero2_lora_run, tmp_path_factory):
+    """The 20-step run exported twice: the LoRA adapter, and the weights merged."""
+    root = tmp_path_factory.mktemp("zero2_exports")
+    exports = SimpleNamespace(adapter=root / "adapter", merged=root / "merged")
+    for out, extra in ((exports.adapter, []), (exports.merged, ["--merge"])):
+        cmd = [sys.executable, "-m", "gpt4roi_sft.export", "--checkpoint", str(zero2_lora_run), "--out", str(out), *extra]
+        subprocess.run(cmd, check=True, cwd=REPO, env=ENV, capture_output=True)
+    return exports
+
+
+def test_exported_adapter_through_plain_peft_matches_the_merged_export(zero2_exports, tiny_model_dir):
     from peft import PeftModel
 
     from gpt4roi_sft import load_model
 
-    for merge in (False, True):
-        cmd = [sys.executable, "-m", "gpt4roi_sft.export", "--checkpoint", str(zero2_lora_run), "--out", str(tmp_path / f"m{merge}")]
-        subprocess.run(cmd + (["--merge"] if merge else []), check=True, cwd=REPO, env=ENV, capture_output=True)
-    adapter_dir = tmp_path / "mFalse"
+    adapter_dir = zero2_exports.adapter
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in adapter_dir.iterdir()}
     base, processor = load_model(tiny_model_dir)
     adapted = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-    merged, _ = load_model(str(tmp_path / "mTrue"))
+    merged, _ = load_model(str(zero2_exports.merged))
     plain, _ = load_model(tiny_model_dir)
     batch = tiny_batch(processor)
     with torch.no_grad():
@@ -129,16 +140,13 @@ def test_exported_adapter_through_plain_peft_matches_the_merged_export(zero2_lor
     assert (a - p).abs().max() > 1e-2, "the adapter changes nothing"
 
 
-def test_evaluating_base_plus_adapter_generates_what_the_merged_export_generates(zero2_lora_run, tiny_model_dir,
-                                                                                 synthetic_pix2cap, tmp_path):
+def test_evaluating_base_plus_adapter_generates_what_the_merged_export_generates(zero2_exports, tiny_model_dir,
+                                                                                 synthetic_pix2cap):
     from gpt4roi_sft.infer import DecodeSettings, RegionRequest, load_captioner
 
-    for merge in (False, True):
-        cmd = [sys.executable, "-m", "gpt4roi_sft.export", "--checkpoint", str(zero2_lora_run), "--out", str(tmp_path / f"m{merge}")]
-        subprocess.run(cmd + (["--merge"] if merge else []), check=True, cwd=REPO, env=ENV, capture_output=True)
     settings = DecodeSettings(max_new_tokens=12)
-    with_adapter = load_captioner(tiny_model_dir, settings=settings, adapter_dir=str(tmp_path / "mFalse"), device="cpu")
-    merged = load_captioner(str(tmp_path / "mTrue"), settings=settings, device="cpu")
+    with_adapter = load_captioner(tiny_model_dir, settings=settings, adapter_dir=str(zero2_exports.adapter), device="cpu")
+    merged = load_captioner(str(zero2_exports.merged), settings=settings, device="cpu")
     images = sorted((synthetic_pix2cap["root"] / "val2017").glob("*.jpg"))[:3]
     prompt = "The <image> provides an overview of the picture.\nCan you give a description of the region mentioned by region1 <bbox>?"
     requests = [RegionRequest(str(img), prompt, [[4, 4, 60, 60]]) for img in images]
@@ -171,9 +179,10 @@ def test_zero3_full_finetune_two_processes_gathers_full_weights_and_exports(tiny
 
 
 def test_kill_9_after_a_checkpoint_then_rerun_gives_the_uninterrupted_losses(tiny_model_dir, synthetic_pix2cap, tmp_path):
-    # LoRA dropout > 0 makes the losses depend on the restored RNG state, not only on weights and data order.
-    common = ("train.max_steps=16", "train.save_steps=4", "lora.enabled=true", "lora.r=8", "lora.dropout=0.2",
-              "model.freeze=stage2", "deepspeed.config=ds_configs/zero2.json")
+    # LoRA dropout > 0 makes the losses depend on the restored RNG state, not only on weights and data order; the
+    # two processes fill micro-batches to a token budget, so each resumes from its own saved data position.
+    common = ("train.max_steps=16", "train.save_steps=4", "data.pack_tokens=1024", "lora.enabled=true", "lora.r=8",
+              "lora.dropout=0.2", "model.freeze=stage2", "deepspeed.config=ds_configs/zero2.json")
     reference = tmp_path / "reference"
     run_training(recipe_args(tiny_model_dir, synthetic_pix2cap, reference, *common))
 
@@ -189,8 +198,9 @@ def test_kill_9_after_a_checkpoint_then_rerun_gives_the_uninterrupted_losses(tin
     assert proc.poll() is None, "training finished before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert ckpt.find_latest(crashed) is not None
-    assert max(losses(crashed)) < 16
+    step_dir = ckpt.find_latest(crashed)
+    assert step_dir is not None and max(losses(crashed)) < 16
+    assert {p.name for p in step_dir.glob("data_position_rank*.json")} == {"data_position_rank0.json", "data_position_rank1.json"}
 
     run_training(args)
     ref, resumed = losses(reference), losses(crashed)
@@ -251,12 +261,13 @@ def test_non_finite_loss_between_log_steps_stops_before_the_next_save(tiny_model
     assert ckpt.read_client_state(last_good)["step"] == bad_step - 1  # every step before the NaN was saved, not the NaN one
 
 
-PER_STEP_LORA = ("train.max_steps=7", "train.save_steps=7", "lora.enabled=true", "lora.r=8", "model.freeze=stage2")
+PER_STEP_LORA = ("train.max_steps=7", "train.save_steps=7", "lora.enabled=true", "lora.r=8", "model.freeze=stage2",
+                 "train.gradient_accumulation_steps=2")
 
 
 @pytest.fixture(scope="module")
 def per_step_lora_run(tiny_model_dir, synthetic_pix2cap, tmp_path_factory):
-    """One process, LoRA, ZeRO-2 (the quickstart's), 7 steps, every step logged."""
+    """One process, LoRA, ZeRO-2 (the quickstart's), 7 steps of 2 micro-batches each, every step logged."""
     out = tmp_path_factory.mktemp("per_step_lora")
     run_training(recipe_args(tiny_model_dir, synthetic_pix2cap, out, *PER_STEP_LORA), nproc=1)
     return out
@@ -277,7 +288,8 @@ def test_one_gpu_deepspeed_overrides_change_no_loss_or_grad_norm(per_step_lora_r
                                                                   tmp_path):
     """The DeepSpeed switches the one-GPU recipes and the benchmark's ds_sync_free / ds_nocontig levers set (no
     throughput timer, no bf16 overflow check, no contiguous gradient buffers) change how ZeRO moves gradients, not
-    what it computes: the same loss and grad norm at every step."""
+    what it computes: the same loss and grad norm at every step. With 2 micro-batches per step, ZeRO-2 without
+    contiguous gradients accumulates each gradient where it lies instead of in its bucket."""
     fast = tmp_path / "fast"
     overrides = "deepspeed.overrides=" + json.dumps(["timers.throughput.enabled=false", "bf16.check_grad_overflow=false",
                                                      "zero_optimization.contiguous_gradients=false"])
@@ -286,24 +298,6 @@ def test_one_gpu_deepspeed_overrides_change_no_loss_or_grad_norm(per_step_lora_r
     rows = {name: [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
             for name, out in (("plain", per_step_lora_run), ("fast", fast))}
     assert [r["step"] for r in rows["fast"]] == [r["step"] for r in rows["plain"]] == list(range(1, 8))
-    for plain, got in zip(rows["plain"], rows["fast"]):
-        assert (got["loss"], got["grad_norm"]) == (plain["loss"], plain["grad_norm"]), got["step"]
-
-
-def test_one_gpu_deepspeed_overrides_change_nothing_under_gradient_accumulation(tiny_model_dir, synthetic_pix2cap,
-                                                                              tmp_path):
-    """With 2 micro-batches per step, ZeRO-2 without contiguous gradients accumulates each gradient where it lies
-    instead of in its bucket: the same loss and grad norm at every step as the plain engine."""
-    fast = ["deepspeed.overrides=" + json.dumps(["timers.throughput.enabled=false", "bf16.check_grad_overflow=false",
-                                                 "zero_optimization.contiguous_gradients=false"])]
-    rows = {}
-    for name, extra in (("plain", []), ("fast", fast)):
-        out = tmp_path / name
-        run_training(recipe_args(tiny_model_dir, synthetic_pix2cap, out, "train.max_steps=3", "train.save_steps=3",
-                                 "lora.enabled=true", "lora.r=8", "model.freeze=stage2",
-                                 "train.gradient_accumulation_steps=2", *extra), nproc=1)
-        rows[name] = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows["fast"]] == [r["step"] for r in rows["plain"]] == [1, 2, 3]
     for plain, got in zip(rows["plain"], rows["fast"]):
         assert (got["loss"], got["grad_norm"]) == (plain["loss"], plain["grad_norm"]), got["step"]
     assert rows["plain"][0]["loss"] != rows["plain"][1]["loss"]  # the steps trained different samples
@@ -319,22 +313,6 @@ def test_checkpointing_one_decoder_layer_in_two_trains_with_the_losses_of_no_che
     assert sorted(got) == sorted(plain) == list(range(1, 8))
     for step in plain:
         assert got[step] == pytest.approx(plain[step], rel=1e-6), step
-
-
-def test_token_budget_run_resumes_with_the_uninterrupted_losses(tiny_model_dir, synthetic_pix2cap, tmp_path):
-    # Two processes fill micro-batches to 1024 tokens; each resumes from its own saved data position.
-    common = ("data.pack_tokens=1024", "train.save_steps=3", "lora.enabled=true", "lora.r=8", "lora.dropout=0.2",
-              "model.freeze=stage2", "deepspeed.config=ds_configs/zero2.json")
-    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    run_training(recipe_args(tiny_model_dir, synthetic_pix2cap, reference, "train.max_steps=6", *common))
-    run_training(recipe_args(tiny_model_dir, synthetic_pix2cap, resumed, "train.max_steps=3", *common))
-    step_dir = ckpt.find_latest(resumed)
-    assert {p.name for p in step_dir.glob("data_position_rank*.json")} == {"data_position_rank0.json", "data_position_rank1.json"}
-    run_training(recipe_args(tiny_model_dir, synthetic_pix2cap, resumed, "train.max_steps=6", *common))
-    ref, got = losses(reference), losses(resumed)
-    assert sorted(got) == list(range(1, 7))
-    for step in range(1, 7):
-        assert got[step] == pytest.approx(ref[step], abs=1e-6), (step, got[step], ref[step])
 
 
 def test_missing_data_file_is_reported_in_one_line_before_launch(tiny_model_dir, tmp_path):
@@ -466,26 +444,40 @@ def test_a_run_refused_at_start_leaves_no_output_dir(tiny_model_dir, synthetic_p
     assert not out.exists()
 
 
+# One sample per micro-batch, and gradient accumulation on one process, give every step the same samples and the
+# same per-sample losses on either world size; what may differ is the order in which gradients are summed
+# (all-reduce across processes against accumulation in one), so the losses agree to float32 rounding, not bit
+# for bit in general: tolerance 1e-4 on losses of about 4-6.
+WORLD_SIZE_RUN = ("train.micro_batch_size=1", "train.save_steps=3", "train.learning_rate=0.002")
+
+
+def accumulation(nproc):
+    return f"train.gradient_accumulation_steps={2 // nproc}"  # 2 samples per optimizer step on any world size
+
+
+@pytest.fixture(scope="module")
+def two_process_reference(tiny_model_dir, synthetic_pix2cap, tmp_path_factory):
+    """Six uninterrupted steps on two processes under ZeRO-2. ZeRO-1, -2 and -3 compute the same steps (they
+    partition where the optimizer state, gradients and weights live, not what is summed), so this one run is the
+    reference of all three stages below."""
+    out = tmp_path_factory.mktemp("two_process_reference")
+    run_training(recipe_args(tiny_model_dir, synthetic_pix2cap, out, *WORLD_SIZE_RUN, "deepspeed.config=ds_configs/zero2.json",
+                             "train.max_steps=6", accumulation(2)), nproc=2)
+    return losses(out)
+
+
 @pytest.mark.parametrize("stage, before, after", [("zero2", 2, 1), ("zero3", 1, 2), ("zero1", 2, 1)])
 def test_a_resume_on_another_number_of_processes_follows_the_uninterrupted_losses(stage, before, after, tiny_model_dir,
-                                                                                  synthetic_pix2cap, tmp_path):
-    # One sample per micro-batch, and gradient accumulation on one process, give every step the same samples and
-    # the same per-sample losses on either world size; what may differ is the order in which gradients are
-    # summed (all-reduce across processes against accumulation in one), so the losses agree to float32
-    # rounding, not bit for bit in general: tolerance 1e-4 on losses of about 4-6.
-    common = (f"deepspeed.config=ds_configs/{stage}.json", "train.micro_batch_size=1", "train.save_steps=3",
-              "train.learning_rate=0.002")
-    accumulation = lambda n: f"train.gradient_accumulation_steps={2 // n}"  # noqa: E731 - 2 samples per step
-    reference = tmp_path / "reference"
-    run_training(recipe_args(tiny_model_dir, synthetic_pix2cap, reference, *common, "train.max_steps=6",
-                             accumulation(2)), nproc=2)
+                                                                                  synthetic_pix2cap, tmp_path,
+                                                                                  two_process_reference):
+    common = (*WORLD_SIZE_RUN, f"deepspeed.config=ds_configs/{stage}.json")
     moved = tmp_path / "moved"
     run_training(recipe_args(tiny_model_dir, synthetic_pix2cap, moved, *common, "train.max_steps=3", accumulation(before)),
                  nproc=before)
     out = run_training(recipe_args(tiny_model_dir, synthetic_pix2cap, moved, *common, "train.max_steps=6",
                                    accumulation(after)), nproc=after)
     assert f"saved on {before} processes, now {after}" in out
-    ref, resumed = losses(reference), losses(moved)
+    ref, resumed = two_process_reference, losses(moved)
     assert sorted(resumed) == list(range(1, 7))
     for step in range(1, 7):
         assert resumed[step] == pytest.approx(ref[step], abs=1e-4), (step, resumed[step], ref[step])
