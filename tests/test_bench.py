@@ -281,8 +281,8 @@ def test_dispatch_count_counts_each_phase_per_layer_and_sees_the_host_levers(tmp
     per decoder layer, and the levers that remove host work show it (LoRA dropout 0 in the forward, DeepSpeed's
     overflow check in the step, contiguous gradients in the backward's hooks), and so does gradient accumulation."""
     out = tmp_path / "dispatch.json"
-    cmd = [sys.executable, str(REPO / "bench" / "dispatch_count.py"), "--layers", "1", "2", "--lora-r", "4", "--out", str(out),
-           "--arm", "plain=packed", "--arm", "nodrop=packed+nodrop", "--arm", "sync_free=packed+ds_sync_free",
+    cmd = [sys.executable, str(REPO / "bench" / "dispatch_count.py"), "--layers", "1", "2", "--vision-layers", "2",
+           "--lora-r", "4", "--out", str(out), "--arm", "plain=packed", "--arm", "nodrop=packed+nodrop", "--arm", "sync_free=packed+ds_sync_free",
            "--arm", "nocontig=packed+ds_nocontig"]
     proc = subprocess.run(cmd, cwd=REPO, env={**ENV, "MASTER_PORT": str(free_port())}, capture_output=True, text=True,
                           timeout=300)
@@ -305,7 +305,7 @@ def test_dispatch_count_counts_each_phase_per_layer_and_sees_the_host_levers(tmp
 
     # --grad-accum 2: a decoder layer's forward is the same per micro-step; the optimizer step's work (the same
     # operations as without accumulation) counts half per micro-step. (The fixed forward part depends on the
-    # vision depth and on the counted micro-batch's images and regions, so it is not compared.)
+    # counted micro-batch's images and regions, so it is not compared.)
     accum = tmp_path / "accum2.json"
     cmd = [sys.executable, str(REPO / "bench" / "dispatch_count.py"), "--layers", "1", "2", "--vision-layers", "2",
            "--lora-r", "4", "--grad-accum", "2", "--out", str(accum), "--arm", "plain=packed"]
