@@ -19,6 +19,11 @@ and the ``varlen`` lever takes its CPU fallback here (each sample through sdpa),
     python bench/dispatch_count.py --zero 1 --arm every=packed+nodrop+channels_last+ds_sync_free
     python bench/dispatch_count.py --grad-accum 4       # per micro-step of a 4-micro-step optimizer step
 
+``--engine torch`` counts, on the same model, batches and levers, a step without DeepSpeed: the candidate
+one-device engine :class:`TorchOneDeviceStep` (bf16 module, fp32 master weights, multi-tensor gradient
+accumulation and clipping, fused AdamW). It is measured here so as to know what dropping DeepSpeed on one GPU
+would save before building it; the trainer has no such engine.
+
 With ``--grad-accum K`` each arm's counted optimizer step is K micro-steps (the engine built with
 ``train.gradient_accumulation_steps=K``), and every figure is that step's count / K: the optimizer step's
 operations, run once per K micro-batches, spread over them.
@@ -79,6 +84,47 @@ def _source() -> str:
     return "autograd"
 
 
+class TorchOneDeviceStep:
+    """What a DeepSpeed-free one-device step would dispatch: the module's weights stay bf16, the trained ones have
+    fp32 master copies; each micro-step adds its bf16 gradients into fp32 buffers in one multi-tensor op, and
+    the optimizer step clips them (multi-tensor norm), runs fused AdamW on the masters and copies them back in
+    one op each. Every op works on whole lists of tensors, so no step work grows with the number of trained
+    tensors except inside those kernels. The engine interface ``count_step`` calls (call, ``backward``,
+    ``step``, ``module``, ``optimizer``); counted only, not a trainer engine."""
+
+    def __init__(self, module: torch.nn.Module, dtype: torch.dtype, lr: float, max_grad_norm: float, grad_accum: int):
+        self.module = module.to(dtype)  # as DeepSpeed's bf16 mode does: peft builds its adapters in fp32
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.masters = [p.detach().float().clone() for p in self.params]
+        self.master_grads = [torch.zeros_like(m) for m in self.masters]
+        for m, g in zip(self.masters, self.master_grads):
+            m.grad = g
+        self.optimizer = torch.optim.AdamW(self.masters, lr=lr, fused=True)
+        self.max_grad_norm, self.grad_accum, self.micro_steps = max_grad_norm, grad_accum, 0
+
+    def __call__(self, **inputs):
+        return self.module(**inputs)
+
+    def train(self):
+        self.module.train()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        torch._foreach_add_(self.master_grads, [p.grad for p in self.params])
+        for p in self.params:
+            p.grad = None
+        self.micro_steps += 1
+        if self.micro_steps % self.grad_accum:
+            return
+        torch.nn.utils.clip_grad_norm_(self.masters, self.max_grad_norm, foreach=True)
+        self.optimizer.step()
+        torch._foreach_copy_(self.params, self.masters)
+        torch._foreach_zero_(self.master_grads)
+
+
 def count_step(engine, batch: dict, device: torch.device, dtype: torch.dtype) -> Dict[str, DispatchCounter]:
     """One micro-step (the trainer's ``micro_step``, phase by phase) under a counter per phase."""
     from gpt4roi_sft.data.model_inputs import move_to_device
@@ -120,11 +166,13 @@ def summarize(counters: Dict[str, DispatchCounter], micro_steps: int = 1) -> dic
 
 
 def count_at_depth(layers: int, arm_specs: Sequence[str], zero: str, precision: str, lora_r: int, port: int,
-                   ds_overrides: Sequence[str] = (), vision_layers: int = 4, grad_accum: int = 1) -> dict:
+                   ds_overrides: Sequence[str] = (), vision_layers: int = 4, grad_accum: int = 1,
+                   engine_kind: str = "deepspeed") -> dict:
     """Counts per micro-step of every arm's second optimizer step (the first warms caches and builds optimizer
-    state), each of ``grad_accum`` micro-steps."""
+    state), each of ``grad_accum`` micro-steps; ``engine_kind`` "torch" counts :class:`TorchOneDeviceStep`."""
     from bench import train_throughput as tt
-    from bench.throughput.engine import build_model, prepare_engine, tiny_bench_config
+    from bench.throughput.engine import (build_model, deepspeed_config_path, prepare_engine, tiny_bench_config,
+                                         training_config)
     from bench.throughput.levers import LeverSwitch
     from bench.throughput.samples import SamplePool, SampleShape
 
@@ -137,6 +185,8 @@ def count_at_depth(layers: int, arm_specs: Sequence[str], zero: str, precision: 
     args = tt.parse_args(argv)
     if any("compile" in a.levers for a in args.arms):
         raise SystemExit("dispatch_count: compiled code dispatches no aten operations one by one; drop the compile lever")
+    if engine_kind == "torch" and (ds_overrides or any(lever.startswith("ds_") for a in args.arms for lever in a.levers)):
+        raise SystemExit("dispatch_count: --engine torch has no DeepSpeed: drop the ds_* levers and --ds-override")
     device, dtype = torch.device("cpu"), torch.bfloat16 if precision == "bf16" else torch.float32
     torch.manual_seed(0)
     config = tiny_bench_config("sdpa")
@@ -148,7 +198,14 @@ def count_at_depth(layers: int, arm_specs: Sequence[str], zero: str, precision: 
     arms = tt.build_arms(args, SamplePool(shape, 0), 2)
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_dispatch_") as workdir:
-        engine, stage, counts = prepare_engine(model, args, True, Path(workdir))
+        if engine_kind == "torch":
+            from gpt4roi_sft.train.modes import apply_training_mode
+
+            cfg = training_config(args, deepspeed_config_path(args, Path(workdir)))
+            model = apply_training_mode(model, cfg)
+            engine, stage = TorchOneDeviceStep(model, dtype, cfg.train.learning_rate, cfg.train.max_grad_norm, grad_accum), None
+        else:
+            engine, stage, counts = prepare_engine(model, args, True, Path(workdir))
         switch = LeverSwitch(engine, device)
         engine.train()
         for name, arm in arms.items():
@@ -159,7 +216,7 @@ def count_at_depth(layers: int, arm_specs: Sequence[str], zero: str, precision: 
                                  **summarize(count_optimizer_step(engine, counted, device, dtype), grad_accum))
         switch.set(frozenset())
     trainable = sum(1 for p in model.parameters() if p.requires_grad)
-    return {"layers": layers, "vision_layers": vision_layers, "zero_stage": stage, "trainable_tensors": trainable,
+    return {"layers": layers, "vision_layers": vision_layers, "engine": engine_kind, "zero_stage": stage, "trainable_tensors": trainable,
             "gradient_accumulation_steps": grad_accum, "arms": results}
 
 
@@ -186,7 +243,9 @@ def format_report(result: dict) -> str:
     overrides = "".join(f", {o}" for o in result["ds_overrides"])
     accum = result.get("gradient_accumulation_steps", 1)
     per = "per micro-step" + (f" (an optimizer step of {accum} micro-steps / {accum})" if accum > 1 else "")
-    lines = [f"dispatched aten ops {per} (tiny model, {result['vision_layers']} vision layers, CPU, ZeRO-{result['zero_stage']}{overrides}, "
+    engine = (f"ZeRO-{result['zero_stage']}" if result.get("engine", "deepspeed") == "deepspeed"
+              else "no DeepSpeed (TorchOneDeviceStep)")
+    lines = [f"dispatched aten ops {per} (tiny model, {result['vision_layers']} vision layers, CPU, {engine}{overrides}, "
              f"{result['precision']}; LLM depths {', '.join(str(d['layers']) for d in result['depths'])})",
              f"{'arm':<10} {'spec':<50} {'per layer':>9} {'fixed':>7} {'at 32 layers':>12}   forward/backward/step per layer"]
     for name, fit in result["per_layer"].items():
@@ -209,6 +268,9 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, nargs="+", default=[2, 4], help="LLM depths to count at (at least two)")
     p.add_argument("--vision-layers", type=int, default=24, help="layers of the (frozen) vision tower (24: CLIP ViT-L/14)")
     p.add_argument("--zero", choices=("1", "2", "3"), default="2")
+    p.add_argument("--engine", choices=("deepspeed", "torch"), default="deepspeed",
+                   help="deepspeed: the trainer's engine (build_engine); torch: the candidate DeepSpeed-free one-device "
+                        "step (TorchOneDeviceStep), counted only")
     p.add_argument("--ds-override", action="append", default=[], metavar="KEY=VALUE",
                    help="DeepSpeed config override, as deepspeed.overrides takes it (e.g. zero_optimization.overlap_comm=false)")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
@@ -234,12 +296,12 @@ def main(argv=None) -> int:
     init_single_process_group(True, port)
     arms = args.arm or DEFAULT_ARMS
     depths = [count_at_depth(n, arms, args.zero, args.precision, args.lora_r, port, args.ds_override, args.vision_layers,
-                             args.grad_accum) for n in layers]
+                             args.grad_accum, args.engine) for n in layers]
     from bench.throughput.device import device_name
 
     result = {"tool": "bench/dispatch_count.py", "machine": device_name(torch.device("cpu")),
               "torch": torch.__version__, "deepspeed": _version("deepspeed"), "transformers": _version("transformers"),
-              "peft": _version("peft"), "zero_stage": depths[0]["zero_stage"], "ds_overrides": args.ds_override,
+              "peft": _version("peft"), "engine": args.engine, "zero_stage": depths[0]["zero_stage"], "ds_overrides": args.ds_override,
               "precision": args.precision, "gradient_accumulation_steps": args.grad_accum,
               "lora_r": args.lora_r, "vision_layers": args.vision_layers, "depths": depths, "per_layer": per_layer_fit(depths)}
     if args.out:

@@ -319,6 +319,53 @@ def test_dispatch_count_counts_each_phase_per_layer_and_sees_the_host_levers(tmp
     assert halved["step"]["per_layer"] == plain["step"]["per_layer"] / 2 > 0
     assert halved["step"]["fixed"] == plain["step"]["fixed"] / 2
 
+    # --engine torch: the same forward per decoder layer as DeepSpeed's, a backward without its gradient hooks, and
+    # an optimizer step of multi-tensor ops whose count does not grow with the layers.
+    torch_out = tmp_path / "torch_engine.json"
+    cmd = [sys.executable, str(REPO / "bench" / "dispatch_count.py"), "--engine", "torch", "--layers", "1", "2",
+           "--vision-layers", "2", "--lora-r", "4", "--out", str(torch_out), "--arm", "nodrop=packed+nodrop"]
+    proc = subprocess.run(cmd, cwd=REPO, env={**ENV, "MASTER_PORT": str(free_port())}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    plain_torch = json.loads(torch_out.read_text())
+    assert plain_torch["engine"] == "torch" and plain_torch["zero_stage"] is None and "no DeepSpeed" in proc.stdout
+    no_ds = plain_torch["per_layer"]["nodrop"]
+    assert no_ds["forward"]["per_layer"] == fit["nodrop"]["forward"]["per_layer"]
+    assert no_ds["backward"]["per_layer"] < fit["nocontig"]["backward"]["per_layer"]
+    assert no_ds["step"]["per_layer"] == 0 < no_ds["step"]["fixed"]
+    sources = plain_torch["depths"][-1]["arms"]["nodrop"]["by_source"]
+    assert not any("deepspeed" in sources[phase] for phase in sources)
+
+
+def test_torch_one_device_step_accumulates_in_fp32_and_applies_clipped_adamw_on_the_boundary():
+    from bench.dispatch_count import TorchOneDeviceStep
+
+    torch.manual_seed(0)
+    module = torch.nn.Linear(4, 3)
+    reference = [p.detach().to(torch.bfloat16).float().clone().requires_grad_(True) for p in module.parameters()]
+    engine = TorchOneDeviceStep(module, torch.bfloat16, lr=0.1, max_grad_norm=0.5, grad_accum=2)
+    before = [p.detach().clone() for p in module.parameters()]
+    batches = [torch.randn(5, 4) for _ in range(2)]
+    for i, x in enumerate(batches):
+        engine.backward(engine(input=x.to(torch.bfloat16)).float().pow(2).sum())
+        engine.step()
+        if i == 0:  # mid-step: the weights wait for the boundary, the gradient waits in fp32
+            assert all(torch.equal(b, p) for b, p in zip(before, module.parameters()))
+            assert all(g.dtype == torch.float32 and g.abs().sum() > 0 for g in engine.master_grads)
+    assert all(p.grad is None for p in module.parameters()) and all(g.abs().sum() == 0 for g in engine.master_grads)
+    grads = [torch.zeros_like(r) for r in reference]
+    for x in batches:  # the same two micro-batches through an fp32 copy of the bf16 weights
+        w, b = (r.detach().to(torch.bfloat16).requires_grad_(True) for r in reference)
+        torch.nn.functional.linear(x.to(torch.bfloat16), w, b).float().pow(2).sum().backward()
+        grads = [g + t.grad.float() for g, t in zip(grads, (w, b))]
+    for r, g in zip(reference, grads):
+        r.grad = g
+    torch.nn.utils.clip_grad_norm_(reference, 0.5)
+    torch.optim.AdamW(reference, lr=0.1).step()
+    for p, r, m in zip(module.parameters(), reference, engine.masters):
+        torch.testing.assert_close(m, r.detach())
+        assert p.dtype == torch.bfloat16 and torch.equal(p.detach(), m.to(torch.bfloat16))
+
 
 def test_busy_length_counts_overlapping_device_intervals_once():
     from bench.throughput.arms import busy_length
