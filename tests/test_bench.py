@@ -276,18 +276,23 @@ def test_budget_search_past_its_deadline_tries_nothing_and_says_why():
     assert found["stopped_by"] == "time limit reached before trying 512 tokens"
 
 
-def test_dispatch_count_counts_each_phase_per_layer_and_sees_the_host_levers(tmp_path):
-    """bench/dispatch_count.py on the tiny engine at 1 and 2 LLM layers: counts per phase grow by a fixed number
-    per decoder layer, and the levers that remove host work show it (LoRA dropout 0 in the forward, DeepSpeed's
-    overflow check in the step, contiguous gradients in the backward's hooks), and so does gradient accumulation."""
-    out = tmp_path / "dispatch.json"
+def dispatch_count(out, *args):
+    """``bench/dispatch_count.py`` on the tiny engine at 1 and 2 LLM layers (2 vision layers, LoRA r=4): its JSON
+    and its printed report."""
     cmd = [sys.executable, str(REPO / "bench" / "dispatch_count.py"), "--layers", "1", "2", "--vision-layers", "2",
-           "--lora-r", "4", "--out", str(out), "--arm", "plain=packed", "--arm", "nodrop=packed+nodrop", "--arm", "sync_free=packed+ds_sync_free",
-           "--arm", "nocontig=packed+ds_nocontig"]
+           "--lora-r", "4", "--out", str(out), *args]
     proc = subprocess.run(cmd, cwd=REPO, env={**ENV, "MASTER_PORT": str(free_port())}, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_dispatch_count_counts_each_phase_per_layer_and_sees_the_host_levers(tmp_path):
+    """Counts per phase grow by a fixed number per decoder layer, and the levers that remove host work show it
+    (LoRA dropout 0 in the forward, DeepSpeed's overflow check in the step, contiguous gradients in the backward's
+    hooks), and so do gradient accumulation and the DeepSpeed-free step."""
+    result, report = dispatch_count(tmp_path / "dispatch.json", "--arm", "plain=packed", "--arm", "nodrop=packed+nodrop",
+                                    "--arm", "sync_free=packed+ds_sync_free", "--arm", "nocontig=packed+ds_nocontig")
     assert [d["layers"] for d in result["depths"]] == [1, 2] and result["zero_stage"] == 2
     fit = result["per_layer"]
     plain = fit["plain"]
@@ -301,19 +306,13 @@ def test_dispatch_count_counts_each_phase_per_layer_and_sees_the_host_levers(tmp
     assert fit["nocontig"]["forward"] == plain["forward"]
     deepest = result["depths"][-1]["arms"]["plain"]["by_source"]
     assert {"deepspeed", "autograd"} <= set(deepest["backward"]) and "peft" in deepest["forward"]
-    assert "per layer" in proc.stdout and "nocontig" in proc.stdout
+    assert "per layer" in report and "nocontig" in report
 
     # --grad-accum 2: a decoder layer's forward is the same per micro-step; the optimizer step's work (the same
     # operations as without accumulation) counts half per micro-step. (The fixed forward part depends on the
     # counted micro-batch's images and regions, so it is not compared.)
-    accum = tmp_path / "accum2.json"
-    cmd = [sys.executable, str(REPO / "bench" / "dispatch_count.py"), "--layers", "1", "2", "--vision-layers", "2",
-           "--lora-r", "4", "--grad-accum", "2", "--out", str(accum), "--arm", "plain=packed"]
-    proc = subprocess.run(cmd, cwd=REPO, env={**ENV, "MASTER_PORT": str(free_port())}, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    two = json.loads(accum.read_text())
-    assert two["gradient_accumulation_steps"] == 2 and "optimizer step of 2 micro-steps" in proc.stdout
+    two, report = dispatch_count(tmp_path / "accum2.json", "--grad-accum", "2", "--arm", "plain=packed")
+    assert two["gradient_accumulation_steps"] == 2 and "optimizer step of 2 micro-steps" in report
     halved = two["per_layer"]["plain"]
     assert halved["forward"]["per_layer"] == plain["forward"]["per_layer"]
     assert halved["step"]["per_layer"] == plain["step"]["per_layer"] / 2 > 0
@@ -321,14 +320,8 @@ def test_dispatch_count_counts_each_phase_per_layer_and_sees_the_host_levers(tmp
 
     # --engine torch: the same forward per decoder layer as DeepSpeed's, a backward without its gradient hooks, and
     # an optimizer step of multi-tensor ops whose count does not grow with the layers.
-    torch_out = tmp_path / "torch_engine.json"
-    cmd = [sys.executable, str(REPO / "bench" / "dispatch_count.py"), "--engine", "torch", "--layers", "1", "2",
-           "--vision-layers", "2", "--lora-r", "4", "--out", str(torch_out), "--arm", "nodrop=packed+nodrop"]
-    proc = subprocess.run(cmd, cwd=REPO, env={**ENV, "MASTER_PORT": str(free_port())}, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    plain_torch = json.loads(torch_out.read_text())
-    assert plain_torch["engine"] == "torch" and plain_torch["zero_stage"] is None and "no DeepSpeed" in proc.stdout
+    plain_torch, report = dispatch_count(tmp_path / "torch_engine.json", "--engine", "torch", "--arm", "nodrop=packed+nodrop")
+    assert plain_torch["engine"] == "torch" and plain_torch["zero_stage"] is None and "no DeepSpeed" in report
     no_ds = plain_torch["per_layer"]["nodrop"]
     assert no_ds["forward"]["per_layer"] == fit["nodrop"]["forward"]["per_layer"]
     assert no_ds["backward"]["per_layer"] < fit["nocontig"]["backward"]["per_layer"]
