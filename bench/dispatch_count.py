@@ -20,7 +20,7 @@ and the ``varlen`` lever takes its CPU fallback here (each sample through sdpa),
     python bench/dispatch_count.py --grad-accum 4       # per micro-step of a 4-micro-step optimizer step
 
 ``--engine torch`` counts, on the same model, batches and levers, a step without DeepSpeed: the candidate
-one-device engine :class:`TorchOneDeviceStep` (bf16 module, fp32 master weights, multi-tensor gradient
+one-device engine ``bench/throughput/torch_step.py`` (bf16 module, fp32 master weights, multi-tensor gradient
 accumulation and clipping, fused AdamW). It is measured here so as to know what dropping DeepSpeed on one GPU
 would save before building it; the trainer has no such engine.
 
@@ -84,47 +84,6 @@ def _source() -> str:
     return "autograd"
 
 
-class TorchOneDeviceStep:
-    """What a DeepSpeed-free one-device step would dispatch: the module's weights stay bf16, the trained ones have
-    fp32 master copies; each micro-step adds its bf16 gradients into fp32 buffers in one multi-tensor op, and
-    the optimizer step clips them (multi-tensor norm), runs fused AdamW on the masters and copies them back in
-    one op each. Every op works on whole lists of tensors, so no step work grows with the number of trained
-    tensors except inside those kernels. The engine interface ``count_step`` calls (call, ``backward``,
-    ``step``, ``module``, ``optimizer``); counted only, not a trainer engine."""
-
-    def __init__(self, module: torch.nn.Module, dtype: torch.dtype, lr: float, max_grad_norm: float, grad_accum: int):
-        self.module = module.to(dtype)  # as DeepSpeed's bf16 mode does: peft builds its adapters in fp32
-        self.params = [p for p in module.parameters() if p.requires_grad]
-        self.masters = [p.detach().float().clone() for p in self.params]
-        self.master_grads = [torch.zeros_like(m) for m in self.masters]
-        for m, g in zip(self.masters, self.master_grads):
-            m.grad = g
-        self.optimizer = torch.optim.AdamW(self.masters, lr=lr, fused=True)
-        self.max_grad_norm, self.grad_accum, self.micro_steps = max_grad_norm, grad_accum, 0
-
-    def __call__(self, **inputs):
-        return self.module(**inputs)
-
-    def train(self):
-        self.module.train()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    @torch.no_grad()
-    def step(self) -> None:
-        torch._foreach_add_(self.master_grads, [p.grad for p in self.params])
-        for p in self.params:
-            p.grad = None
-        self.micro_steps += 1
-        if self.micro_steps % self.grad_accum:
-            return
-        torch.nn.utils.clip_grad_norm_(self.masters, self.max_grad_norm, foreach=True)
-        self.optimizer.step()
-        torch._foreach_copy_(self.params, self.masters)
-        torch._foreach_zero_(self.master_grads)
-
-
 def count_step(engine, batch: dict, device: torch.device, dtype: torch.dtype) -> Dict[str, DispatchCounter]:
     """One micro-step (the trainer's ``micro_step``, phase by phase) under a counter per phase."""
     from gpt4roi_sft.data.model_inputs import move_to_device
@@ -169,15 +128,15 @@ def count_at_depth(layers: int, arm_specs: Sequence[str], zero: str, precision: 
                    ds_overrides: Sequence[str] = (), vision_layers: int = 4, grad_accum: int = 1,
                    engine_kind: str = "deepspeed") -> dict:
     """Counts per micro-step of every arm's second optimizer step (the first warms caches and builds optimizer
-    state), each of ``grad_accum`` micro-steps; ``engine_kind`` "torch" counts :class:`TorchOneDeviceStep`."""
+    state), each of ``grad_accum`` micro-steps; ``engine_kind`` "torch" counts the DeepSpeed-free step (``--engine torch``)."""
     from bench import train_throughput as tt
-    from bench.throughput.engine import (build_model, deepspeed_config_path, prepare_engine, tiny_bench_config,
-                                         training_config)
+    from bench.throughput.engine import build_model, prepare_engine, tiny_bench_config
     from bench.throughput.levers import LeverSwitch
     from bench.throughput.samples import SamplePool, SampleShape
 
     argv = ["--tiny", "--zero", zero, "--precision", precision, "--lora-r", str(lora_r), "--steps", "1", "--warmup", "1",
-            "--pack-tokens", "1024", "--pack-length", "512", "--port", str(port), "--grad-accum", str(grad_accum)]
+            "--pack-tokens", "1024", "--pack-length", "512", "--port", str(port), "--grad-accum", str(grad_accum),
+            "--engine", engine_kind]
     for spec in arm_specs:
         argv += ["--arm", spec]
     for override in ds_overrides:
@@ -185,8 +144,6 @@ def count_at_depth(layers: int, arm_specs: Sequence[str], zero: str, precision: 
     args = tt.parse_args(argv)
     if any("compile" in a.levers for a in args.arms):
         raise SystemExit("dispatch_count: compiled code dispatches no aten operations one by one; drop the compile lever")
-    if engine_kind == "torch" and (ds_overrides or any(lever.startswith("ds_") for a in args.arms for lever in a.levers)):
-        raise SystemExit("dispatch_count: --engine torch has no DeepSpeed: drop the ds_* levers and --ds-override")
     device, dtype = torch.device("cpu"), torch.bfloat16 if precision == "bf16" else torch.float32
     torch.manual_seed(0)
     config = tiny_bench_config("sdpa")
@@ -198,14 +155,7 @@ def count_at_depth(layers: int, arm_specs: Sequence[str], zero: str, precision: 
     arms = tt.build_arms(args, SamplePool(shape, 0), 2)
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_dispatch_") as workdir:
-        if engine_kind == "torch":
-            from gpt4roi_sft.train.modes import apply_training_mode
-
-            cfg = training_config(args, deepspeed_config_path(args, Path(workdir)))
-            model = apply_training_mode(model, cfg)
-            engine, stage = TorchOneDeviceStep(model, dtype, cfg.train.learning_rate, cfg.train.max_grad_norm, grad_accum), None
-        else:
-            engine, stage, counts = prepare_engine(model, args, True, Path(workdir))
+        engine, stage, counts = prepare_engine(model, args, True, Path(workdir))
         switch = LeverSwitch(engine, device)
         engine.train()
         for name, arm in arms.items():
@@ -270,7 +220,7 @@ def main(argv=None) -> int:
     p.add_argument("--zero", choices=("1", "2", "3"), default="2")
     p.add_argument("--engine", choices=("deepspeed", "torch"), default="deepspeed",
                    help="deepspeed: the trainer's engine (build_engine); torch: the candidate DeepSpeed-free one-device "
-                        "step (TorchOneDeviceStep), counted only")
+                        "step (bench/throughput/torch_step.py)")
     p.add_argument("--ds-override", action="append", default=[], metavar="KEY=VALUE",
                    help="DeepSpeed config override, as deepspeed.overrides takes it (e.g. zero_optimization.overlap_comm=false)")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")

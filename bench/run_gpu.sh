@@ -16,7 +16,7 @@
 # with its own time limit, clipped to what is left; a setting that would get less than MIN_SETTING_S (75 s) is
 # skipped and named at the end with the command that runs it. One failure or timeout leaves the others' results.
 # Every limit is an environment variable (BUDGET_S, GPU_CHECK_S, MIN_SETTING_S, T_LEVERS, T_EVAL, T_336, T_ZERO1,
-# T_COMPILE, T_SEARCH, T_ACCUM, SEARCH_MEMORY_GB; EVAL_EXTRA adds arguments of bench/eval_throughput.py; GPU_CHECK_K selects gpu tests as
+# T_COMPILE, T_SEARCH, T_ACCUM, T_TORCH, SEARCH_MEMORY_GB; EVAL_EXTRA adds arguments of bench/eval_throughput.py; GPU_CHECK_K selects gpu tests as
 # pytest's -k does), so a short lease can run the same script with a smaller budget.
 #
 # Settings (7B shapes, random bf16 weights, LoRA r=128 on every LLM linear + region encoder and projector trained,
@@ -29,6 +29,9 @@
 #   accum4-224     ZeRO-2, 224 px, 4 micro-batches per optimizer step (train.gradient_accumulation_steps=4: GPT4RoI's
 #                  global batch of 16 samples on one GPU): every lever | + ZeRO without contiguous gradients; each timed
 #                  step is 4 micro-batches (compare tokens/s with levers-224's sync_free and nocontig arms)
+#   torch-224      224 px, the DeepSpeed-free one-device step (--engine torch: fp32 masters, multi-tensor clip, fused
+#                  AdamW; bench/throughput/torch_step.py): every lever that is not DeepSpeed's | + varlen (compare with
+#                  levers-224's sync_free and varlen arms: whether DeepSpeed's per-tensor bookkeeping costs step time)
 #   eval-224       evaluation: VG captioning regions/s, fast (static cache, compiled step) vs eager, 7B shapes
 #   levers-336     ZeRO-2, 336 px: padded baseline | packed | packed with every lever above | the same + varlen
 #   zero1-224      ZeRO-1, 224 px: packed with every lever (compare with the same arm of levers-224)
@@ -62,7 +65,7 @@ if [ "$SMOKE" = 1 ]; then
   BIG=2048 SEARCH=(--search-limit 2048 --pack-length 512) COMPILE_WARMUP=(--warmup 2 --steps 1)
   LIGER=""  # Liger needs CUDA: only levers-224's own liger arm runs (and is dropped with its reason)
   BUDGET_S="${BUDGET_S:-1500}" GPU_CHECK_S="${GPU_CHECK_S:-120}" MIN_SETTING_S="${MIN_SETTING_S:-60}"
-  T_LEVERS=240 T_336=200 T_ZERO1=200 T_COMPILE=600 T_SEARCH=200 T_ACCUM=200 T_EVAL=300 EVAL_ARGS=(--tiny)
+  T_LEVERS=240 T_336=200 T_ZERO1=200 T_COMPILE=600 T_SEARCH=200 T_ACCUM=200 T_TORCH=200 T_EVAL=300 EVAL_ARGS=(--tiny)
 else
   PY="${PYTHON:-python3}"
   if compgen -G ".whl/*.whl" >/dev/null; then
@@ -79,7 +82,7 @@ else
   LIGER="+liger"
   BUDGET_S="${BUDGET_S:-570}" GPU_CHECK_S="${GPU_CHECK_S:-230}" MIN_SETTING_S="${MIN_SETTING_S:-75}"
   T_LEVERS="${T_LEVERS:-200}" T_336="${T_336:-140}" T_ZERO1="${T_ZERO1:-100}" T_COMPILE="${T_COMPILE:-200}"
-  T_SEARCH="${T_SEARCH:-200}" T_ACCUM="${T_ACCUM:-150}" T_EVAL="${T_EVAL:-180}"
+  T_SEARCH="${T_SEARCH:-200}" T_ACCUM="${T_ACCUM:-150}" T_TORCH="${T_TORCH:-120}" T_EVAL="${T_EVAL:-180}"
   read -r -a EVAL_ARGS <<< "--repeats 2 ${EVAL_EXTRA:-}"  # EVAL_EXTRA="--regions 512": a shorter evaluation arm
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv || true
 fi
@@ -142,6 +145,8 @@ setting search-224 "$T_SEARCH" --image-size 224 --arm every="$EVERY" --arm every
   --max-budget-search --search-levers "$SEARCH_LEVERS" --search-checkpointing off,2,1 "${SEARCH[@]}"
 setting accum4-224 "$T_ACCUM" --image-size 224 --grad-accum 4 --warmup 2 --skip-baseline --arm every="$EVERY" \
   --arm nocontig="$EVERY+ds_nocontig"
+setting torch-224 "$T_TORCH" --image-size 224 --engine torch --skip-baseline --arm every="packed+nodrop$LIGER+channels_last" \
+  --arm varlen="packed+nodrop$LIGER+channels_last+varlen"
 eval_throughput
 setting levers-336 "$T_336" --image-size 336 "${PLAIN[@]}" --arm every="$EVERY" --arm varlen="$EVERY+varlen"
 setting zero1-224 "$T_ZERO1" --image-size 224 --zero 1 --arm every="$EVERY"

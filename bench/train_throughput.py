@@ -73,6 +73,10 @@ def parse_args(argv=None):
                         "samples on one GPU at ~4 samples per 3072-token micro-batch")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps before each arm (default 3; tiny 2)")
     p.add_argument("--zero", choices=sorted(ZERO_CONFIGS), default="2", help="ds_configs/zero{1,2,3,3_offload}.json")
+    p.add_argument("--engine", choices=("deepspeed", "torch"), default="deepspeed",
+                   help="deepspeed: the trainer's engine; torch: the candidate DeepSpeed-free one-device step "
+                        "(bench/throughput/torch_step.py: fp32 masters, multi-tensor clip, fused AdamW), LoRA only, "
+                        "no ds_* lever")
     p.add_argument("--ds-override", action="append", default=[], metavar="KEY=VALUE",
                    help="deepspeed.overrides item, e.g. zero_optimization.overlap_comm=false (repeatable)")
     p.add_argument("--client-optimizer", action="store_true",
@@ -150,6 +154,8 @@ def parse_args(argv=None):
     if args.grad_accum > 1 and args.max_budget_search:
         p.error("--max-budget-search tries one micro-batch per optimizer step; run it without --grad-accum (a "
                 "micro-batch's memory does not depend on the accumulation)")
+    if args.engine == "torch" and (args.zero != "2" or args.ds_override or args.full_ft or args.client_optimizer):
+        p.error("--engine torch has no DeepSpeed: it takes no --zero, --ds-override, --client-optimizer or --full-ft")
     if args.pack_length < args.max_len:
         p.error(f"--pack-length {args.pack_length} is shorter than the longest sample (--max-len {args.max_len})")
     try:
@@ -163,6 +169,11 @@ def parse_args(argv=None):
         budget = arm.budget or args.pack_tokens
         if budget is not None and budget < args.max_len:
             p.error(f"arm {arm.name}: budget {budget} is below the longest sample (--max-len {args.max_len})")
+    if args.engine == "torch":
+        with_ds = sorted({lever for a in args.arms for lever in a.levers if lever.startswith("ds_")} |
+                         {lever for lever in args.search_lever_set if lever.startswith("ds_")})
+        if with_ds:
+            p.error(f"--engine torch has no DeepSpeed: drop the {', '.join(with_ds)} lever(s)")
     if not any(a.collate == "packed" for a in args.arms):
         p.error("at least one packed arm is needed (the headline figures are the fastest packed arm's)")
     return args

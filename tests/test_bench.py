@@ -234,7 +234,8 @@ def test_tiny_cpu_run_times_lever_arms_with_medians_shapes_outliers_and_a_budget
 
 def test_gradient_accumulation_times_one_optimizer_step_over_that_many_micro_batches(tmp_path):
     """--grad-accum 2: each timed step is the trainer's optimizer_step over two micro-batches (one optimizer step
-    of the engine), its tokens and FLOPs those of both; a step's samples are the same in every arm."""
+    of the engine), its tokens and FLOPs those of both; a step's samples are the same in every arm, and the same
+    for the DeepSpeed-free engine."""
     out = tmp_path / "accum.json"
     common = ("--tiny", "--warmup", "1", "--steps", "2", "--pack-tokens", "1024", "--pack-length", "512", "--grad-accum", "2")
     proc = run_bench(*common, "--out", str(out))
@@ -250,6 +251,21 @@ def test_gradient_accumulation_times_one_optimizer_step_over_that_many_micro_bat
     assert result["arms"]["ours"]["model_flops"] == pytest.approx(result["arms"]["baseline"]["model_flops"])
     refused = run_bench(*common, "--max-budget-search")  # the search's step is one micro-batch
     assert refused.returncode == 2 and "without --grad-accum" in refused.stderr
+
+    # --engine torch: the DeepSpeed-free step trains the same samples to the same losses (fp32 here: exactly the
+    # same update, its loss scaled by 1 / accumulation, clipped, AdamW) in as many optimizer and micro-steps.
+    without_ds = tmp_path / "torch_engine.json"
+    proc = run_bench(*common, "--engine", "torch", "--out", str(without_ds))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    plain = json.loads(without_ds.read_text())
+    assert plain["engine_steps"] == result["engine_steps"]
+    assert plain["settings"]["engine"] == "torch" and plain["settings"]["zero"] is None
+    assert "no-DeepSpeed" in plain["settings"]["label"]
+    for name, arm in result["arms"].items():
+        assert plain["arms"][name]["final_loss"] == pytest.approx(arm["final_loss"], rel=1e-6), name
+        assert plain["arms"][name]["tokens"] == arm["tokens"]
+    refused = run_bench("--tiny", "--engine", "torch", "--arm", "x=packed+ds_sync_free")
+    assert refused.returncode == 2 and "drop the ds_sync_free lever" in refused.stderr
 
 
 def test_search_checkpointing_variants_run_from_the_least_saving_to_the_most():
@@ -331,12 +347,12 @@ def test_dispatch_count_counts_each_phase_per_layer_and_sees_the_host_levers(tmp
 
 
 def test_torch_one_device_step_accumulates_in_fp32_and_applies_clipped_adamw_on_the_boundary():
-    from bench.dispatch_count import TorchOneDeviceStep
+    from bench.throughput.torch_step import TorchOneDeviceStep
 
     torch.manual_seed(0)
     module = torch.nn.Linear(4, 3)
     reference = [p.detach().to(torch.bfloat16).float().clone().requires_grad_(True) for p in module.parameters()]
-    engine = TorchOneDeviceStep(module, torch.bfloat16, lr=0.1, max_grad_norm=0.5, grad_accum=2)
+    engine = TorchOneDeviceStep(module, torch.bfloat16, lr=0.1, max_grad_norm=0.5, grad_accum=2, weight_decay=0.01)
     before = [p.detach().clone() for p in module.parameters()]
     batches = [torch.randn(5, 4) for _ in range(2)]
     for i, x in enumerate(batches):
@@ -345,19 +361,25 @@ def test_torch_one_device_step_accumulates_in_fp32_and_applies_clipped_adamw_on_
         if i == 0:  # mid-step: the weights wait for the boundary, the gradient waits in fp32
             assert all(torch.equal(b, p) for b, p in zip(before, module.parameters()))
             assert all(g.dtype == torch.float32 and g.abs().sum() > 0 for g in engine.master_grads)
+            assert (engine.micro_steps, engine.global_steps) == (1, 0)
+    assert (engine.micro_steps, engine.global_steps) == (2, 1)
     assert all(p.grad is None for p in module.parameters()) and all(g.abs().sum() == 0 for g in engine.master_grads)
     grads = [torch.zeros_like(r) for r in reference]
-    for x in batches:  # the same two micro-batches through an fp32 copy of the bf16 weights
+    for x in batches:  # the same two micro-batches (each loss / 2) through an fp32 copy of the bf16 weights
         w, b = (r.detach().to(torch.bfloat16).requires_grad_(True) for r in reference)
-        torch.nn.functional.linear(x.to(torch.bfloat16), w, b).float().pow(2).sum().backward()
+        (torch.nn.functional.linear(x.to(torch.bfloat16), w, b).float().pow(2).sum() / 2).backward()
         grads = [g + t.grad.float() for g, t in zip(grads, (w, b))]
     for r, g in zip(reference, grads):
         r.grad = g
     torch.nn.utils.clip_grad_norm_(reference, 0.5)
-    torch.optim.AdamW(reference, lr=0.1).step()
+    torch.optim.AdamW(reference, lr=0.1, weight_decay=0.01).step()
     for p, r, m in zip(module.parameters(), reference, engine.masters):
         torch.testing.assert_close(m, r.detach())
         assert p.dtype == torch.bfloat16 and torch.equal(p.detach(), m.to(torch.bfloat16))
+    engine.backward(engine(input=batches[0].to(torch.bfloat16)).float().sum())
+    engine.step()  # a step that fails after this micro-step: zero_grad drops it and returns to the boundary
+    engine.zero_grad()
+    assert engine.micro_steps == 2 and all(g.abs().sum() == 0 for g in engine.master_grads)
 
 
 def test_busy_length_counts_overlapping_device_intervals_once():
@@ -563,6 +585,30 @@ def test_tiny_gpu_run_accumulates_two_micro_batches_per_optimizer_step(tmp_path)
     assert not {k: a["failed"] for k, a in result["arms"].items() if "failed" in a}
     assert result["engine_steps"] == {"optimizer": 6, "micro": 12}
     assert all(a["micro_batches_per_step"] == 2 and a["tokens_per_step_mean"] > 1024 for a in result["arms"].values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tiny_gpu_run_trains_without_deepspeed_as_deepspeed_does(tmp_path):
+    """torch-224's path on CUDA: the DeepSpeed-free step (fused AdamW on fp32 masters, multi-tensor clip) with
+    every lever that is not DeepSpeed's, against the ZeRO-2 engine on the same samples: the same optimizer and
+    micro-steps, final losses within bf16 noise."""
+    env = {k: v for k, v in ENV.items() if k != "DS_ACCELERATOR"}
+    results = {}
+    for engine in ("deepspeed", "torch"):
+        out = tmp_path / f"{engine}.json"
+        cmd = [sys.executable, str(REPO / "bench" / "train_throughput.py"), "--tiny", "--precision", "bf16", "--warmup", "1",
+               "--steps", "2", "--pack-tokens", "1024", "--grad-accum", "2", "--skip-baseline",
+               "--arm=every=packed+nodrop+liger+channels_last+varlen", "--engine", engine, "--out", str(out),
+               "--port", str(free_port())]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        results[engine] = json.loads(out.read_text())
+        assert "failed" not in results[engine]["arms"]["every"], results[engine]["arms"]["every"]
+    ds, plain = results["deepspeed"], results["torch"]
+    assert plain["engine_steps"] == ds["engine_steps"] == {"optimizer": 3, "micro": 6}
+    assert plain["settings"]["fused_adamw"] is True and not plain["device"].startswith("CPU")
+    assert plain["arms"]["every"]["final_loss"] == pytest.approx(ds["arms"]["every"]["final_loss"], rel=2e-2)
 
 
 @pytest.mark.gpu

@@ -139,7 +139,8 @@ def deepspeed_config_path(args, workdir: Path) -> str:
 
 
 def prepare_engine(model, args, on_cpu: bool, workdir: Path):
-    """``apply_training_mode`` then ``build_engine``: exactly the objects ``train_sft.py`` trains."""
+    """``apply_training_mode`` then ``build_engine``: exactly the objects ``train_sft.py`` trains (with
+    ``args.engine == "torch"``, the DeepSpeed-free candidate step of ``torch_step.py`` instead; stage None)."""
     from gpt4roi_sft.train.loop import build_engine
     from gpt4roi_sft.train.modes import (apply_training_mode, enable_activation_checkpointing, trainable_parameter_count,
                                          unwrap_base_model)
@@ -150,6 +151,14 @@ def prepare_engine(model, args, on_cpu: bool, workdir: Path):
     model = apply_training_mode(model, cfg)
     counts = trainable_parameter_count(model)
     log.info("parameters: %d total, %d trainable", counts["total"], counts["trainable"])
+    if getattr(args, "engine", "deepspeed") == "torch":
+        from bench.throughput.torch_step import TorchOneDeviceStep
+
+        dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        engine = TorchOneDeviceStep(model, dtype, cfg.train.learning_rate, cfg.train.max_grad_norm,
+                                    cfg.train.gradient_accumulation_steps, cfg.train.weight_decay)
+        counts.update(optimizer="torch.optim.AdamW", fused_adamw=True)
+        return engine, None, counts
     hidden = unwrap_base_model(model).config.text_config.hidden_size
     engine, _, stage = build_engine(model, cfg, 1, hidden, args.warmup + args.steps + 64, on_cpu)
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
