@@ -46,7 +46,9 @@ class TorchOneDeviceStep:
 
     @torch.no_grad()
     def step(self) -> None:
-        torch._foreach_add_(self.master_grads, [p.grad for p in self.params])
+        pairs = [(m, p.grad) for m, p in zip(self.master_grads, self.params) if p.grad is not None]
+        if pairs:  # a trained tensor the micro-batch did not reach has no gradient to add
+            torch._foreach_add_([m for m, _ in pairs], [g for _, g in pairs])
         for p in self.params:
             p.grad = None
         self.micro_steps += 1
