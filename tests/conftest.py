@@ -44,10 +44,13 @@ def group_tests_by_shared_module_fixtures(items):
 
 @pytest.hookimpl(wrapper=True)
 def pytest_collection_modifyitems(config, items):
-    """Groups the tests before pytest-xdist reads the groups, then checks that it applied them: it marks a grouped
+    """Groups the tests before pytest-xdist reads the groups and puts the ``slow`` ones (multi-process runs, whose
+    groups take minutes) first, so the workers share out the short tests at the end instead of one worker
+    finishing a long group alone; then checks that xdist applied the groups: it marks a grouped
     test by suffixing its node id, which a pytest with structured node ids ignores (9.2 with pytest-xdist 3.8.0,
     pytest-dev/pytest-xdist#1386), and the groups are then spread silently."""
     group_tests_by_shared_module_fixtures(items)
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # long runs first: no lone one at the end
     result = yield
     if getattr(config.option, "loadgroup", False):
         lost = [item.nodeid for item in items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
