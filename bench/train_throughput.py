@@ -154,8 +154,6 @@ def parse_args(argv=None):
     if args.grad_accum > 1 and args.max_budget_search:
         p.error("--max-budget-search tries one micro-batch per optimizer step; run it without --grad-accum (a "
                 "micro-batch's memory does not depend on the accumulation)")
-    if args.engine == "torch" and (args.zero != "2" or args.ds_override or args.full_ft or args.client_optimizer):
-        p.error("--engine torch has no DeepSpeed: it takes no --zero, --ds-override, --client-optimizer or --full-ft")
     if args.pack_length < args.max_len:
         p.error(f"--pack-length {args.pack_length} is shorter than the longest sample (--max-len {args.max_len})")
     try:
@@ -170,8 +168,10 @@ def parse_args(argv=None):
         if budget is not None and budget < args.max_len:
             p.error(f"arm {arm.name}: budget {budget} is below the longest sample (--max-len {args.max_len})")
     if args.engine == "torch":
-        with_ds = sorted({lever for a in args.arms for lever in a.levers if lever.startswith("ds_")} |
-                         {lever for lever in args.search_lever_set if lever.startswith("ds_")})
+        if args.zero != "2" or args.ds_override or args.full_ft or args.client_optimizer:
+            p.error("--engine torch has no DeepSpeed: it takes no --zero, --ds-override, --client-optimizer or --full-ft")
+        with_ds = sorted(lever for lever in set().union(args.search_lever_set, *(a.levers for a in args.arms))
+                         if lever.startswith("ds_"))
         if with_ds:
             p.error(f"--engine torch has no DeepSpeed: drop the {', '.join(with_ds)} lever(s)")
     if not any(a.collate == "packed" for a in args.arms):

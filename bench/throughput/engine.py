@@ -142,8 +142,8 @@ def prepare_engine(model, args, on_cpu: bool, workdir: Path):
     """``apply_training_mode`` then ``build_engine``: exactly the objects ``train_sft.py`` trains (with
     ``args.engine == "torch"``, the DeepSpeed-free candidate step of ``torch_step.py`` instead; stage None)."""
     from gpt4roi_sft.train.loop import build_engine
-    from gpt4roi_sft.train.modes import (apply_training_mode, enable_activation_checkpointing, trainable_parameter_count,
-                                         unwrap_base_model)
+    from gpt4roi_sft.train.modes import (apply_training_mode, enable_activation_checkpointing, model_dtype,
+                                         trainable_parameter_count, unwrap_base_model)
 
     cfg = training_config(args, deepspeed_config_path(args, workdir))
     if cfg.model.gradient_checkpointing:
@@ -151,11 +151,10 @@ def prepare_engine(model, args, on_cpu: bool, workdir: Path):
     model = apply_training_mode(model, cfg)
     counts = trainable_parameter_count(model)
     log.info("parameters: %d total, %d trainable", counts["total"], counts["trainable"])
-    if getattr(args, "engine", "deepspeed") == "torch":
+    if args.engine == "torch":
         from bench.throughput.torch_step import TorchOneDeviceStep
 
-        dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-        engine = TorchOneDeviceStep(model, dtype, cfg.train.learning_rate, cfg.train.max_grad_norm,
+        engine = TorchOneDeviceStep(model, model_dtype(cfg.train.precision), cfg.train.learning_rate, cfg.train.max_grad_norm,
                                     cfg.train.gradient_accumulation_steps, cfg.train.weight_decay)
         counts.update(optimizer="torch.optim.AdamW", fused_adamw=True)
         return engine, None, counts

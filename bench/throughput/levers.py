@@ -37,10 +37,12 @@ from typing import Dict, FrozenSet, List, Optional
 import torch
 from torch import nn
 
+from gpt4roi_sft.config import COMPILE_PARTS
+
 log = logging.getLogger("bench.train_throughput")
 
 LEVERS = ("nodrop", "liger", "channels_last", "compile", "ds_sync_free", "varlen", "ds_nocontig")
-COMPILED_PARTS = ("decoder_layers", "region_encoder", "vision_layers")  # what the compile lever compiles (model.compile)
+COMPILED_PARTS = COMPILE_PARTS  # the compile lever compiles every part model.compile can name
 COLLATES = ("padded", "packed")
 
 

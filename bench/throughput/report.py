@@ -135,8 +135,8 @@ def build_result(args, *, config, device: torch.device, attn: str, arms: Dict[st
     ours = max(packed, key=lambda a: a["tokens_per_s_median"])
     mode = "full-FT" if args.full_ft else f"LoRA r={args.lora_r}"
     grouping = f"pack_tokens {args.pack_tokens}" if args.pack_tokens else f"micro-batch {args.micro_batch}"
-    engine = f"ZeRO-{args.zero}" if getattr(args, "engine", "deepspeed") == "deepspeed" else "no-DeepSpeed"
-    label = (f"{'tiny' if args.tiny else '7B'} {mode} {engine} {args.precision} {config.image_size}px {grouping}"
+    on_deepspeed = args.engine == "deepspeed"
+    label = (f"{'tiny' if args.tiny else '7B'} {mode} {f'ZeRO-{args.zero}' if on_deepspeed else 'no-DeepSpeed'} {args.precision} {config.image_size}px {grouping}"
              f"{checkpointing_suffix(vars(args), ' grad-ckpt')}{f' accum {args.grad_accum}' if args.grad_accum > 1 else ''}")
     result = {
         "device": device_name(device),
@@ -181,8 +181,8 @@ def build_result(args, *, config, device: torch.device, attn: str, arms: Dict[st
             "steps": args.steps,
             "warmup": args.warmup,
             "gradient_accumulation_steps": args.grad_accum,
-            "engine": getattr(args, "engine", "deepspeed"),
-            "zero": args.zero if getattr(args, "engine", "deepspeed") == "deepspeed" else None,
+            "engine": args.engine,
+            "zero": args.zero if on_deepspeed else None,
             "ds_overrides": list(args.ds_override),
             "client_optimizer": args.client_optimizer,
             "fused_adamw": counts.get("fused_adamw"),
