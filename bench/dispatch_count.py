@@ -19,10 +19,9 @@ and the ``varlen`` lever takes its CPU fallback here (each sample through sdpa),
     python bench/dispatch_count.py --zero 1 --arm every=packed+nodrop+channels_last+ds_sync_free
     python bench/dispatch_count.py --grad-accum 4       # per micro-step of a 4-micro-step optimizer step
 
-``--engine torch`` counts, on the same model, batches and levers, a step without DeepSpeed: the candidate
-one-device engine ``bench/throughput/torch_step.py`` (bf16 module, fp32 master weights, multi-tensor gradient
-accumulation and clipping, fused AdamW). It is measured here so as to know what dropping DeepSpeed on one GPU
-would save before building it; the trainer has no such engine.
+``--engine torch`` counts, on the same model, batches and levers, a step without DeepSpeed: the trainer's
+``train.engine=torch`` (``gpt4roi_sft/train/torch_engine.py``: bf16 module, fp32 master weights, multi-tensor
+gradient accumulation and clipping, fused AdamW), what dropping DeepSpeed on one GPU saves.
 
 With ``--grad-accum K`` each arm's counted optimizer step is K micro-steps (the engine built with
 ``train.gradient_accumulation_steps=K``), and every figure is that step's count / K: the optimizer step's
@@ -194,7 +193,7 @@ def format_report(result: dict) -> str:
     accum = result.get("gradient_accumulation_steps", 1)
     per = "per micro-step" + (f" (an optimizer step of {accum} micro-steps / {accum})" if accum > 1 else "")
     engine = (f"ZeRO-{result['zero_stage']}" if result.get("engine", "deepspeed") == "deepspeed"
-              else "no DeepSpeed (TorchOneDeviceStep)")
+              else "no DeepSpeed (train.engine=torch)")
     lines = [f"dispatched aten ops {per} (tiny model, {result['vision_layers']} vision layers, CPU, {engine}{overrides}, "
              f"{result['precision']}; LLM depths {', '.join(str(d['layers']) for d in result['depths'])})",
              f"{'arm':<10} {'spec':<50} {'per layer':>9} {'fixed':>7} {'at 32 layers':>12}   forward/backward/step per layer"]
@@ -219,8 +218,8 @@ def main(argv=None) -> int:
     p.add_argument("--vision-layers", type=int, default=24, help="layers of the (frozen) vision tower (24: CLIP ViT-L/14)")
     p.add_argument("--zero", choices=("1", "2", "3"), default="2")
     p.add_argument("--engine", choices=("deepspeed", "torch"), default="deepspeed",
-                   help="deepspeed: the trainer's engine (build_engine); torch: the candidate DeepSpeed-free one-device "
-                        "step (bench/throughput/torch_step.py)")
+                   help="the trainer's train.engine: deepspeed (build_engine) or torch (build_torch_engine, "
+                        "gpt4roi_sft/train/torch_engine.py)")
     p.add_argument("--ds-override", action="append", default=[], metavar="KEY=VALUE",
                    help="DeepSpeed config override, as deepspeed.overrides takes it (e.g. zero_optimization.overlap_comm=false)")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")

@@ -29,8 +29,8 @@
 #   accum4-224     ZeRO-2, 224 px, 4 micro-batches per optimizer step (train.gradient_accumulation_steps=4: GPT4RoI's
 #                  global batch of 16 samples on one GPU): every lever | + ZeRO without contiguous gradients; each timed
 #                  step is 4 micro-batches (compare tokens/s with levers-224's sync_free and nocontig arms)
-#   torch-224      224 px, the DeepSpeed-free one-device step (--engine torch: fp32 masters, multi-tensor clip, fused
-#                  AdamW; bench/throughput/torch_step.py): every lever that is not DeepSpeed's | + varlen (compare with
+#   torch-224      224 px, the trainer's train.engine=torch (--engine torch: no DeepSpeed, fp32 masters, multi-tensor
+#                  clip, fused AdamW): every lever that is not DeepSpeed's | + varlen (compare with
 #                  levers-224's sync_free and varlen arms: whether DeepSpeed's per-tensor bookkeeping costs step time)
 #   eval-224       evaluation: VG captioning regions/s, fast (static cache, compiled step) vs eager, 7B shapes
 #   levers-336     ZeRO-2, 336 px: padded baseline | packed | packed with every lever above | the same + varlen

@@ -74,9 +74,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="untimed steps before each arm (default 3; tiny 2)")
     p.add_argument("--zero", choices=sorted(ZERO_CONFIGS), default="2", help="ds_configs/zero{1,2,3,3_offload}.json")
     p.add_argument("--engine", choices=("deepspeed", "torch"), default="deepspeed",
-                   help="deepspeed: the trainer's engine; torch: the candidate DeepSpeed-free one-device step "
-                        "(bench/throughput/torch_step.py: fp32 masters, multi-tensor clip, fused AdamW), LoRA only, "
-                        "no ds_* lever")
+                   help="the trainer's train.engine: deepspeed (ZeRO), or torch (one process without DeepSpeed, "
+                        "gpt4roi_sft/train/torch_engine.py: fp32 masters, multi-tensor clip, fused AdamW), LoRA "
+                        "only, no ds_* lever")
     p.add_argument("--ds-override", action="append", default=[], metavar="KEY=VALUE",
                    help="deepspeed.overrides item, e.g. zero_optimization.overlap_comm=false (repeatable)")
     p.add_argument("--client-optimizer", action="store_true",

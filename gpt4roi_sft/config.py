@@ -24,6 +24,7 @@ FREEZE_PRESETS = ("none", "stage1", "stage2", "llm")
 COMPILE_PARTS = ("decoder_layers", "region_encoder", "vision_layers")
 DEFAULT_PACKED_MULTIPLE = 128
 PRECISIONS = ("bf16", "fp32")
+ENGINES = ("deepspeed", "torch")
 SCHEDULERS = ("cosine", "linear", "constant")
 
 
@@ -92,6 +93,9 @@ class TrainSection:
     save_total_limit: int = 2
     log_steps: int = 1
     tensorboard: bool = True
+    # deepspeed: ZeRO-1/2/3 on any number of processes (deepspeed.config); torch: one process without DeepSpeed,
+    # the same update in fewer host operations (gpt4roi_sft.train.torch_engine)
+    engine: str = "deepspeed"
 
 
 @dataclass
@@ -219,6 +223,7 @@ def _check_choices(cfg: Config) -> None:
         ("data.template", cfg.data.template, TEMPLATES),
         ("train.precision", cfg.train.precision, PRECISIONS),
         ("train.lr_scheduler", cfg.train.lr_scheduler, SCHEDULERS),
+        ("train.engine", cfg.train.engine, ENGINES),
     ):
         if value not in choices:
             raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {value!r}")
@@ -254,6 +259,13 @@ def _check_choices(cfg: Config) -> None:
         raise ConfigError(f"train.warmup_ratio: must be in [0, 1), got {cfg.train.warmup_ratio}")
     if cfg.lora.qlora and not cfg.lora.enabled:
         raise ConfigError("lora.qlora: QLoRA trains LoRA adapters on a 4-bit base; set lora.enabled=true too")
+    if cfg.train.engine == "torch":
+        if cfg.lora.qlora:
+            raise ConfigError("train.engine=torch: lora.qlora trains on train.engine=deepspeed only (its 4-bit base is "
+                              "untested on the torch engine)")
+        if cfg.deepspeed.overrides:
+            raise ConfigError(f"deepspeed.overrides {cfg.deepspeed.overrides[0]!r}: train.engine=torch runs without "
+                              "DeepSpeed, so it would change nothing; drop it or use train.engine=deepspeed")
 
 
 def parse_override(item: str) -> Tuple[List[str], Any]:
@@ -366,6 +378,15 @@ def validate_for_launch(cfg: Config) -> None:
         raise ConfigError("train.output_dir: required")
     if Path(cfg.train.output_dir).exists() and not Path(cfg.train.output_dir).is_dir():
         raise ConfigError(f"train.output_dir: {cfg.train.output_dir} exists and is not a directory")
+    if cfg.train.max_steps < 1 and cfg.train.num_epochs <= 0:
+        raise ConfigError("train.max_steps or train.num_epochs must be positive")
+    if cfg.train.engine == "deepspeed":
+        check_deepspeed_combinations(cfg)
+    check_first_images(cfg)
+
+
+def check_deepspeed_combinations(cfg: Config) -> None:
+    """What the DeepSpeed JSON's ZeRO stage rules out (read with ``deepspeed.overrides`` applied)."""
     ds = apply_deepspeed_overrides(load_deepspeed_json(cfg.deepspeed.config), cfg.deepspeed.overrides)
     if cfg.lora.qlora and zero_stage(ds) == 3:
         raise ConfigError(
@@ -377,9 +398,6 @@ def validate_for_launch(cfg: Config) -> None:
             f"model.liger_kernel with {cfg.deepspeed.config} (ZeRO-3): the fused linear cross-entropy reads the output "
             "head's weight outside its module, which ZeRO-3 partitions; use ds_configs/zero2.json (or zero1)"
         )
-    if cfg.train.max_steps < 1 and cfg.train.num_epochs <= 0:
-        raise ConfigError("train.max_steps or train.num_epochs must be positive")
-    check_first_images(cfg)
 
 
 IMAGE_CHECK_RECORDS = 5

@@ -346,42 +346,6 @@ def test_dispatch_count_counts_each_phase_per_layer_and_sees_the_host_levers(tmp
     assert not any("deepspeed" in sources[phase] for phase in sources)
 
 
-def test_torch_one_device_step_accumulates_in_fp32_and_applies_clipped_adamw_on_the_boundary():
-    from bench.throughput.torch_step import TorchOneDeviceStep
-
-    torch.manual_seed(0)
-    module = torch.nn.Linear(4, 3)
-    reference = [p.detach().to(torch.bfloat16).float().clone().requires_grad_(True) for p in module.parameters()]
-    engine = TorchOneDeviceStep(module, torch.bfloat16, lr=0.1, max_grad_norm=0.5, grad_accum=2, weight_decay=0.01)
-    before = [p.detach().clone() for p in module.parameters()]
-    batches = [torch.randn(5, 4) for _ in range(2)]
-    for i, x in enumerate(batches):
-        engine.backward(engine(input=x.to(torch.bfloat16)).float().pow(2).sum())
-        engine.step()
-        if i == 0:  # mid-step: the weights wait for the boundary, the gradient waits in fp32
-            assert all(torch.equal(b, p) for b, p in zip(before, module.parameters()))
-            assert all(g.dtype == torch.float32 and g.abs().sum() > 0 for g in engine.master_grads)
-            assert (engine.micro_steps, engine.global_steps) == (1, 0)
-    assert (engine.micro_steps, engine.global_steps) == (2, 1)
-    assert all(p.grad is None for p in module.parameters()) and all(g.abs().sum() == 0 for g in engine.master_grads)
-    grads = [torch.zeros_like(r) for r in reference]
-    for x in batches:  # the same two micro-batches (each loss / 2) through an fp32 copy of the bf16 weights
-        w, b = (r.detach().to(torch.bfloat16).requires_grad_(True) for r in reference)
-        (torch.nn.functional.linear(x.to(torch.bfloat16), w, b).float().pow(2).sum() / 2).backward()
-        grads = [g + t.grad.float() for g, t in zip(grads, (w, b))]
-    for r, g in zip(reference, grads):
-        r.grad = g
-    torch.nn.utils.clip_grad_norm_(reference, 0.5)
-    torch.optim.AdamW(reference, lr=0.1, weight_decay=0.01).step()
-    for p, r, m in zip(module.parameters(), reference, engine.masters):
-        torch.testing.assert_close(m, r.detach())
-        assert p.dtype == torch.bfloat16 and torch.equal(p.detach(), m.to(torch.bfloat16))
-    engine.backward(engine(input=batches[0].to(torch.bfloat16)).float().sum())
-    engine.step()  # a step that fails after this micro-step: zero_grad drops it and returns to the boundary
-    engine.zero_grad()
-    assert engine.micro_steps == 2 and all(g.abs().sum() == 0 for g in engine.master_grads)
-
-
 def test_busy_length_counts_overlapping_device_intervals_once():
     from bench.throughput.arms import busy_length
 
@@ -590,7 +554,7 @@ def test_tiny_gpu_run_accumulates_two_micro_batches_per_optimizer_step(tmp_path)
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_tiny_gpu_run_trains_without_deepspeed_as_deepspeed_does(tmp_path):
-    """torch-224's path on CUDA: the DeepSpeed-free step (fused AdamW on fp32 masters, multi-tensor clip) with
+    """torch-224's path on CUDA: train.engine=torch (fused AdamW on fp32 masters, multi-tensor clip) with
     every lever that is not DeepSpeed's, against the ZeRO-2 engine on the same samples: the same optimizer and
     micro-steps, final losses within bf16 noise."""
     env = {k: v for k, v in ENV.items() if k != "DS_ACCELERATOR"}

@@ -108,6 +108,19 @@ def test_qlora_with_zero2_is_accepted(tmp_path):
     validate_for_launch(cfg)
 
 
+def test_the_torch_engine_needs_no_deepspeed_json_and_refuses_what_only_deepspeed_does(tmp_path):
+    validate_for_launch(launchable_config(tmp_path, **{"train.engine": "torch", "deepspeed.config": "missing.json",
+                                                       "model.liger_kernel": "true"}))
+    with pytest.raises(ConfigError, match="lora.qlora trains on train.engine=deepspeed only"):
+        launchable_config(tmp_path, **{"train.engine": "torch", "lora.enabled": "true", "lora.qlora": "true"})
+    with pytest.raises(ConfigError, match=r"deepspeed.overrides 'bf16.check_grad_overflow=false': train.engine=torch "
+                                          r"runs without DeepSpeed, so it would change nothing"):
+        launchable_config(tmp_path, **{"train.engine": "torch",
+                                       "deepspeed.overrides": '["bf16.check_grad_overflow=false"]'})
+    with pytest.raises(ConfigError, match="train.engine: must be one of deepspeed, torch, got 'fsdp'"):
+        launchable_config(tmp_path, **{"train.engine": "fsdp"})
+
+
 @pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero3_offload"])
 def test_every_deepspeed_config_has_its_auto_values_filled(tmp_path, name):
     cfg = launchable_config(tmp_path, **{"train.micro_batch_size": 4, "train.gradient_accumulation_steps": 2})

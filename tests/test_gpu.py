@@ -116,6 +116,46 @@ def test_cuda_checkpointing_one_decoder_layer_in_two_follows_the_run_without(lor
         assert got[step] == pytest.approx(ref[step], rel=1e-3), (step, got[step], ref[step])
 
 
+def one_process(args, **popen):
+    """``python train_sft.py`` without a launcher (how a one-GPU train.engine=torch run starts)."""
+    env = {k: v for k, v in ENV.items() if k not in ("MASTER_PORT", "GPT4ROI_MASTER_PORT", "WORLD_SIZE")}
+    return subprocess.Popen([sys.executable, str(REPO / "train_sft.py"), *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+@LORA_GROUP
+def test_cuda_training_without_deepspeed_follows_zero2_and_resumes_after_kill_9(lora_run, tiny_model_dir,
+                                                                                 synthetic_pix2cap, tmp_path):
+    """train.engine=torch on CUDA in bf16: the first step's loss is ZeRO-2's (same weights, same batch), the end of
+    the run within 2% of it (bf16 updates summed in another order); killed after its step-20 checkpoint and rerun,
+    it follows its own uninterrupted run within the RoIAlign atomics' noise."""
+    runs = {}
+    for name in ("reference", "crashed"):
+        runs[name] = tmp_path / name
+        args = recipe(tiny_model_dir, synthetic_pix2cap, runs[name], f"train.max_steps={STEPS}", f"train.save_steps={HALF}",
+                      *LORA, "train.engine=torch")
+        proc = one_process(args, start_new_session=True)
+        if name == "crashed":
+            marker = runs[name] / "checkpoints" / f"step_{HALF}" / "COMPLETE"
+            deadline = time.time() + 240
+            while time.time() < deadline and proc.poll() is None and not marker.is_file():
+                time.sleep(0.01)
+            assert proc.poll() is None, "training ended before it could be killed:\n" + proc.stdout.read()[-3000:]
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            proc = one_process(args)
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-4000:]
+    zero2, ref, resumed = losses(lora_run), losses(runs["reference"]), losses(runs["crashed"])
+    assert sorted(ref) == sorted(resumed) == list(range(1, STEPS + 1))
+    assert ref[1] == pytest.approx(zero2[1], rel=1e-3)
+    tail = range(STEPS - 2, STEPS + 1)
+    assert sum(ref[s] for s in tail) == pytest.approx(sum(zero2[s] for s in tail), rel=2e-2)
+    for step in range(HALF + 1, STEPS + 1):
+        assert resumed[step] == pytest.approx(ref[step], rel=1e-3), (step, resumed[step], ref[step])
+    assert (runs["crashed"] / "checkpoints" / f"step_{STEPS}" / "engine_state.pt").is_file()
+
+
 @LORA_GROUP
 def test_cuda_adapter_export_loads_in_plain_peft_and_equals_the_merged_export(lora_run, tiny_model_dir, tmp_path):
     from peft import PeftModel

@@ -315,6 +315,56 @@ def test_checkpointing_one_decoder_layer_in_two_trains_with_the_losses_of_no_che
         assert got[step] == pytest.approx(plain[step], rel=1e-6), step
 
 
+def test_the_torch_engine_trains_as_deepspeed_does_resumes_exactly_and_exports(per_step_lora_run, tiny_model_dir,
+                                                                              synthetic_pix2cap, tmp_path):
+    """train.engine=torch (plain `python train_sft.py`, no DeepSpeed): ZeRO-2's loss and grad norm at every step
+    (fp32, 2 micro-batches per step, LoRA dropout 0.05, so the restored RNG state matters); a rerun after losing
+    every checkpoint past step 3 continues with the uninterrupted losses; its checkpoint exports; and DeepSpeed
+    refuses to continue it, in one line, changing nothing."""
+    args = recipe_args(tiny_model_dir, synthetic_pix2cap, tmp_path / "torch", *PER_STEP_LORA, "train.engine=torch",
+                       "train.save_steps=3", "train.save_total_limit=3")
+    out = tmp_path / "torch"
+    proc = one_process(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {name: {r["step"]: r for r in map(json.loads, (folder / "train_log.jsonl").read_text().splitlines())}
+            for name, folder in (("deepspeed", per_step_lora_run), ("torch", out))}
+    assert sorted(rows["torch"]) == sorted(rows["deepspeed"]) == list(range(1, 8))
+    for step, plain in rows["deepspeed"].items():
+        got = rows["torch"][step]
+        assert got["loss"] == pytest.approx(plain["loss"], rel=1e-5), step
+        assert got["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-4), step
+    assert [p.name for p in sorted((out / "checkpoints").glob("step_*"))] == ["step_3", "step_6", "step_7"]
+    assert (out / "checkpoints" / "step_7" / "engine_state.pt").is_file()
+    assert not list((out / "checkpoints" / "step_7").glob("*model_states.pt"))  # no DeepSpeed file
+
+    uninterrupted = losses(out)
+    for lost in ("step_6", "step_7"):  # what a crash right after the step-3 save leaves
+        subprocess.run(["rm", "-r", str(out / "checkpoints" / lost)], check=True)
+    (out / "checkpoints" / "latest").write_text("step_3")
+    proc = one_process(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr and "step 3" in proc.stderr
+    resumed = losses(out)
+    assert sorted(resumed) == list(range(1, 8))
+    for step in range(4, 8):
+        assert resumed[step] == pytest.approx(uninterrupted[step], abs=1e-6), (step, resumed[step], uninterrupted[step])
+
+    from gpt4roi_sft.export import export_checkpoint
+
+    adapter = export_checkpoint(str(out), str(tmp_path / "adapter"))
+    info = json.loads((adapter / "export_info.json").read_text())
+    assert (info["kind"], info["step"]) == ("adapter", 7) and (adapter / "adapter_model.safetensors").is_file()
+
+    before = snapshot(out)
+    with_deepspeed = [a for a in args if a != "train.engine=torch"] + ["train.max_steps=9"]
+    proc = one_process(with_deepspeed)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"error: {out}: its checkpoint step_7 was saved by train.engine=torch, this run has "
+                                   "train.engine=deepspeed; an engine resumes only its own checkpoints: set it back, "
+                                   "or choose another train.output_dir")
+    assert snapshot(out) == before
+
+
 def test_missing_data_file_is_reported_in_one_line_before_launch(tiny_model_dir, tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "train_sft.py"), "--config", str(REPO / "configs" / "quickstart.yaml"),

@@ -108,6 +108,7 @@ def training_config(args, ds_config_path: str):
         f"train.gradient_accumulation_steps={args.grad_accum}",
         f"train.precision={args.precision}",
         "train.lr_scheduler=constant",
+        f"train.engine={args.engine}",
         f"deepspeed.config={ds_config_path}",
         f"model.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
         f"model.checkpoint_every={args.checkpoint_every if args.gradient_checkpointing else 1}",
@@ -140,9 +141,9 @@ def deepspeed_config_path(args, workdir: Path) -> str:
 
 def prepare_engine(model, args, on_cpu: bool, workdir: Path):
     """``apply_training_mode`` then ``build_engine``: exactly the objects ``train_sft.py`` trains (with
-    ``args.engine == "torch"``, the DeepSpeed-free candidate step of ``torch_step.py`` instead; stage None)."""
-    from gpt4roi_sft.train.loop import build_engine
-    from gpt4roi_sft.train.modes import (apply_training_mode, enable_activation_checkpointing, model_dtype,
+    ``args.engine == "torch"``, the trainer's ``train.engine=torch`` engine instead; stage None)."""
+    from gpt4roi_sft.train.loop import build_engine, build_torch_engine
+    from gpt4roi_sft.train.modes import (apply_training_mode, enable_activation_checkpointing,
                                          trainable_parameter_count, unwrap_base_model)
 
     cfg = training_config(args, deepspeed_config_path(args, workdir))
@@ -151,15 +152,13 @@ def prepare_engine(model, args, on_cpu: bool, workdir: Path):
     model = apply_training_mode(model, cfg)
     counts = trainable_parameter_count(model)
     log.info("parameters: %d total, %d trainable", counts["total"], counts["trainable"])
+    total_steps = args.warmup + args.steps + 64
     if args.engine == "torch":
-        from bench.throughput.torch_step import TorchOneDeviceStep
-
-        engine = TorchOneDeviceStep(model, model_dtype(cfg.train.precision), cfg.train.learning_rate, cfg.train.max_grad_norm,
-                                    cfg.train.gradient_accumulation_steps, cfg.train.weight_decay)
+        engine, _, _ = build_torch_engine(model, cfg, total_steps, next(model.parameters()).device)
         counts.update(optimizer="torch.optim.AdamW", fused_adamw=True)
         return engine, None, counts
     hidden = unwrap_base_model(model).config.text_config.hidden_size
-    engine, _, stage = build_engine(model, cfg, 1, hidden, args.warmup + args.steps + 64, on_cpu)
+    engine, _, stage = build_engine(model, cfg, 1, hidden, total_steps, on_cpu)
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     counts["optimizer"] = f"{type(inner).__module__}.{type(inner).__name__}"
     counts["fused_adamw"] = bool(getattr(inner, "defaults", {}).get("fused"))

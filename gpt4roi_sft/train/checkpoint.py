@@ -2,7 +2,8 @@
 
 Layout under ``OUTPUT_DIR/checkpoints/``::
 
-    step_<N>/                 DeepSpeed's own files (model, optimizer, scheduler states; every ZeRO stage)
+    step_<N>/                 DeepSpeed's own files (model, optimizer, scheduler states; every ZeRO stage), or
+                              engine_state.pt (train.engine=torch: fp32 masters, AdamW, schedule)
         trainable.safetensors the trainable weights, gathered to full 16/32-bit tensors (what export reads)
         client_state.json     step, consumed micro-batches, config snapshot
         rng_state_rank<r>.pt  each rank's torch / numpy / python RNG states
@@ -235,7 +236,8 @@ def saved_config(step_dir: Path) -> "Config":
 def check_resumable(step_dir: Path, cfg: "Config") -> None:
     """Refuse (one line, before anything is loaded or written) a run whose recipe cannot continue ``step_dir``.
 
-    The keys in :data:`RESUME_KEYS` and the ZeRO stage must be those the checkpoint was trained with;
+    The keys in :data:`RESUME_KEYS`, ``train.engine`` and (for DeepSpeed) the ZeRO stage must be those the
+    checkpoint was trained with;
     everything else (learning rate, steps, data, number of processes) may change between jobs.
     """
     from gpt4roi_sft.config import load_deepspeed_json, zero_stage
@@ -247,6 +249,12 @@ def check_resumable(step_dir: Path, cfg: "Config") -> None:
             raise UserError(f"{cfg.train.output_dir}: its checkpoint {step_dir.name} was trained with {key}={old!r}, "
                             f"this run has {key}={new!r}; the checkpoint cannot continue under another {key}: "
                             f"set it back, or choose another train.output_dir")
+    if saved.train.engine != cfg.train.engine:
+        raise UserError(f"{cfg.train.output_dir}: its checkpoint {step_dir.name} was saved by train.engine="
+                        f"{saved.train.engine}, this run has train.engine={cfg.train.engine}; an engine resumes only "
+                        f"its own checkpoints: set it back, or choose another train.output_dir")
+    if cfg.train.engine != "deepspeed":
+        return
     try:
         old_stage = zero_stage(load_deepspeed_json(saved.deepspeed.config))
     except UserError:

@@ -1,7 +1,8 @@
-"""The training loop, top to bottom: set up DeepSpeed, resume if a checkpoint exists, step, log, save.
+"""The training loop, top to bottom: set up the engine, resume if a checkpoint exists, step, log, save.
 
 One call of :func:`train` per process (the ``deepspeed`` / ``torchrun`` launcher starts one per device;
-on CPU, one per ``--num_gpus``/``--nproc_per_node`` over gloo).
+on CPU, one per ``--num_gpus``/``--nproc_per_node`` over gloo). The engine is DeepSpeed's, or with
+``train.engine: torch`` (one process) :class:`~gpt4roi_sft.train.torch_engine.TorchEngine`: the same methods.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -96,6 +98,23 @@ def build_engine(model, cfg: Config, world_size: int, hidden_size: int, total_st
     return engine, scheduler, zero_stage(ds_config)
 
 
+def build_torch_engine(model, cfg: Config, total_steps: int, device: torch.device):
+    """:class:`TorchEngine` with the recipe's AdamW, clipping and LR schedule: what :func:`build_engine` returns,
+    without DeepSpeed (ZeRO stage 0: every process holds everything, and there is one)."""
+    from gpt4roi_sft.train.torch_engine import TorchEngine
+
+    engine = TorchEngine(model, dtype=model_dtype(cfg.train.precision), device=device, lr=cfg.train.learning_rate,
+                         weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.max_grad_norm,
+                         grad_accum=cfg.train.gradient_accumulation_steps, lr_lambda=lr_lambda_for(cfg, total_steps))
+    return engine, engine.lr_scheduler, 0
+
+
+def require_one_process_for_torch_engine(cfg: Config, world_size: int) -> None:
+    if cfg.train.engine == "torch" and world_size > 1:
+        raise UserError(f"train.engine=torch trains on one process, this launch has {world_size}; use "
+                        "train.engine=deepspeed for several GPUs")
+
+
 def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
@@ -144,7 +163,8 @@ def load_resume_checkpoint(engine, root: Path, resume_dir: Path, regrid: bool, c
     try:
         engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     except Exception as exc:  # DeepSpeed raises its own exception types, assertions and RuntimeErrors alike
-        error = f"{resume_dir}: DeepSpeed cannot resume from it ({type(exc).__name__}: {first_line(exc)})"
+        reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {first_line(exc)}"
+        error = f"{resume_dir}: the engine cannot resume from it ({reason})"
     finally:
         if regrid:
             comm.barrier()
@@ -250,6 +270,7 @@ def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
     from gpt4roi_sft.train.data_stream import build_stream
     from gpt4roi_sft.train.metrics_log import MetricsLog, plot_loss
 
+    require_one_process_for_torch_engine(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any process waits
     accel = get_accelerator()
     on_cpu = accel.device_name() == "cpu"
     device = training_device(accel.device_name(), local_rank)
@@ -318,12 +339,15 @@ def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
     if total_steps < 1:
         total_steps = max(1, math.ceil(cfg.train.num_epochs * stream.micro_batches_per_epoch / gas))
     regrid = resume_dir is not None and int(saved["world_size"]) != world
-    try:
-        engine, scheduler, stage = build_engine(model, cfg, world, base.config.text_config.hidden_size, total_steps,
-                                                on_cpu, load_universal=regrid)
-    except (ValueError, KeyError, TypeError, AssertionError) as exc:
-        raise UserError(f"deepspeed.config {cfg.deepspeed.config}: DeepSpeed refused it ({type(exc).__name__}: "
-                        f"{first_line(exc)})") from None
+    if cfg.train.engine == "torch":
+        engine, scheduler, stage = build_torch_engine(model, cfg, total_steps, device)
+    else:
+        try:
+            engine, scheduler, stage = build_engine(model, cfg, world, base.config.text_config.hidden_size,
+                                                    total_steps, on_cpu, load_universal=regrid)
+        except (ValueError, KeyError, TypeError, AssertionError) as exc:
+            raise UserError(f"deepspeed.config {cfg.deepspeed.config}: DeepSpeed refused it ({type(exc).__name__}: "
+                            f"{first_line(exc)})") from None
 
     start_step, consumed, data_position = 0, 0, None
     if resume_dir is not None:
