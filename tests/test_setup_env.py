@@ -31,3 +31,17 @@ def test_a_failed_setup_returns_an_error_and_leaves_the_options_alone(tmp_path):
 def test_system_mode_puts_the_checkout_on_the_python_path():
     proc = interactive_bash(f'source "{SCRIPT}"; echo "$PYTHONPATH"', GPT4ROI_VENV="system", PYTHONPATH="")
     assert proc.stdout.strip().split(":")[0] == str(REPO)
+
+
+def test_the_environment_keeps_its_own_compiled_extensions_unless_told_otherwise():
+    """DeepSpeed's CPU all-reduce is compiled into TORCH_EXTENSIONS_DIR; one shared folder would be rebuilt each
+    time another environment (or ninja) used it last."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCH_EXTENSIONS_DIR", "GPT4ROI_VENV")}
+    body = f'source "{SCRIPT}" >/dev/null && echo "$TORCH_EXTENSIONS_DIR"'
+    proc = subprocess.run(["bash", "-c", body], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.stdout.strip() == str(REPO / ".venv" / "torch_extensions"), proc.stdout + proc.stderr
+    proc = subprocess.run(["bash", "-c", body], capture_output=True, text=True, timeout=600,
+                          env={**env, "TORCH_EXTENSIONS_DIR": "/elsewhere"})
+    assert proc.stdout.strip() == "/elsewhere", proc.stdout + proc.stderr
