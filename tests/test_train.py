@@ -121,11 +121,12 @@ def test_checkpoints_keep_the_last_k_and_latest_names_a_complete_one(zero2_lora_
 @pytest.fixture(scope="module")
 def zero2_exports(zero2_lora_run, tmp_path_factory):
     """The 20-step run exported twice: the LoRA adapter, and the weights merged."""
+    from gpt4roi_sft.export import export_checkpoint  # the CLI's own function (tests/test_export.py runs the CLI)
+
     root = tmp_path_factory.mktemp("zero2_exports")
     exports = SimpleNamespace(adapter=root / "adapter", merged=root / "merged")
-    for out, extra in ((exports.adapter, []), (exports.merged, ["--merge"])):
-        cmd = [sys.executable, "-m", "gpt4roi_sft.export", "--checkpoint", str(zero2_lora_run), "--out", str(out), *extra]
-        subprocess.run(cmd, check=True, cwd=REPO, env=ENV, capture_output=True)
+    for out, merge in ((exports.adapter, False), (exports.merged, True)):
+        export_checkpoint(str(zero2_lora_run), str(out), merge=merge)
     return exports
 
 
@@ -176,10 +177,9 @@ def test_zero3_full_finetune_two_processes_gathers_full_weights_and_exports(tiny
     shapes = dict((n, p.shape) for n, p in base.named_parameters())
     assert weights and all(t.numel() > 0 and t.shape == shapes[n] for n, t in weights.items())
     assert not any(n.startswith("vision_tower.") for n in weights), "stage2 keeps the vision tower frozen"
-    export_dir = tmp_path / "full"
-    subprocess.run([sys.executable, "-m", "gpt4roi_sft.export", "--checkpoint", str(out), "--out", str(export_dir)],
-                   check=True, cwd=REPO, env=ENV, capture_output=True)
-    trained, _ = load_model(str(export_dir))
+    from gpt4roi_sft.export import export_checkpoint
+
+    trained, _ = load_model(str(export_checkpoint(str(out), str(tmp_path / "full"))))
     batch = tiny_batch(processor)
     with torch.no_grad():
         assert (trained.eval()(**batch).logits - base.eval()(**batch).logits).abs().max() > 1e-2
