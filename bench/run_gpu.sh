@@ -36,6 +36,8 @@
 #   levers-336     ZeRO-2, 336 px: padded baseline | packed | packed with every lever above | the same + varlen
 #   zero1-224      ZeRO-1, 224 px: packed with every lever (compare with the same arm of levers-224)
 #   compile-224    ZeRO-2, 224 px: every lever, without and with regional torch.compile (+ varlen, + ds_nocontig)
+#   torch-compile-224  train.engine=torch with regional compile (+ varlen): the two host levers together, the
+#                  lightest host load of a step on offer (compare with compile-224 and torch-224)
 #   search-336     as search-224, at 336 px
 #   zero1-nocontig-224  ZeRO-1 without contiguous gradients (no gradient hooks at all on one GPU), every lever
 # Results: one JSON per setting and the table, in bench/results/<date>_<gpu>_<tag>.json (GPU runs only) and in $OUT.
@@ -152,6 +154,9 @@ setting levers-336 "$T_336" --image-size 336 "${PLAIN[@]}" --arm every="$EVERY" 
 setting zero1-224 "$T_ZERO1" --image-size 224 --zero 1 --arm every="$EVERY"
 setting compile-224 "$T_COMPILE" --image-size 224 --arm every="$EVERY" --arm compiled="$EVERY+compile" \
   --arm compiled_varlen="$EVERY+varlen+compile" --arm compiled_all="$EVERY+varlen+ds_nocontig+compile" "${COMPILE_WARMUP[@]}"
+setting torch-compile-224 "$T_COMPILE" --image-size 224 --engine torch --skip-baseline \
+  --arm compiled="packed+nodrop$LIGER+channels_last+compile" --arm compiled_varlen="packed+nodrop$LIGER+channels_last+varlen+compile" \
+  "${COMPILE_WARMUP[@]}"
 setting search-336 "$T_SEARCH" --image-size 336 --arm every="$EVERY" --max-budget-search --search-levers "$SEARCH_LEVERS" \
   --search-checkpointing off,2,1 "${SEARCH[@]}"
 setting zero1-nocontig-224 "$T_ZERO1" --image-size 224 --zero 1 --ds-override zero_optimization.contiguous_gradients=false \
