@@ -66,6 +66,17 @@ def run_module(*args, timeout=300, env=ENV):
     return proc
 
 
+def kill_9_after_the_half_way_checkpoint(proc, out_dir):
+    """SIGKILL ``proc``'s process group once the step-HALF checkpoint of ``out_dir`` is complete."""
+    marker = Path(out_dir) / "checkpoints" / f"step_{HALF}" / "COMPLETE"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not marker.is_file():
+        time.sleep(0.01)
+    assert proc.poll() is None, "training ended before it could be killed:\n" + proc.stdout.read()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.fixture(scope="module")
 def lora_run(tiny_model_dir, synthetic_pix2cap, tmp_path_factory):
     """LoRA + ZeRO-2, bf16, 40 steps on CUDA, a checkpoint at step 20: the uninterrupted reference."""
@@ -87,14 +98,7 @@ def test_cuda_kill_9_after_the_step_20_checkpoint_then_resume_follows_the_uninte
     crashed = tmp_path / "crashed"
     args = recipe(tiny_model_dir, synthetic_pix2cap, crashed, f"train.max_steps={STEPS}", f"train.save_steps={HALF}", *LORA,
                   "deepspeed.config=ds_configs/zero2.json")
-    proc = launch(args, start_new_session=True)
-    marker = crashed / "checkpoints" / f"step_{HALF}" / "COMPLETE"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not marker.is_file():
-        time.sleep(0.01)
-    assert proc.poll() is None, "training ended before it could be killed:\n" + proc.stdout.read()[-3000:]
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_9_after_the_half_way_checkpoint(launch(args, start_new_session=True), crashed)
     train(args)
     ref, resumed = losses(lora_run), losses(crashed)
     assert sorted(resumed) == list(range(1, STEPS + 1))
@@ -136,13 +140,7 @@ def test_cuda_training_without_deepspeed_follows_zero2_and_resumes_after_kill_9(
                       *LORA, "train.engine=torch")
         proc = one_process(args, start_new_session=True)
         if name == "crashed":
-            marker = runs[name] / "checkpoints" / f"step_{HALF}" / "COMPLETE"
-            deadline = time.time() + 240
-            while time.time() < deadline and proc.poll() is None and not marker.is_file():
-                time.sleep(0.01)
-            assert proc.poll() is None, "training ended before it could be killed:\n" + proc.stdout.read()[-3000:]
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_9_after_the_half_way_checkpoint(proc, runs[name])
             proc = one_process(args)
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out[-4000:]
