@@ -30,6 +30,10 @@ class TorchEngine:
     micro-batch's gradients into fp32 buffers in one multi-tensor op and, at the accumulation boundary, clips them to
     ``max_grad_norm`` (0: no clipping, as DeepSpeed's ``gradient_clipping: 0``), runs fused AdamW on the masters,
     steps the learning-rate schedule and copies the masters back in one multi-tensor op.
+
+    "One op" is one dispatched operation for the host to issue. The bf16-into-fp32 add mixes dtypes, which CUDA's
+    single-kernel multi-tensor path does not take, so PyTorch runs it as a loop of per-tensor kernels in C++
+    (still no Python per tensor); flat gradient buffers would make it one kernel, if a GPU profile shows it matters.
     """
 
     def __init__(self, module: torch.nn.Module, *, dtype: torch.dtype, device: torch.device, lr: float,
