@@ -42,9 +42,9 @@ else
   if _gpt4roi_setup "$_GPT4ROI_ROOT" "$_GPT4ROI_VENV"; then
     export VIRTUAL_ENV="$_GPT4ROI_VENV"
     export PATH="$_GPT4ROI_VENV/bin:$PATH"
-    # DeepSpeed compiles its CPU shared-memory all-reduce at the first CPU launch (about a minute on 2 cores) into
-    # one folder per user; the environment's own, so that another environment (or the system ninja, when .venv is
-    # not on PATH) does not overwrite it and make the next launch compile again.
+    # DeepSpeed JIT-compiles its C++/CUDA ops (CPU Adam for offload, fused Adam, ...) at first use into one folder
+    # per user; the environment's own, so that another environment (or the system ninja, when .venv is not on
+    # PATH) does not overwrite a build and make the next launch compile it again.
     export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$_GPT4ROI_VENV/torch_extensions}"
   else
     unset -f _gpt4roi_setup

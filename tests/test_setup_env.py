@@ -34,8 +34,8 @@ def test_system_mode_puts_the_checkout_on_the_python_path():
 
 
 def test_the_environment_keeps_its_own_compiled_extensions_unless_told_otherwise():
-    """DeepSpeed's CPU all-reduce is compiled into TORCH_EXTENSIONS_DIR; one shared folder would be rebuilt each
-    time another environment (or ninja) used it last."""
+    """DeepSpeed's JIT-compiled ops go to TORCH_EXTENSIONS_DIR; one shared folder would be rebuilt each time
+    another environment (or ninja) used it last."""
     import os
 
     env = {k: v for k, v in os.environ.items() if k not in ("TORCH_EXTENSIONS_DIR", "GPT4ROI_VENV")}

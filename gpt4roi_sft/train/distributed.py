@@ -8,7 +8,6 @@ calls a collective itself; :class:`Collectives` builds every tensor it reduces o
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, List, Optional, Sequence, Union
 
 import torch
@@ -91,39 +90,32 @@ def one_process_port(env=os.environ) -> str:
         return str(s.getsockname()[1])
 
 
-SHM_DIR = Path("/dev/shm")
+CPU_SHARED_MEMORY_ALLREDUCE_OP = "deepspeed_shm_comm"
 
 
-def cpu_allreduce_buffer(rank: int, shm_dir: Path = SHM_DIR) -> Path:
-    """The shared-memory file DeepSpeed's CPU all-reduce creates for ``rank`` of this process group."""
-    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    return shm_dir / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+def skip_cpu_shared_memory_allreduce() -> None:
+    """Keep DeepSpeed from building its CPU shared-memory all-reduce for this process.
 
-
-def release_cpu_allreduce_buffer(comm: Collectives, shm_dir: Path = SHM_DIR) -> None:
-    """Unlink this rank's DeepSpeed CPU all-reduce buffer name once every rank has mapped every buffer.
-
-    DeepSpeed's CPU shared-memory all-reduce creates one ~69 MB file per process in /dev/shm, named by
-    MASTER_ADDR, MASTER_PORT and rank, and never removes it: every CPU run on a new port left 140 MB behind (a
-    day of test runs filled 19 GB of a 24 GB machine's memory and stalled the next training). Each rank maps
-    every peer's buffer while the process group starts, and a mapping outlives its name, so after a barrier the
-    names can go at once: a finished, failed or killed run then leaves nothing behind.
+    On the CPU accelerator DeepSpeed JIT-compiles that C++ op at every new process group's start (about a minute on
+    two cores the first time, in the middle of the first launch) and maps a ~69 MB file per process in /dev/shm
+    that it never removes (a day of test runs once filled 19 GB of a 24 GB machine). Only its tensor-parallel
+    inference layers call it (``inference_all_reduce``); every all-reduce of training goes through the process
+    group (gloo). DeepSpeed builds the op only when its probe of compatible ops lists it, and keeps that probe in
+    one dict (``deepspeed.ops.__compatible_ops__``) for the process, so marking the op there is enough.
     """
-    if comm.device.type != "cpu" or not shm_dir.is_dir():
-        return
-    comm.barrier()
-    cpu_allreduce_buffer(comm.rank, shm_dir).unlink(missing_ok=True)
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[CPU_SHARED_MEMORY_ALLREDUCE_OP] = False
 
 
 def start_process_group(device: Union[str, torch.device], backend: str) -> Collectives:
     """``deepspeed.init_distributed`` with ``backend``, then the :class:`Collectives` of ``device``.
 
-    On the CPU, DeepSpeed's shared-memory buffer names are released as soon as every rank has mapped them
-    (:func:`release_cpu_allreduce_buffer`), so no run leaves one behind.
+    On the CPU, without DeepSpeed's shared-memory all-reduce (:func:`skip_cpu_shared_memory_allreduce`).
     """
     import deepspeed
 
+    if torch.device(device).type == "cpu":
+        skip_cpu_shared_memory_allreduce()
     deepspeed.init_distributed(dist_backend=backend)
-    comm = Collectives(device)
-    release_cpu_allreduce_buffer(comm)
-    return comm
+    return Collectives(device)
