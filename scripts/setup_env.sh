@@ -6,7 +6,8 @@
 #   bash scripts/setup_env.sh       # only create / update .venv
 #
 # GPT4ROI_VENV=DIR puts the environment elsewhere; GPT4ROI_VENV=system uses the Python already on PATH as it is
-# (a cluster module or a container that has the dependencies), creating nothing.
+# (a cluster module or a container that has the dependencies), creating nothing. GPT4ROI_INSTALLER=pip installs
+# with pip alone (default: uv, from pip's configured indexes, wheels and constraints; pip where uv fails).
 # The work runs in a subshell with strict options, so sourcing this file leaves the caller's shell options alone.
 
 _gpt4roi_setup() (
@@ -25,10 +26,26 @@ _gpt4roi_setup() (
     echo "[setup] installing gpt4roi_sft[$EXTRAS] into $VENV (first run takes a few minutes)"
     LOG="$VENV/install.log"
     "$VENV/bin/python" -m pip install -q --upgrade pip >"$LOG" 2>&1 || true
-    if ! "$VENV/bin/python" -m pip install -q -e "$ROOT[$EXTRAS]" >>"$LOG" 2>&1; then
-      echo "[setup] pip install failed; the end of $LOG:" >&2
-      tail -n 30 "$LOG" >&2
-      exit 1
+    # uv resolves and installs the same packages in about a third of pip's time (1 min against 2.5 on 2 cores),
+    # from pip's own configured sources; pip installs where uv cannot be had or fails.
+    install_with_uv() {
+      "$VENV/bin/python" -m pip install -q uv >>"$LOG" 2>&1 || return 1
+      local listed
+      listed="$("$VENV/bin/python" "$ROOT/scripts/pip_sources_for_uv.py" 2>>"$LOG")" || return 1
+      local -a sources
+      mapfile -t sources <<<"$listed"
+      "$VENV/bin/python" -m uv pip install -q --python "$VENV/bin/python" --compile-bytecode "${sources[@]}" \
+        -e "$ROOT[$EXTRAS]" >>"$LOG" 2>&1
+    }
+    if [ "${GPT4ROI_INSTALLER:-uv}" = uv ] && install_with_uv; then
+      :
+    else
+      [ "${GPT4ROI_INSTALLER:-uv}" = uv ] && echo "[setup] uv did not install (see $LOG); installing with pip"
+      if ! "$VENV/bin/python" -m pip install -q -e "$ROOT[$EXTRAS]" >>"$LOG" 2>&1; then
+        echo "[setup] pip install failed; the end of $LOG:" >&2
+        tail -n 30 "$LOG" >&2
+        exit 1
+      fi
     fi
     echo "$WANT" > "$STAMP"
   fi

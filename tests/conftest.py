@@ -90,6 +90,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_cli_in_process(module: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m <module> <args>`` run in this process: the module's ``main`` under ``run_cli``, as its
+    ``__main__`` block runs it (the same exit code and one-line errors), with what it prints captured.
+
+    A new process spends ~10 s of CPU importing torch, transformers and peft before it does anything; the tests of
+    a command's behaviour run it here, and each command keeps a test that starts it as a real process.
+    """
+    import contextlib
+    import importlib
+    import io
+
+    from gpt4roi_sft.errors import run_cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = run_cli(importlib.import_module(module).main, list(args))
+        except SystemExit as exc:  # argparse's usage errors
+            rc = exc.code if isinstance(exc.code, int) else 2
+    return subprocess.CompletedProcess([module, *args], rc, out.getvalue(), err.getvalue())
+
+
 def run_converter(tmp_path, module: str, data, *args: str, name: str = "input.json"):
     """Run ``python -m data_converters.<module>`` on ``data`` (a JSON-able object or raw text).
 

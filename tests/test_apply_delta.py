@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from gpt4roi_reference import (GPT4ROI_TOKENS, slow_gpt4roi_tokens, train_llama_sentencepiece, write_tiny_gpt4roi,
                                write_transformers_428_tokenizer)
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, run_cli_in_process
 
 
 def _save_sharded(state: dict, out: Path, fmt: str, shards: int = 3) -> None:
@@ -101,16 +101,19 @@ def _write_pair(release, tmp_path, base_fmt, delta_fmt, delta_tokenizer=True, ba
     return base_dir, delta_dir
 
 
-def _apply(base_dir, delta_dir, out, *extra):
-    return subprocess.run([sys.executable, "-m", "gpt4roi_sft.model.apply_delta", "--base", str(base_dir),
-                           "--delta", str(delta_dir), "--out", str(out), *extra],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+def _apply(base_dir, delta_dir, out, *extra, process=False):
+    """``python -m gpt4roi_sft.model.apply_delta``, in this process unless ``process`` (one test starts it)."""
+    args = ["--base", str(base_dir), "--delta", str(delta_dir), "--out", str(out), *extra]
+    if not process:
+        return run_cli_in_process("gpt4roi_sft.model.apply_delta", *args)
+    return subprocess.run([sys.executable, "-m", "gpt4roi_sft.model.apply_delta", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
 
 
 @pytest.mark.parametrize("base_fmt,delta_fmt", [("safetensors", "bin"), ("bin", "safetensors")])
 def test_delta_plus_base_equals_gpt4roi_apply_delta(release, tmp_path, base_fmt, delta_fmt):
     base_dir, delta_dir = _write_pair(release, tmp_path, base_fmt, delta_fmt)
-    proc = _apply(base_dir, delta_dir, tmp_path / "out", "--max-shard-size", "200KB")
+    proc = _apply(base_dir, delta_dir, tmp_path / "out", "--max-shard-size", "200KB", process=base_fmt == "bin")
     assert proc.returncode == 0, proc.stderr[-3000:]
     merged = _read_all(tmp_path / "out")
     assert merged.keys() == release["expected"].keys()  # inv_freq buffers dropped

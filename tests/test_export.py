@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, run_cli_in_process
 from gpt4roi_sft.train import checkpoint as ckpt
 
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
@@ -45,16 +45,25 @@ def checkpoint(tiny_model_dir, tmp_path_factory):
 
 
 def export(checkpoint, out, *extra, umask=None):
+    """``python -m gpt4roi_sft.export``, run in this process (the first test below starts it as a real one)."""
+    previous = os.umask(umask) if umask is not None else None
+    try:
+        return run_cli_in_process("gpt4roi_sft.export", "--checkpoint", str(checkpoint), "--out", str(out), *extra)
+    finally:
+        if previous is not None:
+            os.umask(previous)
+
+
+def export_process(checkpoint, out, *extra):
     return subprocess.run([sys.executable, "-m", "gpt4roi_sft.export", "--checkpoint", str(checkpoint), "--out", str(out),
-                           *extra], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300,
-                          preexec_fn=(lambda: os.umask(umask)) if umask is not None else None)
+                           *extra], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
 
 
 def test_export_onto_a_model_directory_is_refused_in_one_line_and_the_directory_is_untouched(checkpoint, tiny_model_dir, tmp_path):
     target = tmp_path / "model"
     shutil.copytree(tiny_model_dir, target)
     before = sorted(p.name for p in target.iterdir())
-    proc = export(checkpoint, target)
+    proc = export_process(checkpoint, target)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: --out {target}: not empty (it holds files this export did not write); pass --overwrite to replace it, "

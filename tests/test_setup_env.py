@@ -45,3 +45,30 @@ def test_the_environment_keeps_its_own_compiled_extensions_unless_told_otherwise
     proc = subprocess.run(["bash", "-c", body], capture_output=True, text=True, timeout=600,
                           env={**env, "TORCH_EXTENSIONS_DIR": "/elsewhere"})
     assert proc.stdout.strip() == "/elsewhere", proc.stdout + proc.stderr
+
+
+def test_uv_installs_from_the_package_sources_pip_is_configured_with():
+    """A mirror, local wheels or constraints set for pip reach uv, with pip's precedence (PIP_* variables over
+    the [install] section over [global]) and pip's best match across indexes."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from pip_sources_for_uv import uv_arguments
+
+    listed = "\n".join([
+        ":env:.find-links='/opt/wheels'",
+        ":env:.default-timeout='180'",
+        "global.find-links='/ignored/because/of/the/variable'",
+        "global.extra-index-url='file:///opt/pypi/simple file:///opt/more/simple'",
+        "global.index-url='https://mirror.example/simple'",
+        "install.index-url='https://install.example/simple'",
+        "global.constraint='/etc/xdg/pip/constraints.txt'",
+    ])
+    assert uv_arguments(listed) == [
+        "--index-strategy", "unsafe-best-match",
+        "--default-index", "https://install.example/simple",
+        "--index", "file:///opt/pypi/simple", "--index", "file:///opt/more/simple",
+        "--find-links", "/opt/wheels",
+        "--constraints", "/etc/xdg/pip/constraints.txt",
+    ]
+    assert uv_arguments("") == ["--index-strategy", "unsafe-best-match"]  # no pip configuration: uv's defaults
