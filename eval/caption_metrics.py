@@ -118,8 +118,11 @@ class MeteorJar:
     """
 
     def __init__(self):
+        import threading
+
         self.proc = None
         self._stats: Dict[str, str] = {}
+        self._lock = threading.Lock()  # one request at a time on the pipes (a shared jar may serve threads)
 
     def __enter__(self) -> "MeteorJar":
         return self
@@ -129,6 +132,10 @@ class MeteorJar:
 
     def _ask(self, lines: List[str], num_answers: int) -> List[str]:
         """Send ``lines`` from a writer thread (so neither pipe fills up) and read ``num_answers`` lines back."""
+        with self._lock:
+            return self._ask_locked(lines, num_answers)
+
+    def _ask_locked(self, lines: List[str], num_answers: int) -> List[str]:
         import threading
 
         if self.proc is None:
@@ -183,6 +190,25 @@ class MeteorJar:
             self.proc = None
 
 
+_SHARED_METEOR: Optional[MeteorJar] = None
+
+
+def shared_meteor_jar() -> MeteorJar:
+    """This process's one :class:`MeteorJar`, started at its first request and closed at exit.
+
+    METEOR 1.5 takes ~10 s of start-up (and ~1.2 GB) to load its paraphrase table, then ~10 ms a request: a
+    program that scores more than once (shards merged and scored, a segmentation run's caption metrics and mAP,
+    a test suite) pays the start-up once. Results do not depend on what the jar scored before.
+    """
+    global _SHARED_METEOR
+    if _SHARED_METEOR is None:
+        import atexit
+
+        _SHARED_METEOR = MeteorJar()
+        atexit.register(_SHARED_METEOR.close)
+    return _SHARED_METEOR
+
+
 def score_captions(references: Mapping[object, List[str]], predictions: Mapping[object, str],
                    spice_jars: Optional[os.PathLike | str] = None,
                    meteor: Optional[MeteorJar] = None) -> Tuple[Dict[str, Optional[float]], Optional[str]]:
@@ -190,12 +216,11 @@ def score_captions(references: Mapping[object, List[str]], predictions: Mapping[
 
     Both must cover the same ids (as COCOEvalCap requires). Returns ``(metrics, spice_note)``: metrics has
     exactly :data:`METRIC_KEYS` (fractions; ``SPICE`` ``None`` when it cannot run) and ``spice_note`` says
-    why SPICE is missing (``None`` when it ran). ``meteor``: an open :class:`MeteorJar` to use (and keep)
-    instead of starting pycocoevalcap's own, for callers that score more pairs afterwards.
+    why SPICE is missing (``None`` when it ran). ``meteor``: the :class:`MeteorJar` to ask (default: the
+    process's :func:`shared_meteor_jar`).
     """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
 
     if set(references) != set(predictions):
@@ -211,7 +236,7 @@ def score_captions(references: Mapping[object, List[str]], predictions: Mapping[
     bleu, _ = Bleu(4).compute_score(gts, res)
     for n, value in enumerate(bleu, start=1):
         metrics[f"Bleu_{n}"] = float(value)
-    metrics["METEOR"] = float((meteor or Meteor()).compute_score(gts, res)[0])
+    metrics["METEOR"] = float((meteor or shared_meteor_jar()).compute_score(gts, res)[0])
     for name, scorer in (("ROUGE_L", Rouge), ("CIDEr", Cider)):
         value, _ = scorer().compute_score(gts, res)
         metrics[name] = float(value)

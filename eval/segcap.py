@@ -376,18 +376,16 @@ def nltk_meteor_scores(records: Sequence[Tuple[float, str, str]], wordnet, meteo
 def coco_meteor_scores(records: Sequence[Tuple[float, str, str]], meteor=None) -> List[float]:
     """pycocoevalcap METEOR 1.5 of each record on PTB-tokenised text (per-pair scores).
 
-    ``meteor``: an open ``MeteorJar`` (pairs it already scored for the caption metrics are not scored again).
+    ``meteor``: the ``MeteorJar`` to ask (default: the process's shared one; pairs it already scored for the
+    caption metrics are not scored again).
     """
-    from eval.caption_metrics import MeteorJar, ptb_tokenize
+    from eval.caption_metrics import ptb_tokenize, shared_meteor_jar
 
     if not records:
         return []
     gts = ptb_tokenize({i: [gt] for i, (_, _, gt) in enumerate(records)})
     res = ptb_tokenize({i: [pred] for i, (_, pred, _) in enumerate(records)})
-    if meteor is not None:
-        return meteor.compute_score(gts, res)[1]
-    with MeteorJar() as jar:
-        return jar.compute_score(gts, res)[1]
+    return (meteor or shared_meteor_jar()).compute_score(gts, res)[1]
 
 
 def average_precision(ious: np.ndarray, meteors: np.ndarray, has_caption: np.ndarray, num_gt: int,
@@ -492,13 +490,13 @@ def evaluate(config: SegCapConfig, wordnet=None, provenance: Optional[dict] = No
     pq = {name: pq_average(stats, gt.categories, isthing)
           for name, isthing in (("all", None), ("things", True), ("stuff", False))}
     clock = _stage("images", clock)
-    from eval.caption_metrics import MeteorJar
+    from eval.caption_metrics import shared_meteor_jar
 
-    with MeteorJar() as jar:  # one METEOR 1.5 start-up for the caption metrics and the mAP fallback
-        scaled, unscaled, spice_note = scaled_caption_metrics(matched, total, config.spice_jars, meteor=jar)
-        clock = _stage("captions", clock)
-        logger.info("mAP: METEOR of %d best-IoU pairs with %s", len(records), meteor_name)
-        ap = densecap_map(records, meteor_fn(records, meteor=jar), num_gt)
+    jar = shared_meteor_jar()  # one METEOR 1.5 start-up for the caption metrics and the mAP fallback
+    scaled, unscaled, spice_note = scaled_caption_metrics(matched, total, config.spice_jars, meteor=jar)
+    clock = _stage("captions", clock)
+    logger.info("mAP: METEOR of %d best-IoU pairs with %s", len(records), meteor_name)
+    ap = densecap_map(records, meteor_fn(records, meteor=jar), num_gt)
     _stage("mAP", clock)
 
     metrics = {

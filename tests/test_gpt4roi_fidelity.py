@@ -22,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import run_cli_in_process
 from gpt4roi_reference import ReferenceGPT4RoI, gpt4roi_image, write_tiny_gpt4roi
 
 from gpt4roi_sft.constants import GPT4ROI_PREAMBLE, VG_EVAL_QUESTION
@@ -163,8 +164,12 @@ def test_fifteen_region_training_record_gives_gpt4roi_logits(ours, reference, tm
 
 
 # ------------------------------------------------------------------------------- evaluation harnesses
-def _run(args, timeout=900):
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def _run(args, process=False, timeout=900):
+    """``python -m <args>``: in this process, or started as one (``process``) where no other test starts it."""
+    if process:
+        proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    else:
+        proc = run_cli_in_process(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -200,7 +205,7 @@ def test_eval_vg_answers_as_gpt4roi_evaluation(converted, reference, tmp_path):
 def test_eval_vipbench_answers_as_gpt4roi_evaluation(converted, reference, tmp_path):
     _run(["data_converters.synthetic_vipbench", "--out", str(tmp_path / "vip"), "--questions", "3", "--seed", "0"])
     _run(["eval.vipbench", *_decode_args(converted), "--data", str(tmp_path / "vip"), "--split", "bbox",
-          "--out", str(tmp_path / "out"), "--backtick-regions"])
+          "--out", str(tmp_path / "out"), "--backtick-regions"], process=True)
     answers = json.loads((tmp_path / "out" / "results.json").read_text())
     stored = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     stored = [r for r in stored if "store_metadata" not in r]
