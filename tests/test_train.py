@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, run_cli_in_process
 from gpt4roi_sft.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
@@ -39,19 +39,28 @@ def one_process(args, timeout=600):
                           text=True, timeout=timeout)
 
 
-def launch(args, nproc=2, timeout=600, port=None, **popen):
-    cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(port or free_port()), str(REPO / "train_sft.py"), *args]
+def launch(args, nproc=2, port=None, launcher="torchrun", **popen):
+    """``nproc`` training processes under ``torchrun`` or ``deepspeed --num_gpus`` (the README's command, which
+    starts them through two more Python processes importing DeepSpeed: ~8 s more a launch on 2 cores; the
+    ``zero2_lora_launch`` fixture runs it)."""
+    port = str(port or free_port())
+    if launcher == "deepspeed":
+        cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", port]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+               "--master_port", port]
+    cmd += [str(REPO / "train_sft.py"), *args]
     return subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
-def run_training(args, nproc=2, timeout=600, port=None):
-    """A training run to its end; its console (stdout and stderr). One process runs as ``python train_sft.py`` (the
-    deepspeed launcher would add two Python processes that only start it); more, under ``deepspeed --num_gpus``."""
+def run_training(args, nproc=2, timeout=600, port=None, launcher="torchrun"):
+    """A training run to its end; its console (stdout and stderr). One process runs as ``python train_sft.py`` (a
+    launcher would only add processes that start it); more, under ``launcher`` (:func:`launch`)."""
     if nproc == 1 and port is None:
         proc = one_process(args, timeout=timeout)
         out = proc.stdout + proc.stderr
     else:
-        proc = launch(args, nproc, port=port)
+        proc = launch(args, nproc, port=port, launcher=launcher)
         out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-4000:]
     return out
@@ -80,7 +89,7 @@ def zero2_lora_launch(tiny_model_dir, synthetic_pix2cap, tmp_path_factory):
     """Two processes, LoRA, ZeRO-2, 20 steps: the output dir, the launcher's master port and its console output."""
     out = tmp_path_factory.mktemp("zero2_lora")
     port = free_port()
-    console = run_training(recipe_args(tiny_model_dir, synthetic_pix2cap, out, *ZERO2_LORA), port=port)
+    console = run_training(recipe_args(tiny_model_dir, synthetic_pix2cap, out, *ZERO2_LORA), port=port, launcher="deepspeed")
     return SimpleNamespace(out=out, port=port, console=console)
 
 
@@ -189,8 +198,8 @@ def test_zero3_full_finetune_two_processes_gathers_full_weights_and_exports(tiny
 
 def test_kill_9_after_a_checkpoint_then_rerun_gives_the_uninterrupted_losses(zero2_lora_run, tiny_model_dir,
                                                                             synthetic_pix2cap, tmp_path):
-    """The 20-step run again, killed with SIGKILL after its step-10 checkpoint, then rerun: every step's loss is the
-    uninterrupted run's."""
+    """The 20-step run again (under torchrun, the fixture under the deepspeed launcher), killed with SIGKILL after
+    its step-10 checkpoint, then rerun: every step's loss is the uninterrupted run's."""
     crashed = tmp_path / "crashed"
     args = recipe_args(tiny_model_dir, synthetic_pix2cap, crashed, *ZERO2_LORA)
     proc = launch(args, start_new_session=True)
@@ -219,8 +228,8 @@ def test_qlora_trains_on_cpu_and_exports(tiny_model_dir, synthetic_pix2cap, tmp_
     run_training(recipe_args(tiny_model_dir, synthetic_pix2cap, out, "train.max_steps=3", "train.save_steps=3",
                              "lora.enabled=true", "lora.qlora=true", "lora.r=8", "model.freeze=stage2"), nproc=1)
     assert len(losses(out)) == 3
-    subprocess.run([sys.executable, "-m", "gpt4roi_sft.export", "--checkpoint", str(out), "--out", str(tmp_path / "adapter")],
-                   check=True, cwd=REPO, env=ENV, capture_output=True)
+    ckpt_export = run_cli_in_process("gpt4roi_sft.export", "--checkpoint", str(out), "--out", str(tmp_path / "adapter"))
+    assert ckpt_export.returncode == 0, ckpt_export.stderr[-2000:]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
