@@ -232,7 +232,16 @@ def test_tiny_cpu_run_times_lever_arms_with_medians_shapes_outliers_and_a_budget
     assert "largest data.pack_tokens that fits" in proc.stdout
 
 
-def test_gradient_accumulation_times_one_optimizer_step_over_that_many_micro_batches(tmp_path):
+def assert_refused(capsys, argv, message):
+    """bench/train_throughput.py's argument checks (exit 2, the reason on stderr) before it builds anything."""
+    from bench.train_throughput import parse_args
+
+    with pytest.raises(SystemExit) as exited:
+        parse_args(argv)
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_gradient_accumulation_times_one_optimizer_step_over_that_many_micro_batches(tmp_path, capsys):
     """--grad-accum 2: each timed step is the trainer's optimizer_step over two micro-batches (one optimizer step
     of the engine), its tokens and FLOPs those of both; a step's samples are the same in every arm, and the same
     for the DeepSpeed-free engine."""
@@ -249,8 +258,7 @@ def test_gradient_accumulation_times_one_optimizer_step_over_that_many_micro_bat
         assert 1024 < arm["tokens_per_step_mean"] <= 2048  # two micro-batches of at most 1024 real tokens
     assert result["arms"]["ours"]["tokens"] == result["arms"]["baseline"]["tokens"]
     assert result["arms"]["ours"]["model_flops"] == pytest.approx(result["arms"]["baseline"]["model_flops"])
-    refused = run_bench(*common, "--max-budget-search")  # the search's step is one micro-batch
-    assert refused.returncode == 2 and "without --grad-accum" in refused.stderr
+    assert_refused(capsys, [*common, "--max-budget-search"], "without --grad-accum")  # the search's step is one micro-batch
 
     # --engine torch: the DeepSpeed-free step trains the same samples to the same losses (fp32 here: exactly the
     # same update, its loss scaled by 1 / accumulation, clipped, AdamW) in as many optimizer and micro-steps.
@@ -264,8 +272,7 @@ def test_gradient_accumulation_times_one_optimizer_step_over_that_many_micro_bat
     for name, arm in result["arms"].items():
         assert plain["arms"][name]["final_loss"] == pytest.approx(arm["final_loss"], rel=1e-6), name
         assert plain["arms"][name]["tokens"] == arm["tokens"]
-    refused = run_bench("--tiny", "--engine", "torch", "--arm", "x=packed+ds_sync_free")
-    assert refused.returncode == 2 and "drop the ds_sync_free lever" in refused.stderr
+    assert_refused(capsys, ["--tiny", "--engine", "torch", "--arm", "x=packed+ds_sync_free"], "drop the ds_sync_free lever")
 
 
 def test_search_checkpointing_variants_run_from_the_least_saving_to_the_most():
