@@ -23,7 +23,7 @@ _gpt4roi_setup() (
   STAMP="$VENV/.gpt4roi_sft.stamp"
   WANT="$(sha256sum < "$ROOT/pyproject.toml" | cut -d' ' -f1) $EXTRAS"
   if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
-    echo "[setup] installing gpt4roi_sft[$EXTRAS] into $VENV (first run takes a few minutes)"
+    echo "[setup] installing gpt4roi_sft[$EXTRAS] into $VENV (about a minute the first time)"
     LOG="$VENV/install.log"
     "$VENV/bin/python" -m pip install -q --upgrade pip >"$LOG" 2>&1 || true
     # uv resolves and installs the same packages in about a third of pip's time (1 min against 2.5 on 2 cores),
