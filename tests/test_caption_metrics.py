@@ -58,6 +58,21 @@ def test_metrics_equal_pycocoevalcap_cocoevalcap(tmp_path, monkeypatch):
         assert ours[key] == theirs[key], key
 
 
+def test_one_meteor_process_serves_every_scoring_and_answers_as_a_fresh_one():
+    """Scorings share the process's METEOR 1.5 (its ~10 s start-up paid once); what it scored before changes
+    nothing: a fresh jar scores the same pairs to the same values."""
+    from eval.caption_metrics import MeteorJar, shared_meteor_jar
+
+    first, _ = score_captions(REFERENCES, PREDICTIONS)
+    pid = shared_meteor_jar().proc.pid
+    other, _ = score_captions({1: ["a green tree"], 2: ["grass below the sky"]}, {1: "a tree", 2: "the sky"})
+    again, _ = score_captions(REFERENCES, PREDICTIONS)
+    assert shared_meteor_jar().proc.pid == pid and again == first and other["METEOR"] != first["METEOR"]
+    with MeteorJar() as fresh:
+        alone, _ = score_captions(REFERENCES, PREDICTIONS, meteor=fresh)
+    assert alone == first
+
+
 def test_metrics_have_exactly_the_paper_keys_as_fractions():
     metrics, _ = score_captions(REFERENCES, PREDICTIONS)
     assert tuple(metrics) == METRIC_KEYS
