@@ -333,8 +333,8 @@ def scaled_caption_metrics(matched: Sequence[Tuple[str, str, str]], total: int,
     """Caption metrics of the matched pairs, unscaled and scaled by ``len(matched) / total``.
 
     Returns ``(scaled, unscaled, spice_note)``; values are ``None`` when nothing can be scored (no segment at
-    all, or SPICE unavailable) and 0 when there are segments but no matched pair. ``meteor``: an open
-    ``eval.caption_metrics.MeteorJar`` to reuse.
+    all, or SPICE unavailable) and 0 when there are segments but no matched pair. ``meteor``: the
+    ``eval.caption_metrics.MeteorJar`` to ask (default: the process's shared one).
     """
     from eval.caption_metrics import score_captions, spice_unavailable_reason
 
@@ -490,13 +490,11 @@ def evaluate(config: SegCapConfig, wordnet=None, provenance: Optional[dict] = No
     pq = {name: pq_average(stats, gt.categories, isthing)
           for name, isthing in (("all", None), ("things", True), ("stuff", False))}
     clock = _stage("images", clock)
-    from eval.caption_metrics import shared_meteor_jar
-
-    jar = shared_meteor_jar()  # one METEOR 1.5 start-up for the caption metrics and the mAP fallback
-    scaled, unscaled, spice_note = scaled_caption_metrics(matched, total, config.spice_jars, meteor=jar)
+    # Both ask the process's shared METEOR 1.5 (eval.caption_metrics.shared_meteor_jar): one start-up.
+    scaled, unscaled, spice_note = scaled_caption_metrics(matched, total, config.spice_jars)
     clock = _stage("captions", clock)
     logger.info("mAP: METEOR of %d best-IoU pairs with %s", len(records), meteor_name)
-    ap = densecap_map(records, meteor_fn(records, meteor=jar), num_gt)
+    ap = densecap_map(records, meteor_fn(records), num_gt)
     _stage("mAP", clock)
 
     metrics = {

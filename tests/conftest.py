@@ -90,13 +90,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_cli_in_process(module: str, *args: str) -> subprocess.CompletedProcess:
-    """``python -m <module> <args>`` run in this process: the module's ``main`` under ``run_cli``, as its
-    ``__main__`` block runs it (the same exit code and one-line errors), with what it prints captured.
+def run_module(module: str, *args: str, process: bool = False, env=None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m <module> <args>``: by default run in this process, the module's ``main`` under ``run_cli`` as its
+    ``__main__`` block runs it (the same exit code and one-line errors), with what it prints captured; with
+    ``process``, started as a real process in the checkout (``env``, ``timeout`` apply there).
 
     A new process spends ~10 s of CPU importing torch, transformers and peft before it does anything; the tests of
     a command's behaviour run it here, and each command keeps a test that starts it as a real process.
     """
+    if process:
+        return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=timeout)
     import contextlib
     import importlib
     import io

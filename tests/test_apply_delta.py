@@ -8,8 +8,6 @@ once as ``.bin``.
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from gpt4roi_reference import (GPT4ROI_TOKENS, slow_gpt4roi_tokens, train_llama_sentencepiece, write_tiny_gpt4roi,
                                write_transformers_428_tokenizer)
 
-from conftest import REPO, run_cli_in_process
+from conftest import run_module
 
 
 def _save_sharded(state: dict, out: Path, fmt: str, shards: int = 3) -> None:
@@ -103,11 +101,8 @@ def _write_pair(release, tmp_path, base_fmt, delta_fmt, delta_tokenizer=True, ba
 
 def _apply(base_dir, delta_dir, out, *extra, process=False):
     """``python -m gpt4roi_sft.model.apply_delta``, in this process unless ``process`` (one test starts it)."""
-    args = ["--base", str(base_dir), "--delta", str(delta_dir), "--out", str(out), *extra]
-    if not process:
-        return run_cli_in_process("gpt4roi_sft.model.apply_delta", *args)
-    return subprocess.run([sys.executable, "-m", "gpt4roi_sft.model.apply_delta", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+    return run_module("gpt4roi_sft.model.apply_delta", "--base", str(base_dir), "--delta", str(delta_dir), "--out", str(out),
+                      *extra, process=process)
 
 
 @pytest.mark.parametrize("base_fmt,delta_fmt", [("safetensors", "bin"), ("bin", "safetensors")])

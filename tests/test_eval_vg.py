@@ -1,19 +1,16 @@
 """eval.vg: validation before generation, resumable predictions, sharding, scoring and the CLI."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from conftest import run_cli_in_process
+from conftest import run_module
 from eval import vg
 from eval.prediction_store import PredictionStore
 from gpt4roi_sft.errors import ConfigError, DataError
 
-ROOT = Path(__file__).resolve().parents[1]
 COLOURS = ["red", "blue", "red", "yellow", "red", "blue"]
 KINDS = ["circle", "square", "circle", "triangle", "square", "circle"]
 
@@ -219,9 +216,8 @@ def test_cli_bad_file_prints_one_line_and_exits_2(tmp_path):
     def empty(data):
         data["annotations"][0]["caption"] = ""
     ann, images = write_test_file(tmp_path, mutate=empty)
-    proc = subprocess.run([sys.executable, "-m", "eval.vg", "--annotations", str(ann), "--image-root", str(images),
-                           "--out", str(tmp_path / "out"), "--model", str(tmp_path / "nomodel")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = run_module("eval.vg", "--annotations", str(ann), "--image-root", str(images), "--out", str(tmp_path / "out"),
+                      "--model", str(tmp_path / "nomodel"), process=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "sample 1" in proc.stderr
 
@@ -234,18 +230,17 @@ def tiny_setup(tmp_path_factory):
     base = tmp_path_factory.mktemp("tiny_vg")
     for cmd in (["quickstart.tiny_model", "--out", str(base / "model")],
                 ["data_converters.synthetic", "--out", str(base / "syn"), "--train-images", "1", "--val-images", "2"]):
-        proc = run_cli_in_process(*cmd)
+        proc = run_module(*cmd)
         assert proc.returncode == 0, proc.stderr[-2000:]
     return base
 
 
 def run_cli(base, out, process=True):
     """``python -m eval.vg`` on the tiny model: started as a process, or run in this one."""
-    args = ["--model", str(base / "model"), "--annotations", str(base / "syn" / "annotations" / "test_caption.json"),
-            "--image-root", str(base / "syn"), "--out", str(out), "--batch-size", "2", "--max-new-tokens", "6"]
-    if not process:
-        return run_cli_in_process("eval.vg", *args)
-    return subprocess.run([sys.executable, "-m", "eval.vg", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return run_module("eval.vg", "--model", str(base / "model"),
+                      "--annotations", str(base / "syn" / "annotations" / "test_caption.json"),
+                      "--image-root", str(base / "syn"), "--out", str(out), "--batch-size", "2", "--max-new-tokens", "6",
+                      process=process, timeout=300)
 
 
 def test_tiny_model_end_to_end_and_interrupted_rerun_gives_the_same_predictions(tiny_setup, tmp_path):
@@ -312,8 +307,8 @@ def test_score_only_that_cannot_score_fails_in_one_line_and_keeps_the_prediction
 def test_cli_with_a_missing_model_exits_2_in_one_line_even_when_old_predictions_are_stored(tmp_path):
     ann, images = write_test_file(tmp_path)
     vg.evaluate(config(tmp_path, ann, images), RecordingCaptioner())
-    proc = run_cli_in_process("eval.vg", "--annotations", str(ann), "--image-root", str(images),
-                              "--out", str(tmp_path / "out"), "--model", str(tmp_path / "does_not_exist"))
+    proc = run_module("eval.vg", "--annotations", str(ann), "--image-root", str(images),
+                      "--out", str(tmp_path / "out"), "--model", str(tmp_path / "does_not_exist"))
     assert proc.returncode == 2, proc.stdout
     assert proc.stderr.strip() == f"error: --model {tmp_path / 'does_not_exist'}: directory not found"
     assert "CIDEr" not in proc.stdout

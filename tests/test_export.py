@@ -4,14 +4,12 @@ import json
 import os
 import shutil
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, run_cli_in_process
+from conftest import REPO, run_module
 from gpt4roi_sft.train import checkpoint as ckpt
 
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
@@ -44,26 +42,22 @@ def checkpoint(tiny_model_dir, tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("run"), tiny_model_dir, 7)
 
 
-def export(checkpoint, out, *extra, umask=None):
-    """``python -m gpt4roi_sft.export``, run in this process (the first test below starts it as a real one)."""
+def export(checkpoint, out, *extra, umask=None, process=False):
+    """``python -m gpt4roi_sft.export``, run in this process unless ``process`` (the first test below starts it)."""
     previous = os.umask(umask) if umask is not None else None
     try:
-        return run_cli_in_process("gpt4roi_sft.export", "--checkpoint", str(checkpoint), "--out", str(out), *extra)
+        return run_module("gpt4roi_sft.export", "--checkpoint", str(checkpoint), "--out", str(out), *extra,
+                          process=process, env=ENV, timeout=300)
     finally:
         if previous is not None:
             os.umask(previous)
-
-
-def export_process(checkpoint, out, *extra):
-    return subprocess.run([sys.executable, "-m", "gpt4roi_sft.export", "--checkpoint", str(checkpoint), "--out", str(out),
-                           *extra], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
 
 
 def test_export_onto_a_model_directory_is_refused_in_one_line_and_the_directory_is_untouched(checkpoint, tiny_model_dir, tmp_path):
     target = tmp_path / "model"
     shutil.copytree(tiny_model_dir, target)
     before = sorted(p.name for p in target.iterdir())
-    proc = export_process(checkpoint, target)
+    proc = export(checkpoint, target, process=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: --out {target}: not empty (it holds files this export did not write); pass --overwrite to replace it, "

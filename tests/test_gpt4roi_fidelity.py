@@ -13,8 +13,6 @@ time and shows that the comparison then fails.
 
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli_in_process
+from conftest import run_module
 from gpt4roi_reference import ReferenceGPT4RoI, gpt4roi_image, write_tiny_gpt4roi
 
 from gpt4roi_sft.constants import GPT4ROI_PREAMBLE, VG_EVAL_QUESTION
@@ -30,7 +28,6 @@ from gpt4roi_sft.conversation import TEMPLATES, build_prompt
 from gpt4roi_sft.errors import DataError
 from gpt4roi_sft.model.loading import load_model
 
-REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = "gpt4roi_original"
 ATOL = 1e-4
 
@@ -71,8 +68,7 @@ def reference(released):
 @pytest.fixture(scope="module")
 def converted(released, tmp_path_factory):
     out = tmp_path_factory.mktemp("converted") / "model"
-    proc = subprocess.run([sys.executable, "-m", "gpt4roi_sft.model.convert_gpt4roi", "--checkpoint", released,
-                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = run_module("gpt4roi_sft.model.convert_gpt4roi", "--checkpoint", released, "--out", str(out), process=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return str(out)
 
@@ -166,10 +162,7 @@ def test_fifteen_region_training_record_gives_gpt4roi_logits(ours, reference, tm
 # ------------------------------------------------------------------------------- evaluation harnesses
 def _run(args, process=False, timeout=900):
     """``python -m <args>``: in this process, or started as one (``process``) where no other test starts it."""
-    if process:
-        proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    else:
-        proc = run_cli_in_process(*args)
+    proc = run_module(*args, process=process, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import REPO, free_port, run_cli_in_process
+from conftest import REPO, free_port, run_module
 from gpt4roi_sft.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
@@ -228,7 +228,7 @@ def test_qlora_trains_on_cpu_and_exports(tiny_model_dir, synthetic_pix2cap, tmp_
     run_training(recipe_args(tiny_model_dir, synthetic_pix2cap, out, "train.max_steps=3", "train.save_steps=3",
                              "lora.enabled=true", "lora.qlora=true", "lora.r=8", "model.freeze=stage2"), nproc=1)
     assert len(losses(out)) == 3
-    ckpt_export = run_cli_in_process("gpt4roi_sft.export", "--checkpoint", str(out), "--out", str(tmp_path / "adapter"))
+    ckpt_export = run_module("gpt4roi_sft.export", "--checkpoint", str(out), "--out", str(tmp_path / "adapter"))
     assert ckpt_export.returncode == 0, ckpt_export.stderr[-2000:]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
