@@ -226,6 +226,13 @@ def test_cuda_generation_runs_in_bf16_with_boxes_and_masks(tiny_model_dir, tmp_p
                              pixel_values=batch["pixel_values"], boxes=batch["boxes"], region_masks=masks,
                              max_new_tokens=4, do_sample=False)
     assert new.shape[0] == 1 and new.device.type == DEVICE
+    # two rows of one image, shared: the distinct images and their regions' order are found where the model runs
+    batch = processor(images=[image, image], texts=[prompt, prompt], boxes=[[[20, 20, 90, 100]], [[30, 10, 80, 60]]])
+    with torch.inference_mode():
+        shared = model.generate(input_ids=batch["input_ids"].to(DEVICE), attention_mask=batch["attention_mask"].to(DEVICE),
+                                pixel_values=batch["pixel_values"], boxes=batch["boxes"], region_masks=masks + masks,
+                                max_new_tokens=4, do_sample=False, share_prefix=True)
+    assert shared.shape[0] == 2 and shared.device.type == DEVICE
     box_model, box_processor = load_model(tiny_model_dir, torch_dtype=torch.bfloat16)
     captioner = RegionCaptioner(box_model.to(DEVICE).eval(), box_processor)
     assert len(captioner([RegionRequest(image, prompt, [[20, 20, 90, 100]])])) == 1

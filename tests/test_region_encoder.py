@@ -107,3 +107,20 @@ def test_many_images_are_encoded_in_passes_with_the_same_result(mode, monkeypatc
     monkeypatch.setattr(enc, "multi_level_maps", lambda f, inner=enc.multi_level_maps: calls.append(len(f[0])) or inner(f))
     torch.testing.assert_close(enc(feats, boxes, masks), whole, atol=1e-5, rtol=1e-5)
     assert calls == [2, 2, 1]
+
+
+def test_a_bf16_encoder_pools_each_of_300_images_own_box_where_the_fp32_box_lies():
+    # bf16 holds integers exactly only up to 256 and a fraction to 3 digits: the rois must stay fp32
+    enc = _encoder()
+    feats = _layer_features(images=300)
+    boxes = [torch.tensor([[0.1 + 0.001 * (i % 7), 0.2, 0.61, 0.93]]) for i in range(300)]
+    out = enc.to(torch.bfloat16)([f.to(torch.bfloat16) for f in feats], boxes)
+    for i in (257, 299):
+        alone = enc([f[i:i + 1].to(torch.bfloat16) for f in feats], [boxes[i]])
+        torch.testing.assert_close(out[i:i + 1], alone, atol=0, rtol=0)
+    maps = enc.multi_level_maps([f[:1].to(torch.bfloat16) for f in feats])
+    pooled = enc._box_features(maps, [boxes[0]])
+    rounded = enc._box_features(maps, [boxes[0].to(torch.bfloat16)])
+    assert not torch.equal(pooled, rounded)  # the fp32 box pools other samples than its bf16 rounding
+    assert torch.equal(enc([f[:1].to(torch.bfloat16) for f in feats], [boxes[0]]),
+                       enc.to_llm(enc.box_embed(boxes[0].to(torch.bfloat16)) + pooled))

@@ -181,8 +181,8 @@ class GPT4RoIForCausalLM(GPT4RoIPreTrainedModel, GenerationMixin):
         if not have_images:  # keep the vision/region path in the graph (ZeRO-3): a dummy image, weight 0
             pixel_values = embeds.new_zeros(1, 3, cfg.image_size, cfg.image_size)
         inverse = None
-        if share_images and have_images:
-            pixel_values, inverse = unique_images(pixel_values)
+        if share_images and have_images:  # compared where the embeddings are: the inverse then indexes there too
+            pixel_values, inverse = unique_images(pixel_values.to(embeds.device))
         hidden_states = self._vision_hidden_states(pixel_values)
         image_features = self.multi_modal_projector(hidden_states[cfg.vision_feature_layer][:, 1:]).to(embeds.dtype)
         if inverse is not None:
@@ -435,7 +435,7 @@ def regions_by_image(boxes: list[torch.Tensor], masks: Optional[list[torch.Tenso
     grouped_boxes = [torch.cat([boxes[i] for i in runs[u]]) for u in range(distinct)]
     grouped_masks = [torch.cat([masks[i] for i in runs[u]]) for u in range(distinct)] if masks is not None else None
     order = [k for u in range(distinct) for i in runs[u] for k in range(starts[i], starts[i + 1])]
-    return grouped_boxes, grouped_masks, torch.tensor(order, device=inverse.device)
+    return grouped_boxes, grouped_masks, torch.tensor(order, device=grouped_boxes[0].device)
 
 
 __all__ = ["GPT4RoIForCausalLM", "GPT4RoIPreTrainedModel", "MultiModalProjector", "check_multimodal_counts",

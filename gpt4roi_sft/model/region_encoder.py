@@ -256,7 +256,9 @@ class RegionEncoder(nn.Module):
         all_boxes = torch.cat(list(boxes)).to(maps[0].dtype)
         feats = self.box_embed(all_boxes)
         if self.uses_box:
-            feats = feats + self._box_features(maps, [b.to(maps[0].dtype) for b in boxes])
+            # RoIAlign takes the fp32 boxes: in bf16 a box edge would move by up to 0.66 px at 336 px, and an image
+            # index above 256 in the rois' first column would round to another image's
+            feats = feats + self._box_features(maps, [b.float() for b in boxes])
         if self.uses_mask:
             if masks is None or len(masks) != len(boxes):
                 raise ValueError(f"region_mode {self.mode!r} needs one mask tensor per image, got {masks and len(masks)}")

@@ -45,10 +45,14 @@ def apply_speedups(model: nn.Module, cfg: Config, device: torch.device) -> None:
 # ---------------------------------------------------------------------------------------------------- Liger
 def liger_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """Summed cross-entropy of ``hidden (N, D) @ weight.T (V, D)`` against ``labels (N,)``, chunked by Liger's kernel
-    (fp32 softmax per chunk; the gradients are computed in the forward, so the logits never exist whole)."""
+    (fp32 softmax per chunk; the gradients are computed in the forward, so the logits never exist whole).
+
+    A trained output head (full fine-tuning) gets its gradient summed over the chunks in fp32: Liger's default
+    sums it in the weight's dtype, bf16, which loses the small chunks' share. A frozen head allocates nothing."""
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-    return liger_fused_linear_cross_entropy(hidden, weight, labels, ignore_index=ignore_index, reduction="sum")
+    return liger_fused_linear_cross_entropy(hidden, weight, labels, ignore_index=ignore_index, reduction="sum",
+                                            accum_dtype=torch.float32)
 
 
 def enable_liger_kernel(model: nn.Module, device: torch.device) -> Callable[[], None]:
