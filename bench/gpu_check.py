@@ -88,8 +88,10 @@ def outcomes(junit_xml: Path) -> tuple[dict, dict]:
 def run_interruptibly(cmd: list, env: dict, timeout: float, grace: float = 30) -> int | str:
     """Run pytest; at the time limit interrupt it as Ctrl-C would, so the tests already done still reach the report.
 
-    A killed pytest writes no JUnit file, and one slow test would then cost the record of every other one."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env)
+    A killed pytest writes no JUnit file, and one slow test would then cost the record of every other one. pytest
+    runs in a session of its own, and whatever of that group is left when it ends (an xdist worker, a training it
+    started) is killed, so no test outlives the check and competes with the benchmarks that follow it."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True)
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -101,6 +103,11 @@ def run_interruptibly(cmd: list, env: dict, timeout: float, grace: float = 30) -
             proc.kill()
             proc.wait()
         return "timeout"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def slug(text: str) -> str:

@@ -350,13 +350,29 @@ class RegionCaptioner:
 
 
 def _is_compile_failure(exc: BaseException) -> bool:
-    """Whether ``exc`` (or what it was raised from) is ``torch.compile`` failing to trace or build."""
+    """Whether ``exc`` (or what it was raised from) is ``torch.compile`` failing: to trace or build (dynamo's and
+    inductor's exceptions), or at run time inside inductor's own code (a CUDA graph that cannot be captured or
+    replayed raises a plain RuntimeError there). A genuine error of the model raises again on the uncompiled retry."""
     from torch._dynamo.exc import TorchDynamoException
 
     while exc is not None:
-        if isinstance(exc, TorchDynamoException):
+        if isinstance(exc, TorchDynamoException) or _raised_in_inductor(exc):
             return True
         exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _raised_in_inductor(exc: BaseException) -> bool:
+    import os
+
+    import torch._inductor
+
+    inductor = os.path.dirname(torch._inductor.__file__) + os.sep
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.startswith(inductor):
+            return True
+        tb = tb.tb_next
     return False
 
 

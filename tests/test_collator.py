@@ -54,6 +54,23 @@ def test_move_to_device_keeps_model_inputs_and_casts_only_images_and_masks():
     assert moved["boxes"][0].dtype == torch.float32 and moved["input_ids"].dtype == torch.long
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_non_blocking_move_from_page_locked_memory_gives_the_blocking_values():
+    from gpt4roi_sft.data.model_inputs import move_to_device
+
+    batch = PaddingCollator(PAD)([item(5, 1, masks=True), item(3, 2, image=False)])
+    batch["pixel_values"] = torch.randn_like(batch["pixel_values"])
+    fast = move_to_device(batch, "cuda", torch.bfloat16, non_blocking=True)
+    plain = move_to_device(batch, "cuda", torch.bfloat16)
+    torch.cuda.synchronize()
+    assert set(fast) == set(plain)
+    for key in fast:
+        for a, b in zip(*((v if isinstance(v, list) else [v]) for v in (fast[key], plain[key]))):
+            assert a.device.type == "cuda" and a.dtype == b.dtype and torch.equal(a, b), key
+    assert not batch["pixel_values"].is_pinned()  # the caller's batch is left as it was
+
+
 def test_padding_right_pads_ids_mask_and_ignores_labels():
     batch = PaddingCollator(PAD)([item(5, 1), item(3, 2)])
     assert batch["input_ids"].shape == (2, 5)

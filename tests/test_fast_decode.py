@@ -269,3 +269,28 @@ def test_a_decode_step_that_cannot_compile_falls_back_to_the_uncompiled_static_c
     requests = requests_of(image, 3)
     assert fast(requests) == eager(requests)
     assert fast.fast.compile is False and "compiling the decode step failed" in caplog.text
+
+
+def test_a_cuda_graph_failure_inside_inductor_falls_back_and_a_model_error_does_not(eager, image, monkeypatch):
+    """A RuntimeError raised in inductor's code (how a CUDA graph that cannot be captured fails) takes the
+    uncompiled path; the same error raised by the model's own code reaches the caller."""
+    import os
+
+    import torch._inductor
+
+    inductor_file = os.path.join(os.path.dirname(torch._inductor.__file__), "cudagraph_trees.py")
+    namespace = {}
+    exec(compile("def replay(*a, **k):\n    raise RuntimeError('CUDA graph capture failed')\n", inductor_file, "exec"),
+         namespace)
+    monkeypatch.setattr(eager.model.language_model, "get_compiled_call", lambda config: namespace["replay"])
+    fast = fast_twin(eager, compile=True)
+    requests = requests_of(image, 2)
+    assert fast(requests) == eager(requests) and fast.fast.compile is False
+
+    def model_error(*args, **kwargs):
+        raise RuntimeError("shape mismatch in the model")
+
+    monkeypatch.setattr(eager.model.language_model, "get_compiled_call", lambda config: model_error)
+    fast = fast_twin(eager, compile=True)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        fast(requests)

@@ -43,17 +43,34 @@ def recipe(model_dir, data, out_dir, *extra):
             "train.lr_scheduler=constant", f"train.precision={PRECISION}", "data.validate_on_start=false", *extra]
 
 
-def launch(args, **popen):
+def launch(args):
+    """The DeepSpeed launcher in a session of its own, so :func:`finish` can stop it and its training process."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
            str(REPO / "train_sft.py"), *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def finish(proc, timeout=300) -> str:
+    """``proc``'s output once it exits 0; whatever happens, nothing of its process group outlives the test (an
+    interrupted GPU check must not leave trainings running beside the benchmarks that follow it)."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def kill_group(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def train(args, timeout=300):
-    proc = launch(args)
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-4000:]
-    return out
+    return finish(launch(args), timeout)
 
 
 def losses(out_dir):
@@ -98,7 +115,7 @@ def test_cuda_kill_9_after_the_step_20_checkpoint_then_resume_follows_the_uninte
     crashed = tmp_path / "crashed"
     args = recipe(tiny_model_dir, synthetic_pix2cap, crashed, f"train.max_steps={STEPS}", f"train.save_steps={HALF}", *LORA,
                   "deepspeed.config=ds_configs/zero2.json")
-    kill_9_after_the_half_way_checkpoint(launch(args, start_new_session=True), crashed)
+    kill_9_after_the_half_way_checkpoint(launch(args), crashed)
     train(args)
     ref, resumed = losses(lora_run), losses(crashed)
     assert sorted(resumed) == list(range(1, STEPS + 1))
@@ -120,30 +137,35 @@ def test_cuda_checkpointing_one_decoder_layer_in_two_follows_the_run_without(lor
         assert got[step] == pytest.approx(ref[step], rel=1e-3), (step, got[step], ref[step])
 
 
-def one_process(args, **popen):
-    """``python train_sft.py`` without a launcher (how a one-GPU train.engine=torch run starts)."""
+def one_process(args, stdout=subprocess.PIPE):
+    """``python train_sft.py`` without a launcher (how a one-GPU train.engine=torch run starts), in its own session."""
     env = {k: v for k, v in ENV.items() if k not in ("MASTER_PORT", "GPT4ROI_MASTER_PORT", "WORLD_SIZE")}
     return subprocess.Popen([sys.executable, str(REPO / "train_sft.py"), *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+                            stdout=stdout, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-@LORA_GROUP
+# Its own worker (and its own copy of the ZeRO-2 run): beside the LoRA group's four tests, not after them.
+@pytest.mark.xdist_group("cuda_torch_engine")
 def test_cuda_training_without_deepspeed_follows_zero2_and_resumes_after_kill_9(lora_run, tiny_model_dir,
                                                                                  synthetic_pix2cap, tmp_path):
     """train.engine=torch on CUDA in bf16: the first step's loss is ZeRO-2's (same weights, same batch), the end of
     the run within 2% of it (bf16 updates summed in another order); killed after its step-20 checkpoint and rerun,
-    it follows its own uninterrupted run within the RoIAlign atomics' noise."""
-    runs = {}
-    for name in ("reference", "crashed"):
-        runs[name] = tmp_path / name
-        args = recipe(tiny_model_dir, synthetic_pix2cap, runs[name], f"train.max_steps={STEPS}", f"train.save_steps={HALF}",
-                      *LORA, "train.engine=torch")
-        proc = one_process(args, start_new_session=True)
-        if name == "crashed":
-            kill_9_after_the_half_way_checkpoint(proc, runs[name])
-            proc = one_process(args)
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, out[-4000:]
+    it follows its own uninterrupted run within the RoIAlign atomics' noise. The reference and the run to crash
+    train side by side (two tiny models on one GPU)."""
+    runs = {name: tmp_path / name for name in ("reference", "crashed")}
+    args = {name: recipe(tiny_model_dir, synthetic_pix2cap, out, f"train.max_steps={STEPS}", f"train.save_steps={HALF}",
+                         *LORA, "train.engine=torch") for name, out in runs.items()}
+    with open(tmp_path / "reference.log", "w") as log:  # a file: nobody reads its pipe while the other trains
+        reference = one_process(args["reference"], stdout=log)
+        try:
+            kill_9_after_the_half_way_checkpoint(one_process(args["crashed"]), runs["crashed"])
+            finish(one_process(args["crashed"]))
+        finally:
+            try:
+                reference.wait(timeout=300)
+            finally:
+                kill_group(reference)
+    assert reference.returncode == 0, (tmp_path / "reference.log").read_text()[-4000:]
     zero2, ref, resumed = losses(lora_run), losses(runs["reference"]), losses(runs["crashed"])
     assert sorted(ref) == sorted(resumed) == list(range(1, STEPS + 1))
     assert ref[1] == pytest.approx(zero2[1], rel=1e-3)

@@ -386,6 +386,8 @@ def test_cuda_torch_varlen_gives_the_sdpa_loss_and_gradients_within_bf16_toleran
 def test_cuda_compiled_decoder_layers_with_torch_varlen_give_the_sdpa_loss(tiny_model_dir, synthetic_pix2cap):
     """Regional compile over the varlen path, on packed batches whose row widths and longest samples differ
     (each a new shape / max_length for the compiled layers): the same loss as eager sdpa within bf16 tolerance."""
+    import torch._dynamo
+
     from gpt4roi_sft import load_model
     from gpt4roi_sft.data.collator import PackingCollator
     from gpt4roi_sft.data.dataset import ConversationDataset
@@ -397,10 +399,45 @@ def test_cuda_compiled_decoder_layers_with_torch_varlen_give_the_sdpa_loss(tiny_
     dataset = ConversationDataset(str(synthetic_pix2cap["train"]), str(synthetic_pix2cap["root"]), processor.tokenizer,
                                   processor.image_transform, model.config.image_token_id, processor.num_image_tokens)
     collate = PackingCollator(1024, processor.tokenizer.pad_token_id, pad_to_multiple=128)
-    batches = [collate([dataset[i] for i in range(a, b)]) for a, b in ((0, 3), (3, 4), (4, 8))]
-    assert len({(tuple(b["input_ids"].shape), b["max_length_q"]) for b in batches}) == 3
+    # more distinct (row width, longest sample) pairs than dynamo's recompile limit (8): shapes and max_length_q
+    # must turn dynamic, or the layers would silently run eagerly after the 8th
+    spans = [(0, 3), (3, 4), (4, 8), (8, 10), (10, 11), (11, 16), (16, 17), (17, 19), (19, 20), (20, 24), (24, 25)]
+    batches = [collate([dataset[i] for i in range(a, b)]) for a, b in spans]
+    assert len({(tuple(b["input_ids"].shape), b["max_length_q"]) for b in batches}) > 8
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     speedups.compile_regions(models["torch_varlen"], ["decoder_layers"])
     for batch in batches:
         plain = loss_and_grads(models["sdpa"], batch, device="cuda", dtype=torch.bfloat16)[0]
         fast = loss_and_grads(models["torch_varlen"], batch, device="cuda", dtype=torch.bfloat16)[0]
         torch.testing.assert_close(fast.float(), plain.float(), rtol=2e-2, atol=2e-2)
+    health = speedups.compile_health()
+    assert not health["recompile_limit_hit"] and health["unique_graphs"] <= 4, health
+
+
+def test_compile_health_reports_when_dynamo_stops_compiling_after_the_recompile_limit(caplog):
+    """A region that recompiles past dynamo's limit runs eagerly from then on, silently slower: the report and the
+    trainer's warning say so; a function compiled once does not trigger it."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    once = torch.compile(lambda x: x * 2, backend="eager")
+    once(torch.ones(3))
+    assert speedups.compile_health() == {"unique_graphs": 1, "graph_breaks": 0, "recompile_limit_hit": False}
+    assert not speedups.warn_if_compile_gave_up()
+
+    @torch.compile(backend="eager", dynamic=False)
+    def scaled(x, k):
+        return x * k
+
+    for k in range(torch._dynamo.config.recompile_limit + 2):  # a new constant each call: one graph per value
+        scaled(torch.ones(3), k)
+    health = speedups.compile_health()
+    assert health["recompile_limit_hit"] and health["unique_graphs"] >= torch._dynamo.config.recompile_limit
+    with caplog.at_level("WARNING"):
+        assert speedups.warn_if_compile_gave_up()
+    assert "recompile limit" in caplog.text
+    torch._dynamo.reset()
+    counters.clear()

@@ -16,6 +16,7 @@ import torch
 from bench.flops import FlopModel
 from bench.throughput.device import device_name
 from bench.throughput.engine import ROOT
+from gpt4roi_sft.train.speedups import compile_health
 
 
 def slug(text: str) -> str:
@@ -168,6 +169,8 @@ def build_result(args, *, config, device: torch.device, attn: str, arms: Dict[st
         "budget_search": searches,
         "parameters": counts,
         "engine_steps": engine_steps,
+        # a compiled arm whose region hit dynamo's recompile limit ran partly eager: its time is not compile's
+        "torch_compile": compile_health(),
         "settings": {
             "label": label,
             "tag": args.tag,

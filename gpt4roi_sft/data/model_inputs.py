@@ -147,14 +147,17 @@ def move_to_device(batch: Dict[str, Any], device, float_dtype: torch.dtype, non_
     """The model inputs of ``batch`` (those not None) on ``device``; images and masks in the model's float dtype.
 
     ``non_blocking`` copies do not wait for the kernels already queued on the device (the training loop's
-    choice; a blocking host-to-device copy synchronises the stream first).
+    choice; a blocking host-to-device copy synchronises the stream first). To CUDA they leave from page-locked
+    memory, cast on the host first: from pageable memory the driver stages the copy and may wait for the stream.
     """
+    pin = non_blocking and torch.device(device).type == "cuda"
 
     def move(value, cast: bool):
         if isinstance(value, torch.Tensor):
-            if cast and value.is_floating_point():
-                return value.to(device=device, dtype=float_dtype, non_blocking=non_blocking)
-            return value.to(device, non_blocking=non_blocking)
+            dtype = float_dtype if cast and value.is_floating_point() else value.dtype
+            if pin and value.device.type == "cpu":
+                value = value.to(dtype).pin_memory()
+            return value.to(device=device, dtype=dtype, non_blocking=non_blocking)
         if isinstance(value, (list, tuple)):
             return [move(v, cast) for v in value]
         return value

@@ -455,4 +455,8 @@ def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
             metrics.close()
     if is_rank0:
         plot_loss(out_dir)
+        if cfg.model.compile:
+            from gpt4roi_sft.train.speedups import warn_if_compile_gave_up
+
+            warn_if_compile_gave_up()
     return {"step": step, "loss": last_loss, "output_dir": str(out_dir)}

@@ -145,6 +145,29 @@ def compile_regions(model: nn.Module, parts: Sequence[str]) -> Dict[str, List[nn
     return compiled
 
 
+def compile_health() -> Dict[str, object]:
+    """What ``torch.compile`` did in this process: graphs built, graph breaks, and whether dynamo gave up on a
+    function after too many recompiles (it then runs eagerly from there on, silently slower: the number a user
+    must see before trusting a compiled run's speed)."""
+    from torch._dynamo.utils import counters
+
+    gave_up = sorted(k.split("\n")[0] for k in counters["unimplemented"] if "recompile limit" in k.lower())
+    return {"unique_graphs": int(counters["stats"]["unique_graphs"]),
+            "graph_breaks": int(sum(counters["graph_break"].values())),
+            "recompile_limit_hit": bool(gave_up)}
+
+
+def warn_if_compile_gave_up() -> bool:
+    """Log once when dynamo stopped compiling a region (the recompile limit); True if it did."""
+    health = compile_health()
+    if health["recompile_limit_hit"]:
+        import torch._dynamo
+
+        log.warning("torch.compile: dynamo hit its recompile limit (%d) and runs part of the model eagerly from "
+                    "there on; TORCH_LOGS=recompiles names the guard that keeps failing", torch._dynamo.config.recompile_limit)
+    return bool(health["recompile_limit_hit"])
+
+
 def vision_layers(model: nn.Module, key: str) -> List[nn.Module]:
     """The vision tower's encoder layers (``vision_model.encoder.layers`` of a CLIP tower) of ``model``."""
     tower = unwrap_base_model(model).vision_tower
