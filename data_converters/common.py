@@ -38,6 +38,25 @@ def require_keys(obj: Any, keys: Sequence[str], where: str) -> None:
         raise DataError(f"{where}: missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
 
 
+def kept_unique(seen: dict, key: Any, *, where: str, at: str, field: str, skip_bad: bool,
+                stats: "ConversionStats") -> bool:
+    """Whether ``key`` is new; it is then remembered as found ``at`` (e.g. ``"segments_info[3]"``).
+
+    A repeated id would silently merge two entries (shared masks, clashing record ids), so it is a
+    :class:`DataError` naming ``where``, ``field`` and both places, unless ``skip_bad`` (then the repeat is
+    counted as ``duplicate_<field>`` and left out).
+    """
+    if isinstance(key, bool) or not isinstance(key, (str, int, float)):
+        raise DataError(f"{where}: {at}: {field} {key!r} must be a number or a string")
+    if key not in seen:
+        seen[key] = at
+        return True
+    if not skip_bad:
+        raise DataError(f"{where}: {field} {key!r} appears twice ({seen[key]} and {at})")
+    stats.drop("duplicate_" + field.replace(" ", "_"))
+    return False
+
+
 def kept_box(ann: dict, *, where: str, width: float, height: float, skip_bad: bool,
              stats: "ConversionStats", min_square_box: float = 0.0) -> list[float] | None:
     """The xyxy box of a COCO-style segment/annotation, or ``None`` when it is filtered out (and counted).

@@ -20,7 +20,7 @@ from typing import Iterator
 
 from data_converters.common import (ConversionStats, Region, add_box_filter_argument, add_output_arguments, finish,
                                     image_rng, infer_split,
-                                    join_image_path, kept_box, kept_caption, region_records, require_keys,
+                                    join_image_path, kept_box, kept_caption, kept_unique, region_records, require_keys,
                                     templates_by_name)
 from gpt4roi_sft.errors import DataError, run_cli
 from gpt4roi_sft.json_io import load_json
@@ -50,6 +50,18 @@ def segment_regions(seg: dict, *, where: str, width: int, height: int, categorie
     return Region(bbox=bbox, caption=description, extra=extra)
 
 
+def listed_images(images: list, *, source_file: str, skip_bad: bool, stats: ConversionStats) -> dict:
+    """``{image id: image entry}``, each entry checked; a repeated id is refused (see :func:`kept_unique`)."""
+    listed: dict = {}
+    seen: dict = {}
+    for k, img in enumerate(images):
+        require_keys(img, ("id", "file_name", "width", "height"), f"{source_file}: images[{k}]")
+        if kept_unique(seen, img["id"], where=source_file, at=f"images[{k}]", field="image id", skip_bad=skip_bad,
+                       stats=stats):
+            listed[img["id"]] = img
+    return listed
+
+
 def convert_pix2cap(data: dict, *, source_file: str, split: str, image_dir_prefix: str, panoptic_dir: str,
                     max_regions: int = 15, seed: int = 0, things_only: bool = False, templates=(),
                     skip_bad: bool = False, stats: ConversionStats | None = None, min_square_box: float = 0.0,
@@ -59,13 +71,14 @@ def convert_pix2cap(data: dict, *, source_file: str, split: str, image_dir_prefi
     templates = templates or templates_by_name("gpt4roi_vg")
     require_keys(data, ("images", "annotations"), source_file)
     categories = {c.get("id"): c for c in data.get("categories", []) if isinstance(c, dict)}
-    images = {}
-    for k, img in enumerate(data["images"]):
-        require_keys(img, ("id", "file_name", "width", "height"), f"{source_file}: images[{k}]")
-        images[img["id"]] = img
+    images = listed_images(data["images"], source_file=source_file, skip_bad=skip_bad, stats=stats)
+    annotated: dict = {}
     for k, ann in enumerate(data["annotations"]):
         require_keys(ann, ("image_id", "segments_info"), f"{source_file}: annotations[{k}]")
         image_id = ann["image_id"]
+        if not kept_unique(annotated, image_id, where=source_file, at=f"annotations[{k}]", field="image_id",
+                           skip_bad=skip_bad, stats=stats):
+            continue
         img = images.get(image_id)
         if img is None:
             if skip_bad:
@@ -76,11 +89,15 @@ def convert_pix2cap(data: dict, *, source_file: str, split: str, image_dir_prefi
         width, height = img["width"], img["height"]
         png = ann.get("file_name") or str(Path(img["file_name"]).with_suffix(".png"))
         mask = join_image_path(panoptic_dir, png)
-        regions = []
-        for seg in ann["segments_info"]:
+        regions, segment_ids = [], {}
+        for j, seg in enumerate(ann["segments_info"]):
             where = f"{source_file}: image {image_id} segment {seg.get('id', '?') if isinstance(seg, dict) else '?'}"
             if not isinstance(seg, dict):
                 raise DataError(f"{where}: expected a JSON object")
+            if "id" in seg and not kept_unique(segment_ids, seg["id"], where=f"{source_file}: image {image_id}",
+                                               at=f"segments_info[{j}]", field="segment id", skip_bad=skip_bad,
+                                               stats=stats):
+                continue
             region = segment_regions(seg, where=where, width=width, height=height, categories=categories,
                                      things_only=things_only, skip_bad=skip_bad, mask=mask, stats=stats,
                                      min_square_box=min_square_box)

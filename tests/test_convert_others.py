@@ -136,6 +136,15 @@ def test_llava_instruct_turns_out_of_order_are_skipped_and_counted_with_skip_bad
     assert proc.returncode == 0 and len(records) == 1 and stats["dropped"] == {"bad_entry": 1}
 
 
+def test_llava_instruct_repeated_id_is_an_error_naming_both_entries(tmp_path):
+    data = llava_file()
+    data[1]["id"] = data[0]["id"]
+    proc, _, _ = run(tmp_path, "llava_instruct", data)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "input.json" in proc.stderr and "'000000033471'" in proc.stderr
+    assert "entry 0" in proc.stderr and "entry 1" in proc.stderr
+
+
 def test_every_converter_reports_truncated_json_in_one_line(tmp_path):
     for module in ("vg", "refcocog", "llava_instruct"):
         proc, _, _ = run(tmp_path, module, '[{"id": 1, "im')

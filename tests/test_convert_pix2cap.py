@@ -181,6 +181,40 @@ def test_segment_without_bbox_is_an_error_naming_the_segment(tmp_path):
     assert proc.returncode == 2 and "image 5 segment 9" in proc.stderr and "bbox" in proc.stderr
 
 
+def one_line_error(proc) -> str:
+    """The converter's stderr, checked to be a single line without a traceback."""
+    line = proc.stderr.strip()
+    assert proc.returncode == 2 and "\n" not in line and "Traceback" not in line, proc.stderr
+    return line
+
+
+def test_repeated_segment_id_in_an_image_is_an_error_naming_both_segments(tmp_path):
+    data = {5: [seg(3, [0, 0, 10, 10], "left"), seg(4, [0, 0, 10, 10]), seg(3, [20, 20, 10, 10], "right")]}
+    line = one_line_error(run(tmp_path, data)[0])
+    assert "pix2cap_coco_train.json: image 5" in line and "segment id 3" in line
+    assert "segments_info[0]" in line and "segments_info[2]" in line
+
+
+def test_repeated_segment_id_is_dropped_and_counted_with_skip_bad(tmp_path):
+    data = {5: [seg(3, [0, 0, 10, 10], "left"), seg(3, [20, 20, 10, 10], "right")]}
+    _, records, stats = run(tmp_path, data, "--skip-bad")
+    assert captions(records) == ["left"] and stats["dropped"] == {"duplicate_segment_id": 1}
+
+
+def test_image_annotated_twice_is_an_error_naming_both_annotations(tmp_path):
+    data = panoptic({5: [seg(1, [0, 0, 10, 10])], 6: [seg(1, [0, 0, 10, 10])]})
+    data["annotations"].append(dict(data["annotations"][0]))
+    line = one_line_error(run(tmp_path, json.dumps(data))[0])
+    assert "image_id 5" in line and "annotations[0]" in line and "annotations[2]" in line
+
+
+def test_image_listed_twice_is_an_error_naming_both_entries(tmp_path):
+    data = panoptic({5: [seg(1, [0, 0, 10, 10])]})
+    data["images"].append(dict(data["images"][0], file_name="other.jpg"))
+    line = one_line_error(run(tmp_path, json.dumps(data))[0])
+    assert "image id 5" in line and "images[0]" in line and "images[1]" in line
+
+
 @pytest.mark.parametrize("text", ['{"images": [{"id": 1, "file_na', "not json at all", ""])
 def test_truncated_or_invalid_json_exits_2_with_one_line_naming_the_file(tmp_path, text):
     proc, records, stats = run(tmp_path, text)
