@@ -51,10 +51,16 @@ def kept_unique(seen: dict, key: Any, *, where: str, at: str, field: str, skip_b
     if key not in seen:
         seen[key] = at
         return True
-    if not skip_bad:
-        raise DataError(f"{where}: {field} {key!r} appears twice ({seen[key]} and {at})")
-    stats.drop("duplicate_" + field.replace(" ", "_"))
+    skip_or_raise(f"{where}: {field} {key!r} appears twice ({seen[key]} and {at})",
+                  "duplicate_" + field.replace(" ", "_"), skip_bad=skip_bad, stats=stats)
     return False
+
+
+def skip_or_raise(message: str, reason: str, *, skip_bad: bool, stats: "ConversionStats") -> None:
+    """The ``--skip-bad`` policy for a bad entry: count it as ``reason``, or stop with ``message``."""
+    if not skip_bad:
+        raise DataError(message)
+    stats.drop(reason)
 
 
 def kept_box(ann: dict, *, where: str, width: float, height: float, skip_bad: bool,

@@ -19,19 +19,34 @@ from pathlib import Path
 from typing import Iterator
 
 from data_converters.common import (ConversionStats, Region, add_box_filter_argument, add_output_arguments, finish,
-                                    image_rng, infer_split,
-                                    join_image_path, kept_box, kept_caption, kept_unique, region_records, require_keys,
-                                    templates_by_name)
+                                    image_rng, infer_split, join_image_path, kept_box, kept_caption, kept_unique,
+                                    region_records, require_keys, skip_or_raise, templates_by_name)
 from gpt4roi_sft.errors import DataError, run_cli
 from gpt4roi_sft.json_io import load_json
 
 SOURCE = "pix2cap_coco"
 
 
+def categories_by_id(data: dict, source_file: str) -> dict:
+    """``{category id: category}`` of the file's ``categories`` (each needs ``id`` and ``name``)."""
+    categories = data.get("categories") or []
+    if not isinstance(categories, list):
+        raise DataError(f"{source_file}: categories must be a list, got {type(categories).__name__}")
+    for k, category in enumerate(categories):
+        require_keys(category, ("id", "name"), f"{source_file}: categories[{k}]")
+    return {c["id"]: c for c in categories}
+
+
 def segment_regions(seg: dict, *, where: str, width: int, height: int, categories: dict, things_only: bool,
                     skip_bad: bool, mask: str, stats: ConversionStats, min_square_box: float = 0.0) -> Region | None:
     """One ``segments_info`` entry -> a :class:`Region`, or ``None`` (counted in ``stats.dropped``)."""
-    category = categories.get(seg.get("category_id"))
+    category_id = seg.get("category_id")
+    hashable = isinstance(category_id, (int, str)) and not isinstance(category_id, bool)
+    category = categories.get(category_id) if hashable else None
+    if categories and category is None:
+        skip_or_raise(f"{where}: category_id {category_id!r} is not listed in categories",
+                      "unknown_category", skip_bad=skip_bad, stats=stats)
+        return None
     if things_only and category is not None and not category.get("isthing", 1):
         stats.drop("stuff_things_only")
         return None
@@ -70,7 +85,7 @@ def convert_pix2cap(data: dict, *, source_file: str, split: str, image_dir_prefi
     stats = stats if stats is not None else ConversionStats()
     templates = templates or templates_by_name("gpt4roi_vg")
     require_keys(data, ("images", "annotations"), source_file)
-    categories = {c.get("id"): c for c in data.get("categories", []) if isinstance(c, dict)}
+    categories = categories_by_id(data, source_file)
     images = listed_images(data["images"], source_file=source_file, skip_bad=skip_bad, stats=stats)
     annotated: dict = {}
     for k, ann in enumerate(data["annotations"]):

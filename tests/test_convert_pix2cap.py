@@ -215,6 +215,18 @@ def test_image_listed_twice_is_an_error_naming_both_entries(tmp_path):
     assert "image id 5" in line and "images[0]" in line and "images[1]" in line
 
 
+def test_unlisted_category_id_is_an_error_naming_the_segment_and_field(tmp_path):
+    data = {5: [seg(1, [0, 0, 10, 10]), seg(2, [0, 0, 10, 10], category_id=999)]}
+    line = one_line_error(run(tmp_path, data)[0])
+    assert "pix2cap_coco_train.json: image 5 segment 2" in line and "category_id 999" in line
+
+
+def test_unlisted_category_id_is_dropped_and_counted_with_skip_bad(tmp_path):
+    data = {5: [seg(1, [0, 0, 10, 10]), seg(2, [0, 0, 10, 10], category_id=999)]}
+    _, records, stats = run(tmp_path, data, "--skip-bad")
+    assert [r["segment_id"] for r in records[0]["regions"]] == [1] and stats["dropped"] == {"unknown_category": 1}
+
+
 @pytest.mark.parametrize("text", ['{"images": [{"id": 1, "file_na', "not json at all", ""])
 def test_truncated_or_invalid_json_exits_2_with_one_line_naming_the_file(tmp_path, text):
     proc, records, stats = run(tmp_path, text)
