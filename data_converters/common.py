@@ -68,10 +68,15 @@ def kept_box(ann: dict, *, where: str, width: float, height: float, skip_bad: bo
     """The xyxy box of a COCO-style segment/annotation, or ``None`` when it is filtered out (and counted).
 
     Filters (GPT4RoI / Pix2Cap SFT): crowd, ``area <= 0``, ``w < 1`` or ``h < 1``, and with ``min_square_box``
-    boxes no larger than that in the 224 px square (:func:`small_in_square`). A missing or malformed box, or one
-    outside the image, is an error naming ``where`` unless ``skip_bad`` (then counted).
+    boxes no larger than that in the 224 px square (:func:`small_in_square`). A missing or malformed box, one
+    outside the image, or an ``iscrowd`` other than 0/1 is an error naming ``where`` unless ``skip_bad``
+    (then counted).
     """
-    if ann.get("iscrowd", 0):
+    crowd = ann.get("iscrowd", 0)
+    if not isinstance(crowd, int) or crowd not in (0, 1):  # bool is an int; "0" would be truthy
+        skip_or_raise(f"{where}: iscrowd {crowd!r} must be 0 or 1", "bad_iscrowd", skip_bad=skip_bad, stats=stats)
+        return None
+    if crowd:
         stats.drop("crowd")
         return None
     if "bbox" not in ann:

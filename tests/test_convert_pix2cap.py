@@ -227,6 +227,17 @@ def test_unlisted_category_id_is_dropped_and_counted_with_skip_bad(tmp_path):
     assert [r["segment_id"] for r in records[0]["regions"]] == [1] and stats["dropped"] == {"unknown_category": 1}
 
 
+@pytest.mark.parametrize("iscrowd", ["0", "1", 2, None, 0.5])
+def test_iscrowd_other_than_0_or_1_is_an_error_naming_the_segment_and_field(tmp_path, iscrowd):
+    line = one_line_error(run(tmp_path, {5: [seg(2, [0, 0, 10, 10], iscrowd=iscrowd)]})[0])
+    assert "image 5 segment 2" in line and f"iscrowd {iscrowd!r}" in line
+
+
+def test_iscrowd_as_bool_is_read_as_0_or_1(tmp_path):
+    _, records, stats = run(tmp_path, {5: [seg(1, [0, 0, 10, 10], iscrowd=False), seg(2, [0, 0, 9, 9], iscrowd=True)]})
+    assert [r["segment_id"] for r in records[0]["regions"]] == [1] and stats["dropped"] == {"crowd": 1}
+
+
 @pytest.mark.parametrize("text", ['{"images": [{"id": 1, "file_na', "not json at all", ""])
 def test_truncated_or_invalid_json_exits_2_with_one_line_naming_the_file(tmp_path, text):
     proc, records, stats = run(tmp_path, text)
