@@ -69,7 +69,7 @@ def kept_box(ann: dict, *, where: str, width: float, height: float, skip_bad: bo
 
     Filters (GPT4RoI / Pix2Cap SFT): crowd, ``area <= 0``, ``w < 1`` or ``h < 1``, and with ``min_square_box``
     boxes no larger than that in the 224 px square (:func:`small_in_square`). A missing or malformed box, one
-    outside the image, or an ``iscrowd`` other than 0/1 is an error naming ``where`` unless ``skip_bad``
+    outside the image, an ``iscrowd`` other than 0/1 or a non-numeric ``area`` is an error naming ``where`` unless ``skip_bad``
     (then counted).
     """
     crowd = ann.get("iscrowd", 0)
@@ -84,7 +84,11 @@ def kept_box(ann: dict, *, where: str, width: float, height: float, skip_bad: bo
             stats.drop("missing_bbox")
             return None
         raise DataError(f"{where}: no bbox")
-    if ann.get("area", 1) <= 0:
+    area = ann.get("area", 1)
+    if isinstance(area, bool) or not isinstance(area, (int, float)) or not math.isfinite(area):
+        skip_or_raise(f"{where}: area {area!r} is not a finite number", "bad_area", skip_bad=skip_bad, stats=stats)
+        return None
+    if area <= 0:
         stats.drop("zero_area")
         return None
     try:

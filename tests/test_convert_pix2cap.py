@@ -238,6 +238,12 @@ def test_iscrowd_as_bool_is_read_as_0_or_1(tmp_path):
     assert [r["segment_id"] for r in records[0]["regions"]] == [1] and stats["dropped"] == {"crowd": 1}
 
 
+@pytest.mark.parametrize("area", ["big", None, [100], True])
+def test_non_numeric_area_is_an_error_naming_the_segment_and_field(tmp_path, area):
+    line = one_line_error(run(tmp_path, {5: [seg(2, [0, 0, 10, 10], area=area)]})[0])
+    assert "image 5 segment 2" in line and f"area {area!r}" in line
+
+
 @pytest.mark.parametrize("text", ['{"images": [{"id": 1, "file_na', "not json at all", ""])
 def test_truncated_or_invalid_json_exits_2_with_one_line_naming_the_file(tmp_path, text):
     proc, records, stats = run(tmp_path, text)
