@@ -38,6 +38,19 @@ def require_keys(obj: Any, keys: Sequence[str], where: str) -> None:
         raise DataError(f"{where}: missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
 
 
+IMAGE_KEYS = ("id", "file_name", "width", "height")
+
+
+def require_image(img: Any, where: str, extra: Sequence[str] = ()) -> None:
+    """:func:`require_keys` for a COCO ``images`` entry (``IMAGE_KEYS`` and ``extra``), whose width and height
+    must be positive numbers: they are the frame every box of the image is checked and clipped against."""
+    require_keys(img, IMAGE_KEYS + tuple(extra), where)
+    for key in ("width", "height"):
+        size = img[key]
+        if isinstance(size, bool) or not isinstance(size, (int, float)) or not math.isfinite(size) or size <= 0:
+            raise DataError(f"{where} (image {img['id']}): {key} {size!r} must be a positive number")
+
+
 def kept_unique(seen: dict, key: Any, *, where: str, at: str, field: str, skip_bad: bool,
                 stats: "ConversionStats") -> bool:
     """Whether ``key`` is new; it is then remembered as found ``at`` (e.g. ``"segments_info[3]"``).

@@ -20,7 +20,8 @@ from typing import Iterator
 
 from data_converters.common import (ConversionStats, Region, add_box_filter_argument, add_output_arguments, finish,
                                     image_rng, infer_split, join_image_path, kept_box, kept_caption, kept_unique,
-                                    region_records, require_keys, skip_or_raise, templates_by_name)
+                                    region_records, require_image, require_keys, skip_or_raise,
+                                    templates_by_name)
 from gpt4roi_sft.errors import DataError, run_cli
 from gpt4roi_sft.json_io import load_json
 
@@ -70,7 +71,7 @@ def listed_images(images: list, *, source_file: str, skip_bad: bool, stats: Conv
     listed: dict = {}
     seen: dict = {}
     for k, img in enumerate(images):
-        require_keys(img, ("id", "file_name", "width", "height"), f"{source_file}: images[{k}]")
+        require_image(img, f"{source_file}: images[{k}]")
         if kept_unique(seen, img["id"], where=source_file, at=f"images[{k}]", field="image id", skip_bad=skip_bad,
                        stats=stats):
             listed[img["id"]] = img

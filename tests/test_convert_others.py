@@ -71,6 +71,14 @@ def test_vg_non_numeric_area_is_an_error_naming_image_annotation_and_field(tmp_p
     assert "input.json: image 7 annotation 1" in proc.stderr and "area '200'" in proc.stderr
 
 
+def test_vg_bad_image_size_is_an_error_naming_the_image_and_field(tmp_path):
+    data = vg_file(1)
+    data["images"][1]["height"] = "100"
+    proc, _, _ = run(tmp_path, "vg", data)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "input.json: images[1] (image 8): height '100'" in proc.stderr
+
+
 def refcocog_file() -> dict:
     return {"images": [{"id": 1, "file_name": "COCO_train2014_000000000009.jpg", "width": 640, "height": 480,
                         "caption": "the bowl of oranges on the left", "original_id": 9},

@@ -244,6 +244,15 @@ def test_non_numeric_area_is_an_error_naming_the_segment_and_field(tmp_path, are
     assert "image 5 segment 2" in line and f"area {area!r}" in line
 
 
+@pytest.mark.parametrize("key", ["width", "height"])
+@pytest.mark.parametrize("size", ["640", None, 0, True])
+def test_bad_image_size_is_an_error_naming_the_image_and_field(tmp_path, key, size):
+    data = panoptic({5: [seg(1, [0, 0, 10, 10])]})
+    data["images"][0][key] = size
+    line = one_line_error(run(tmp_path, json.dumps(data))[0])
+    assert "pix2cap_coco_train.json: images[0] (image 5)" in line and f"{key} {size!r}" in line
+
+
 @pytest.mark.parametrize("text", ['{"images": [{"id": 1, "file_na', "not json at all", ""])
 def test_truncated_or_invalid_json_exits_2_with_one_line_naming_the_file(tmp_path, text):
     proc, records, stats = run(tmp_path, text)
