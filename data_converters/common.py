@@ -22,7 +22,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from data_converters.templates import TEMPLATE_SETS, region_question
 from gpt4roi_sft.atomic import atomic_open, write_json_atomic
-from gpt4roi_sft.constants import GPT4ROI_PREAMBLE
+from gpt4roi_sft.constants import BBOX_TOKEN, GPT4ROI_PREAMBLE, IMAGE_TOKEN
 from gpt4roi_sft.data.schema import coco_box_to_xyxy, validate_record
 from gpt4roi_sft.errors import BoxError, DataError, UserError
 
@@ -87,7 +87,8 @@ def kept_box(ann: dict, *, where: str, width: float, height: float, skip_bad: bo
     """
     crowd = ann.get("iscrowd", 0)
     if not isinstance(crowd, int) or crowd not in (0, 1):  # bool is an int; "0" would be truthy
-        skip_or_raise(f"{where}: iscrowd {crowd!r} must be 0 or 1", "bad_iscrowd", skip_bad=skip_bad, stats=stats)
+        skip_or_raise(f"{where}: iscrowd {crowd!r} must be 0 or 1", "bad_iscrowd", skip_bad=skip_bad,
+                      stats=stats)
         return None
     if crowd:
         stats.drop("crowd")
@@ -137,10 +138,12 @@ def small_in_square(bbox: Sequence[float], width: float, height: float, min_side
     return not (w > min_side and h > min_side)
 
 
-def kept_caption(ann: dict, key: str, *, where: str, stats: "ConversionStats") -> str | None:
+def kept_caption(ann: dict, key: str, *, where: str, stats: "ConversionStats", skip_bad: bool = False) -> str | None:
     """``ann[key]`` as a caption, or ``None`` when missing/empty (counted as ``missing_<key>``/``empty_<key>``).
 
-    The text is kept exactly (no stripping, unicode untouched); a non-string value is an error.
+    The text is kept exactly (no stripping, unicode untouched); a non-string value is an error, and so is one
+    holding ``<image>`` or ``<bbox>`` (the record's text must hold them exactly once per image and region),
+    unless ``skip_bad`` (then counted as ``token_in_<key>``).
     """
     caption = ann.get(key)
     if caption is None:
@@ -151,6 +154,11 @@ def kept_caption(ann: dict, key: str, *, where: str, stats: "ConversionStats") -
     if not caption.strip():
         stats.drop(f"empty_{key}")
         return None
+    for token in (IMAGE_TOKEN, BBOX_TOKEN):
+        if token in caption:
+            skip_or_raise(f"{where}: {key} holds {token}, which the record format reserves", f"token_in_{key}",
+                          skip_bad=skip_bad, stats=stats)
+            return None
     return caption
 
 
@@ -297,17 +305,20 @@ def join_image_path(prefix: str, file_name: str) -> str:
     return f"{prefix.rstrip('/')}/{file_name}" if prefix else file_name
 
 
-def write_jsonl(path: Path, records: Iterable[dict]) -> int:
+def write_jsonl(path: Path, records: Iterable[dict], source: str = "") -> int:
     """Stream ``records`` to ``path`` as JSON lines (unicode kept) through a temp file renamed at the end.
 
     Each record is checked against the conversation schema (:func:`gpt4roi_sft.data.schema.validate_record`)
-    before it is written, so a converter cannot write a file the trainer would reject. If the iteration or a
-    check raises, nothing is left at ``path`` (an older file there stays as it was).
+    before it is written, so a converter cannot write a file the trainer would reject; the error names the
+    ``source`` file and the record id (which holds the entry's id), as the user fixes the input, not the output.
+    If the iteration or a check raises, nothing is left at ``path`` (an older file there stays as it was).
     """
     n = 0
     with atomic_open(path, "w") as fh:
         for record in records:
-            validate_record(record, f"{path.name}: record {n + 1} ({record.get('id')})")
+            written_as = f"{path.name}: record {n + 1}"
+            validate_record(record, f"{source}: record {record.get('id')} ({written_as})" if source
+                            else f"{written_as} ({record.get('id')})")
             fh.write(json.dumps(record, ensure_ascii=False))
             fh.write("\n")
             n += 1
@@ -346,7 +357,7 @@ def add_box_filter_argument(parser: argparse.ArgumentParser) -> None:
 
 def finish(args: argparse.Namespace, records: Iterable[dict], stats: ConversionStats) -> int:
     """Write the records (and stats), print a one-line summary; shared tail of every converter's main."""
-    write_jsonl(args.out, records)
+    write_jsonl(args.out, records, source=Path(stats.input).name)
     if args.stats:
         write_json_atomic(args.stats, stats.as_dict())
     print(f"{args.out}: {stats.summary()}")

@@ -33,7 +33,7 @@ import numpy as np
 from data_converters.common import (ConversionStats, add_output_arguments, finish, image_rng, join_image_path,
                                     kept_unique)
 from data_converters.lvis import gpt4roi_name, lvis_name
-from gpt4roi_sft.constants import IMAGE_TOKEN
+from gpt4roi_sft.constants import BBOX_TOKEN, IMAGE_TOKEN
 from gpt4roi_sft.data.schema import check_box, clip_box
 from gpt4roi_sft.errors import BoxError, DataError, run_cli
 from gpt4roi_sft.json_io import load_json
@@ -95,12 +95,15 @@ def selected_detections(boxes: np.ndarray, labels: np.ndarray, score_threshold: 
 
 
 def alternating_turns(conversations: list, where: str) -> list[dict]:
-    """Copies of the turns, checked to alternate human/gpt from a human turn."""
+    """Copies of the turns, checked to alternate human/gpt from a human turn and to hold no ``<bbox>``
+    (the record format reserves it for regions; only GPT4RoI's detection preamble adds them)."""
     if not isinstance(conversations, list) or not conversations:
         raise DataError(f"{where}: conversations must be a non-empty list")
     for k, turn in enumerate(conversations):
         if not isinstance(turn, dict) or turn.get("from") != ROLES[k % 2] or not isinstance(turn.get("value"), str):
             raise DataError(f"{where}: turn {k} must be {{'from': '{ROLES[k % 2]}', 'value': str}}")
+        if BBOX_TOKEN in turn["value"]:
+            raise DataError(f"{where}: turn {k} value holds {BBOX_TOKEN}, which the record format reserves for regions")
     return [{"from": t["from"], "value": t["value"]} for t in conversations]
 
 

@@ -55,7 +55,7 @@ def segment_regions(seg: dict, *, where: str, width: int, height: int, categorie
                     min_square_box=min_square_box)
     if bbox is None:
         return None
-    description = kept_caption(seg, "description", where=where, stats=stats)
+    description = kept_caption(seg, "description", where=where, stats=stats, skip_bad=skip_bad)
     if description is None:
         return None
     extra: dict = {"segment_id": seg["id"], "mask": mask} if "id" in seg else {"mask": mask}

@@ -50,7 +50,8 @@ def convert_refcocog(data: dict, *, source_file: str, split: str = "train", imag
             stats.drop("extra_box", len(anns) - 1)
         bbox = kept_box(anns[0], where=f"{where} annotation {anns[0].get('id', 0)}", width=img["width"],
                         height=img["height"], skip_bad=skip_bad, stats=stats, min_square_box=min_square_box)
-        caption = kept_caption(img, "caption", where=where, stats=stats) if bbox is not None else None
+        caption = None if bbox is None else kept_caption(img, "caption", where=where, stats=stats,
+                                                         skip_bad=skip_bad)
         if caption is not None and len(caption.split(" ")) < min_words:
             stats.drop("caption_under_min_words")
             caption = None

@@ -31,7 +31,7 @@ def caption_region(ann: dict, *, where: str, width: int, height: int, skip_bad: 
                     min_square_box=min_square_box)
     if bbox is None:
         return None
-    caption = kept_caption(ann, "caption", where=where, stats=stats)
+    caption = kept_caption(ann, "caption", where=where, stats=stats, skip_bad=skip_bad)
     return None if caption is None else Region(bbox=bbox, caption=caption)
 
 

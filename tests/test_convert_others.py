@@ -79,6 +79,14 @@ def test_vg_bad_image_size_is_an_error_naming_the_image_and_field(tmp_path):
     assert "input.json: images[1] (image 8): height '100'" in proc.stderr
 
 
+def test_vg_caption_holding_a_record_token_is_an_error_naming_the_annotation_not_the_output(tmp_path):
+    data = vg_file(2)
+    data["annotations"][1]["caption"] = "<image> of a dog"
+    proc, _, _ = run(tmp_path, "vg", data)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "input.json: image 7 annotation 2: caption holds <image>" in proc.stderr and "out.jsonl" not in proc.stderr
+
+
 def refcocog_file() -> dict:
     return {"images": [{"id": 1, "file_name": "COCO_train2014_000000000009.jpg", "width": 640, "height": 480,
                         "caption": "the bowl of oranges on the left", "original_id": 9},
@@ -159,6 +167,15 @@ def test_llava_instruct_repeated_id_is_an_error_naming_both_entries(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "input.json" in proc.stderr and "'000000033471'" in proc.stderr
     assert "entry 0" in proc.stderr and "entry 1" in proc.stderr
+
+
+def test_llava_instruct_turn_holding_bbox_is_an_error_naming_the_entry_and_turn(tmp_path):
+    data = llava_file()
+    data[1]["conversations"][1]["value"] = "The cat at <bbox> sleeps."
+    proc, _, _ = run(tmp_path, "llava_instruct", data)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "input.json: entry 1 (id 000000052846): turn 1 value holds <bbox>" in proc.stderr
+    assert "out.jsonl" not in proc.stderr
 
 
 def test_every_converter_reports_truncated_json_in_one_line(tmp_path):

@@ -253,6 +253,21 @@ def test_bad_image_size_is_an_error_naming_the_image_and_field(tmp_path, key, si
     assert "pix2cap_coco_train.json: images[0] (image 5)" in line and f"{key} {size!r}" in line
 
 
+@pytest.mark.parametrize("token", ["<bbox>", "<image>"])
+def test_description_holding_a_record_token_is_an_error_naming_the_segment_not_the_output(tmp_path, token):
+    data = {5: [seg(1, [0, 0, 10, 10]), seg(2, [0, 0, 10, 10], f"a {token} here")]}
+    line = one_line_error(run(tmp_path, data)[0])
+    assert "pix2cap_coco_train.json: image 5 segment 2" in line and f"description holds {token}" in line
+    assert "out.jsonl" not in line
+
+
+def test_description_holding_a_record_token_is_dropped_and_counted_with_skip_bad(tmp_path):
+    data = {5: [seg(1, [0, 0, 10, 10]), seg(2, [0, 0, 10, 10], "a <bbox> here")]}
+    _, records, stats = run(tmp_path, data, "--skip-bad")
+    assert [r["segment_id"] for r in records[0]["regions"]] == [1]
+    assert stats["dropped"] == {"token_in_description": 1}
+
+
 @pytest.mark.parametrize("text", ['{"images": [{"id": 1, "file_na', "not json at all", ""])
 def test_truncated_or_invalid_json_exits_2_with_one_line_naming_the_file(tmp_path, text):
     proc, records, stats = run(tmp_path, text)
