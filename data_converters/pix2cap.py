@@ -3,7 +3,9 @@
 Follows the Pix2Cap paper's GPT4RoI SFT: segment boxes (xywh -> xyxy, clipped to the image), things and
 stuff, non-crowd, area > 0, w and h >= 1, one human/gpt pair per region with GPT4RoI's VG templates.
 Beyond it, no caption is silently lost: images with more than ``--max-regions`` kept segments become
-several dialogues, and every dropped segment is counted by reason (``--stats``).
+several dialogues, and every dropped segment is counted by reason (``--stats``). Malformed input (a repeated
+image/segment id, an unlisted ``category_id``, ``iscrowd`` not 0/1, a non-numeric ``area``, a bad box or image
+size) is an error naming the file, image, segment and field; ``--skip-bad`` drops and counts what it can.
 
 Record ids are ``pix2cap/<split>/<image_id>/d<k>`` (k-th dialogue of the image); images are
 ``<image-dir-prefix>/<file_name>`` (default ``<split>2017``) and masks ``<panoptic-dir>/<png>``
