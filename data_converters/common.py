@@ -22,7 +22,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from data_converters.templates import TEMPLATE_SETS, region_question
 from gpt4roi_sft.atomic import atomic_open, write_json_atomic
-from gpt4roi_sft.constants import GPT4ROI_PREAMBLE
+from gpt4roi_sft.constants import BBOX_TOKEN, GPT4ROI_PREAMBLE, IMAGE_TOKEN
 from gpt4roi_sft.data.schema import coco_box_to_xyxy, validate_record
 from gpt4roi_sft.errors import BoxError, DataError, UserError
 
@@ -38,15 +38,59 @@ def require_keys(obj: Any, keys: Sequence[str], where: str) -> None:
         raise DataError(f"{where}: missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
 
 
+IMAGE_KEYS = ("id", "file_name", "width", "height")
+
+
+def require_image(img: Any, where: str, extra: Sequence[str] = ()) -> None:
+    """:func:`require_keys` for a COCO ``images`` entry (``IMAGE_KEYS`` and ``extra``), whose width and height
+    must be positive numbers: they are the frame every box of the image is checked and clipped against."""
+    require_keys(img, IMAGE_KEYS + tuple(extra), where)
+    for key in ("width", "height"):
+        size = img[key]
+        if isinstance(size, bool) or not isinstance(size, (int, float)) or not math.isfinite(size) or size <= 0:
+            raise DataError(f"{where} (image {img['id']}): {key} {size!r} must be a positive number")
+
+
+def kept_unique(seen: dict, key: Any, *, where: str, at: str, field: str, skip_bad: bool,
+                stats: "ConversionStats") -> bool:
+    """Whether ``key`` is new; it is then remembered as found ``at`` (e.g. ``"segments_info[3]"``).
+
+    A repeated id would silently merge two entries (shared masks, clashing record ids), so it is a
+    :class:`DataError` naming ``where``, ``field`` and both places, unless ``skip_bad`` (then the repeat is
+    counted as ``duplicate_<field>`` and left out).
+    """
+    if isinstance(key, bool) or not isinstance(key, (str, int, float)):
+        raise DataError(f"{where}: {at}: {field} {key!r} must be a number or a string")
+    if key not in seen:
+        seen[key] = at
+        return True
+    skip_or_raise(f"{where}: {field} {key!r} appears twice ({seen[key]} and {at})",
+                  "duplicate_" + field.replace(" ", "_"), skip_bad=skip_bad, stats=stats)
+    return False
+
+
+def skip_or_raise(message: str, reason: str, *, skip_bad: bool, stats: "ConversionStats") -> None:
+    """The ``--skip-bad`` policy for a bad entry: count it as ``reason``, or stop with ``message``."""
+    if not skip_bad:
+        raise DataError(message)
+    stats.drop(reason)
+
+
 def kept_box(ann: dict, *, where: str, width: float, height: float, skip_bad: bool,
              stats: "ConversionStats", min_square_box: float = 0.0) -> list[float] | None:
     """The xyxy box of a COCO-style segment/annotation, or ``None`` when it is filtered out (and counted).
 
     Filters (GPT4RoI / Pix2Cap SFT): crowd, ``area <= 0``, ``w < 1`` or ``h < 1``, and with ``min_square_box``
-    boxes no larger than that in the 224 px square (:func:`small_in_square`). A missing or malformed box, or one
-    outside the image, is an error naming ``where`` unless ``skip_bad`` (then counted).
+    boxes no larger than that in the 224 px square (:func:`small_in_square`). A missing or malformed box, one
+    outside the image, an ``iscrowd`` other than 0/1 or a non-numeric ``area`` is an error naming ``where`` unless ``skip_bad``
+    (then counted).
     """
-    if ann.get("iscrowd", 0):
+    crowd = ann.get("iscrowd", 0)
+    if not isinstance(crowd, int) or crowd not in (0, 1):  # bool is an int; "0" would be truthy
+        skip_or_raise(f"{where}: iscrowd {crowd!r} must be 0 or 1", "bad_iscrowd", skip_bad=skip_bad,
+                      stats=stats)
+        return None
+    if crowd:
         stats.drop("crowd")
         return None
     if "bbox" not in ann:
@@ -54,7 +98,11 @@ def kept_box(ann: dict, *, where: str, width: float, height: float, skip_bad: bo
             stats.drop("missing_bbox")
             return None
         raise DataError(f"{where}: no bbox")
-    if ann.get("area", 1) <= 0:
+    area = ann.get("area", 1)
+    if isinstance(area, bool) or not isinstance(area, (int, float)) or not math.isfinite(area):
+        skip_or_raise(f"{where}: area {area!r} is not a finite number", "bad_area", skip_bad=skip_bad, stats=stats)
+        return None
+    if area <= 0:
         stats.drop("zero_area")
         return None
     try:
@@ -90,10 +138,12 @@ def small_in_square(bbox: Sequence[float], width: float, height: float, min_side
     return not (w > min_side and h > min_side)
 
 
-def kept_caption(ann: dict, key: str, *, where: str, stats: "ConversionStats") -> str | None:
+def kept_caption(ann: dict, key: str, *, where: str, stats: "ConversionStats", skip_bad: bool = False) -> str | None:
     """``ann[key]`` as a caption, or ``None`` when missing/empty (counted as ``missing_<key>``/``empty_<key>``).
 
-    The text is kept exactly (no stripping, unicode untouched); a non-string value is an error.
+    The text is kept exactly (no stripping, unicode untouched); a non-string value is an error, and so is one
+    holding ``<image>`` or ``<bbox>`` (the record's text must hold them exactly once per image and region),
+    unless ``skip_bad`` (then counted as ``token_in_<key>``).
     """
     caption = ann.get(key)
     if caption is None:
@@ -104,6 +154,11 @@ def kept_caption(ann: dict, key: str, *, where: str, stats: "ConversionStats") -
     if not caption.strip():
         stats.drop(f"empty_{key}")
         return None
+    for token in (IMAGE_TOKEN, BBOX_TOKEN):
+        if token in caption:
+            skip_or_raise(f"{where}: {key} holds {token}, which the record format reserves", f"token_in_{key}",
+                          skip_bad=skip_bad, stats=stats)
+            return None
     return caption
 
 
@@ -250,17 +305,20 @@ def join_image_path(prefix: str, file_name: str) -> str:
     return f"{prefix.rstrip('/')}/{file_name}" if prefix else file_name
 
 
-def write_jsonl(path: Path, records: Iterable[dict]) -> int:
+def write_jsonl(path: Path, records: Iterable[dict], source: str = "") -> int:
     """Stream ``records`` to ``path`` as JSON lines (unicode kept) through a temp file renamed at the end.
 
     Each record is checked against the conversation schema (:func:`gpt4roi_sft.data.schema.validate_record`)
-    before it is written, so a converter cannot write a file the trainer would reject. If the iteration or a
-    check raises, nothing is left at ``path`` (an older file there stays as it was).
+    before it is written, so a converter cannot write a file the trainer would reject; the error names the
+    ``source`` file and the record id (which holds the entry's id), as the user fixes the input, not the output.
+    If the iteration or a check raises, nothing is left at ``path`` (an older file there stays as it was).
     """
     n = 0
     with atomic_open(path, "w") as fh:
         for record in records:
-            validate_record(record, f"{path.name}: record {n + 1} ({record.get('id')})")
+            written_as = f"{path.name}: record {n + 1}"
+            validate_record(record, f"{source}: record {record.get('id')} ({written_as})" if source
+                            else f"{written_as} ({record.get('id')})")
             fh.write(json.dumps(record, ensure_ascii=False))
             fh.write("\n")
             n += 1
@@ -299,7 +357,7 @@ def add_box_filter_argument(parser: argparse.ArgumentParser) -> None:
 
 def finish(args: argparse.Namespace, records: Iterable[dict], stats: ConversionStats) -> int:
     """Write the records (and stats), print a one-line summary; shared tail of every converter's main."""
-    write_jsonl(args.out, records)
+    write_jsonl(args.out, records, source=Path(stats.input).name)
     if args.stats:
         write_json_atomic(args.stats, stats.as_dict())
     print(f"{args.out}: {stats.summary()}")

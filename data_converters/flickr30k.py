@@ -27,7 +27,7 @@ from typing import Iterator
 
 from data_converters.common import (ConversionStats, add_box_filter_argument, add_output_arguments,
                                     annotations_by_image, finish, image_rng, infer_split, join_image_path, kept_box,
-                                    require_keys)
+                                    require_image)
 from data_converters.templates import FLICKR_ALL_REGIONS, FLICKR_ONE_REGION, REGION_PLACEHOLDER
 from gpt4roi_sft.constants import GPT4ROI_PREAMBLE
 from gpt4roi_sft.errors import DataError, run_cli
@@ -55,7 +55,7 @@ def convert_flickr30k(data: dict, *, source_file: str, split: str = "train", ima
     stats = stats if stats is not None else ConversionStats()
     boxes_of = annotations_by_image(data, source_file)
     for k, img in enumerate(data["images"]):
-        require_keys(img, ("id", "file_name", "width", "height", "caption"), f"{source_file}: images[{k}]")
+        require_image(img, f"{source_file}: images[{k}]", extra=("caption",))
         stats.images += 1
         caption = img["caption"]
         if not isinstance(caption, str) or not caption.strip():

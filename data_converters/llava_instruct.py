@@ -30,9 +30,10 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from data_converters.common import ConversionStats, add_output_arguments, finish, image_rng, join_image_path
+from data_converters.common import (ConversionStats, add_output_arguments, finish, image_rng, join_image_path,
+                                    kept_unique)
 from data_converters.lvis import gpt4roi_name, lvis_name
-from gpt4roi_sft.constants import IMAGE_TOKEN
+from gpt4roi_sft.constants import BBOX_TOKEN, IMAGE_TOKEN
 from gpt4roi_sft.data.schema import check_box, clip_box
 from gpt4roi_sft.errors import BoxError, DataError, run_cli
 from gpt4roi_sft.json_io import load_json
@@ -94,12 +95,15 @@ def selected_detections(boxes: np.ndarray, labels: np.ndarray, score_threshold: 
 
 
 def alternating_turns(conversations: list, where: str) -> list[dict]:
-    """Copies of the turns, checked to alternate human/gpt from a human turn."""
+    """Copies of the turns, checked to alternate human/gpt from a human turn and to hold no ``<bbox>``
+    (the record format reserves it for regions; only GPT4RoI's detection preamble adds them)."""
     if not isinstance(conversations, list) or not conversations:
         raise DataError(f"{where}: conversations must be a non-empty list")
     for k, turn in enumerate(conversations):
         if not isinstance(turn, dict) or turn.get("from") != ROLES[k % 2] or not isinstance(turn.get("value"), str):
             raise DataError(f"{where}: turn {k} must be {{'from': '{ROLES[k % 2]}', 'value': str}}")
+        if BBOX_TOKEN in turn["value"]:
+            raise DataError(f"{where}: turn {k} value holds {BBOX_TOKEN}, which the record format reserves for regions")
     return [{"from": t["from"], "value": t["value"]} for t in conversations]
 
 
@@ -167,12 +171,16 @@ def convert_llava_instruct(data: list, *, source_file: str, image_dir_prefix: st
         raise DataError("--detections needs --image-root (the boxes are fractions of each image's size)")
     if not isinstance(data, list):
         raise DataError(f"{source_file}: expected a JSON list of conversations, got {type(data).__name__}")
+    ids: dict = {}
     for k, item in enumerate(data):
         where = f"{source_file}: entry {k} (id {item.get('id') if isinstance(item, dict) else '?'})"
         stats.images += 1
         try:
             if not isinstance(item, dict) or "image" not in item or "id" not in item:
                 raise DataError(f"{where}: needs 'id', 'image' and 'conversations'")
+            # Ids are compared as the record ids will spell them: "7" and 7 both give llava_instruct/7.
+            kept_unique(ids, str(item["id"]), where=source_file, at=f"entry {k}", field="id", skip_bad=False,
+                        stats=stats)
             if detections is None:
                 turns = image_first_turns(item.get("conversations"), where)
             else:

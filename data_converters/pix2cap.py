@@ -3,7 +3,9 @@
 Follows the Pix2Cap paper's GPT4RoI SFT: segment boxes (xywh -> xyxy, clipped to the image), things and
 stuff, non-crowd, area > 0, w and h >= 1, one human/gpt pair per region with GPT4RoI's VG templates.
 Beyond it, no caption is silently lost: images with more than ``--max-regions`` kept segments become
-several dialogues, and every dropped segment is counted by reason (``--stats``).
+several dialogues, and every dropped segment is counted by reason (``--stats``). Malformed input (a repeated
+image/segment id, an unlisted ``category_id``, ``iscrowd`` not 0/1, a non-numeric ``area``, a bad box or image
+size) is an error naming the file, image, segment and field; ``--skip-bad`` drops and counts what it can.
 
 Record ids are ``pix2cap/<split>/<image_id>/d<k>`` (k-th dialogue of the image); images are
 ``<image-dir-prefix>/<file_name>`` (default ``<split>2017``) and masks ``<panoptic-dir>/<png>``
@@ -19,8 +21,8 @@ from pathlib import Path
 from typing import Iterator
 
 from data_converters.common import (ConversionStats, Region, add_box_filter_argument, add_output_arguments, finish,
-                                    image_rng, infer_split,
-                                    join_image_path, kept_box, kept_caption, region_records, require_keys,
+                                    image_rng, infer_split, join_image_path, kept_box, kept_caption, kept_unique,
+                                    region_records, require_image, require_keys, skip_or_raise,
                                     templates_by_name)
 from gpt4roi_sft.errors import DataError, run_cli
 from gpt4roi_sft.json_io import load_json
@@ -28,10 +30,26 @@ from gpt4roi_sft.json_io import load_json
 SOURCE = "pix2cap_coco"
 
 
+def categories_by_id(data: dict, source_file: str) -> dict:
+    """``{category id: category}`` of the file's ``categories`` (each needs ``id`` and ``name``)."""
+    categories = data.get("categories") or []
+    if not isinstance(categories, list):
+        raise DataError(f"{source_file}: categories must be a list, got {type(categories).__name__}")
+    for k, category in enumerate(categories):
+        require_keys(category, ("id", "name"), f"{source_file}: categories[{k}]")
+    return {c["id"]: c for c in categories}
+
+
 def segment_regions(seg: dict, *, where: str, width: int, height: int, categories: dict, things_only: bool,
                     skip_bad: bool, mask: str, stats: ConversionStats, min_square_box: float = 0.0) -> Region | None:
     """One ``segments_info`` entry -> a :class:`Region`, or ``None`` (counted in ``stats.dropped``)."""
-    category = categories.get(seg.get("category_id"))
+    category_id = seg.get("category_id")
+    hashable = isinstance(category_id, (int, str)) and not isinstance(category_id, bool)
+    category = categories.get(category_id) if hashable else None
+    if categories and category is None:
+        skip_or_raise(f"{where}: category_id {category_id!r} is not listed in categories",
+                      "unknown_category", skip_bad=skip_bad, stats=stats)
+        return None
     if things_only and category is not None and not category.get("isthing", 1):
         stats.drop("stuff_things_only")
         return None
@@ -39,7 +57,7 @@ def segment_regions(seg: dict, *, where: str, width: int, height: int, categorie
                     min_square_box=min_square_box)
     if bbox is None:
         return None
-    description = kept_caption(seg, "description", where=where, stats=stats)
+    description = kept_caption(seg, "description", where=where, stats=stats, skip_bad=skip_bad)
     if description is None:
         return None
     extra: dict = {"segment_id": seg["id"], "mask": mask} if "id" in seg else {"mask": mask}
@@ -50,6 +68,18 @@ def segment_regions(seg: dict, *, where: str, width: int, height: int, categorie
     return Region(bbox=bbox, caption=description, extra=extra)
 
 
+def listed_images(images: list, *, source_file: str, skip_bad: bool, stats: ConversionStats) -> dict:
+    """``{image id: image entry}``, each entry checked; a repeated id is refused (see :func:`kept_unique`)."""
+    listed: dict = {}
+    seen: dict = {}
+    for k, img in enumerate(images):
+        require_image(img, f"{source_file}: images[{k}]")
+        if kept_unique(seen, img["id"], where=source_file, at=f"images[{k}]", field="image id", skip_bad=skip_bad,
+                       stats=stats):
+            listed[img["id"]] = img
+    return listed
+
+
 def convert_pix2cap(data: dict, *, source_file: str, split: str, image_dir_prefix: str, panoptic_dir: str,
                     max_regions: int = 15, seed: int = 0, things_only: bool = False, templates=(),
                     skip_bad: bool = False, stats: ConversionStats | None = None, min_square_box: float = 0.0,
@@ -58,14 +88,15 @@ def convert_pix2cap(data: dict, *, source_file: str, split: str, image_dir_prefi
     stats = stats if stats is not None else ConversionStats()
     templates = templates or templates_by_name("gpt4roi_vg")
     require_keys(data, ("images", "annotations"), source_file)
-    categories = {c.get("id"): c for c in data.get("categories", []) if isinstance(c, dict)}
-    images = {}
-    for k, img in enumerate(data["images"]):
-        require_keys(img, ("id", "file_name", "width", "height"), f"{source_file}: images[{k}]")
-        images[img["id"]] = img
+    categories = categories_by_id(data, source_file)
+    images = listed_images(data["images"], source_file=source_file, skip_bad=skip_bad, stats=stats)
+    annotated: dict = {}
     for k, ann in enumerate(data["annotations"]):
         require_keys(ann, ("image_id", "segments_info"), f"{source_file}: annotations[{k}]")
         image_id = ann["image_id"]
+        if not kept_unique(annotated, image_id, where=source_file, at=f"annotations[{k}]", field="image_id",
+                           skip_bad=skip_bad, stats=stats):
+            continue
         img = images.get(image_id)
         if img is None:
             if skip_bad:
@@ -76,11 +107,15 @@ def convert_pix2cap(data: dict, *, source_file: str, split: str, image_dir_prefi
         width, height = img["width"], img["height"]
         png = ann.get("file_name") or str(Path(img["file_name"]).with_suffix(".png"))
         mask = join_image_path(panoptic_dir, png)
-        regions = []
-        for seg in ann["segments_info"]:
+        regions, segment_ids = [], {}
+        for j, seg in enumerate(ann["segments_info"]):
             where = f"{source_file}: image {image_id} segment {seg.get('id', '?') if isinstance(seg, dict) else '?'}"
             if not isinstance(seg, dict):
                 raise DataError(f"{where}: expected a JSON object")
+            if "id" in seg and not kept_unique(segment_ids, seg["id"], where=f"{source_file}: image {image_id}",
+                                               at=f"segments_info[{j}]", field="segment id", skip_bad=skip_bad,
+                                               stats=stats):
+                continue
             region = segment_regions(seg, where=where, width=width, height=height, categories=categories,
                                      things_only=things_only, skip_bad=skip_bad, mask=mask, stats=stats,
                                      min_square_box=min_square_box)

@@ -19,7 +19,7 @@ from typing import Iterator
 from data_converters.common import (ConversionStats, Region, add_box_filter_argument, add_output_arguments,
                                     annotations_by_image, finish,
                                     image_rng, infer_split, join_image_path, kept_box, kept_caption, region_records,
-                                    require_keys, templates_by_name)
+                                    require_image, templates_by_name)
 from gpt4roi_sft.errors import run_cli
 from gpt4roi_sft.json_io import load_json
 
@@ -38,7 +38,7 @@ def convert_refcocog(data: dict, *, source_file: str, split: str = "train", imag
     templates = templates or templates_by_name("gpt4roi_vg")
     boxes = annotations_by_image(data, source_file)
     for k, img in enumerate(data["images"]):
-        require_keys(img, ("id", "file_name", "width", "height"), f"{source_file}: images[{k}]")
+        require_image(img, f"{source_file}: images[{k}]")
         stats.images += 1
         where = f"{source_file}: image {img['id']}"
         anns = [ann for _, ann in boxes.get(img["id"], [])]
@@ -50,7 +50,8 @@ def convert_refcocog(data: dict, *, source_file: str, split: str = "train", imag
             stats.drop("extra_box", len(anns) - 1)
         bbox = kept_box(anns[0], where=f"{where} annotation {anns[0].get('id', 0)}", width=img["width"],
                         height=img["height"], skip_bad=skip_bad, stats=stats, min_square_box=min_square_box)
-        caption = kept_caption(img, "caption", where=where, stats=stats) if bbox is not None else None
+        caption = None if bbox is None else kept_caption(img, "caption", where=where, stats=stats,
+                                                         skip_bad=skip_bad)
         if caption is not None and len(caption.split(" ")) < min_words:
             stats.drop("caption_under_min_words")
             caption = None

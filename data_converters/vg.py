@@ -17,7 +17,7 @@ from typing import Iterator
 from data_converters.common import (ConversionStats, Region, add_box_filter_argument, add_output_arguments,
                                     annotations_by_image, finish,
                                     image_rng, join_image_path, kept_box, kept_caption, region_records,
-                                    require_keys, templates_by_name)
+                                    require_image, templates_by_name)
 from gpt4roi_sft.errors import DataError, run_cli
 from gpt4roi_sft.json_io import load_json
 
@@ -31,7 +31,7 @@ def caption_region(ann: dict, *, where: str, width: int, height: int, skip_bad: 
                     min_square_box=min_square_box)
     if bbox is None:
         return None
-    caption = kept_caption(ann, "caption", where=where, stats=stats)
+    caption = kept_caption(ann, "caption", where=where, stats=stats, skip_bad=skip_bad)
     return None if caption is None else Region(bbox=bbox, caption=caption)
 
 
@@ -44,7 +44,7 @@ def convert_vg(data: dict, *, source_file: str, image_dir_prefix: str = "", max_
     by_image = annotations_by_image(data, source_file)
     listed = set()
     for k, img in enumerate(data["images"]):
-        require_keys(img, ("id", "file_name", "width", "height"), f"{source_file}: images[{k}]")
+        require_image(img, f"{source_file}: images[{k}]")
         image_id = img["id"]
         listed.add(image_id)
         stats.images += 1

@@ -61,6 +61,14 @@ def test_flickr_drops_boxes_gpt4roi_filters_at_224_px_and_entries_left_empty(tmp
     assert stats["dropped"] == {"small_in_224_square": 1} and stats["images_without_regions"] == 1
 
 
+def test_flickr_record_check_error_names_the_input_file_and_record_not_the_output(tmp_path):
+    data = flickr_file()
+    data["images"][0]["caption"] = CAPTION + " <bbox>"
+    proc, _, _ = run_converter(tmp_path, "flickr30k", data)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "error: input.json: record flickr30k/input/0 (out.jsonl: record 1)" in proc.stderr
+
+
 def test_flickr_span_outside_the_caption_is_an_error_naming_the_annotation(tmp_path):
     data = flickr_file()
     data["annotations"][0]["tokens_positive"] = [[70, 500]]

@@ -63,6 +63,30 @@ def test_vg_box_outside_image_is_an_error_naming_image_and_annotation(tmp_path):
     assert not (tmp_path / "out.jsonl").exists()
 
 
+def test_vg_non_numeric_area_is_an_error_naming_image_annotation_and_field(tmp_path):
+    data = vg_file(1)
+    data["annotations"][0]["area"] = "200"
+    proc, _, _ = run(tmp_path, "vg", data)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "input.json: image 7 annotation 1" in proc.stderr and "area '200'" in proc.stderr
+
+
+def test_vg_bad_image_size_is_an_error_naming_the_image_and_field(tmp_path):
+    data = vg_file(1)
+    data["images"][1]["height"] = "100"
+    proc, _, _ = run(tmp_path, "vg", data)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "input.json: images[1] (image 8): height '100'" in proc.stderr
+
+
+def test_vg_caption_holding_a_record_token_is_an_error_naming_the_annotation_not_the_output(tmp_path):
+    data = vg_file(2)
+    data["annotations"][1]["caption"] = "<image> of a dog"
+    proc, _, _ = run(tmp_path, "vg", data)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "input.json: image 7 annotation 2: caption holds <image>" in proc.stderr and "out.jsonl" not in proc.stderr
+
+
 def refcocog_file() -> dict:
     return {"images": [{"id": 1, "file_name": "COCO_train2014_000000000009.jpg", "width": 640, "height": 480,
                         "caption": "the bowl of oranges on the left", "original_id": 9},
@@ -134,6 +158,24 @@ def test_llava_instruct_turns_out_of_order_are_skipped_and_counted_with_skip_bad
     data[1]["conversations"].reverse()
     proc, records, stats = run(tmp_path, "llava_instruct", data, "--skip-bad")
     assert proc.returncode == 0 and len(records) == 1 and stats["dropped"] == {"bad_entry": 1}
+
+
+def test_llava_instruct_repeated_id_is_an_error_naming_both_entries(tmp_path):
+    data = llava_file()
+    data[1]["id"] = data[0]["id"]
+    proc, _, _ = run(tmp_path, "llava_instruct", data)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "input.json" in proc.stderr and "'000000033471'" in proc.stderr
+    assert "entry 0" in proc.stderr and "entry 1" in proc.stderr
+
+
+def test_llava_instruct_turn_holding_bbox_is_an_error_naming_the_entry_and_turn(tmp_path):
+    data = llava_file()
+    data[1]["conversations"][1]["value"] = "The cat at <bbox> sleeps."
+    proc, _, _ = run(tmp_path, "llava_instruct", data)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "input.json: entry 1 (id 000000052846): turn 1 value holds <bbox>" in proc.stderr
+    assert "out.jsonl" not in proc.stderr
 
 
 def test_every_converter_reports_truncated_json_in_one_line(tmp_path):

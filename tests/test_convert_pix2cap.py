@@ -181,6 +181,93 @@ def test_segment_without_bbox_is_an_error_naming_the_segment(tmp_path):
     assert proc.returncode == 2 and "image 5 segment 9" in proc.stderr and "bbox" in proc.stderr
 
 
+def one_line_error(proc) -> str:
+    """The converter's stderr, checked to be a single line without a traceback."""
+    line = proc.stderr.strip()
+    assert proc.returncode == 2 and "\n" not in line and "Traceback" not in line, proc.stderr
+    return line
+
+
+def test_repeated_segment_id_in_an_image_is_an_error_naming_both_segments(tmp_path):
+    data = {5: [seg(3, [0, 0, 10, 10], "left"), seg(4, [0, 0, 10, 10]), seg(3, [20, 20, 10, 10], "right")]}
+    line = one_line_error(run(tmp_path, data)[0])
+    assert "pix2cap_coco_train.json: image 5" in line and "segment id 3" in line
+    assert "segments_info[0]" in line and "segments_info[2]" in line
+
+
+def test_repeated_segment_id_is_dropped_and_counted_with_skip_bad(tmp_path):
+    data = {5: [seg(3, [0, 0, 10, 10], "left"), seg(3, [20, 20, 10, 10], "right")]}
+    _, records, stats = run(tmp_path, data, "--skip-bad")
+    assert captions(records) == ["left"] and stats["dropped"] == {"duplicate_segment_id": 1}
+
+
+def test_image_annotated_twice_is_an_error_naming_both_annotations(tmp_path):
+    data = panoptic({5: [seg(1, [0, 0, 10, 10])], 6: [seg(1, [0, 0, 10, 10])]})
+    data["annotations"].append(dict(data["annotations"][0]))
+    line = one_line_error(run(tmp_path, json.dumps(data))[0])
+    assert "image_id 5" in line and "annotations[0]" in line and "annotations[2]" in line
+
+
+def test_image_listed_twice_is_an_error_naming_both_entries(tmp_path):
+    data = panoptic({5: [seg(1, [0, 0, 10, 10])]})
+    data["images"].append(dict(data["images"][0], file_name="other.jpg"))
+    line = one_line_error(run(tmp_path, json.dumps(data))[0])
+    assert "image id 5" in line and "images[0]" in line and "images[1]" in line
+
+
+def test_unlisted_category_id_is_an_error_naming_the_segment_and_field(tmp_path):
+    data = {5: [seg(1, [0, 0, 10, 10]), seg(2, [0, 0, 10, 10], category_id=999)]}
+    line = one_line_error(run(tmp_path, data)[0])
+    assert "pix2cap_coco_train.json: image 5 segment 2" in line and "category_id 999" in line
+
+
+def test_unlisted_category_id_is_dropped_and_counted_with_skip_bad(tmp_path):
+    data = {5: [seg(1, [0, 0, 10, 10]), seg(2, [0, 0, 10, 10], category_id=999)]}
+    _, records, stats = run(tmp_path, data, "--skip-bad")
+    assert [r["segment_id"] for r in records[0]["regions"]] == [1] and stats["dropped"] == {"unknown_category": 1}
+
+
+@pytest.mark.parametrize("iscrowd", ["0", "1", 2, None, 0.5])
+def test_iscrowd_other_than_0_or_1_is_an_error_naming_the_segment_and_field(tmp_path, iscrowd):
+    line = one_line_error(run(tmp_path, {5: [seg(2, [0, 0, 10, 10], iscrowd=iscrowd)]})[0])
+    assert "image 5 segment 2" in line and f"iscrowd {iscrowd!r}" in line
+
+
+def test_iscrowd_as_bool_is_read_as_0_or_1(tmp_path):
+    _, records, stats = run(tmp_path, {5: [seg(1, [0, 0, 10, 10], iscrowd=False), seg(2, [0, 0, 9, 9], iscrowd=True)]})
+    assert [r["segment_id"] for r in records[0]["regions"]] == [1] and stats["dropped"] == {"crowd": 1}
+
+
+@pytest.mark.parametrize("area", ["big", None, [100], True])
+def test_non_numeric_area_is_an_error_naming_the_segment_and_field(tmp_path, area):
+    line = one_line_error(run(tmp_path, {5: [seg(2, [0, 0, 10, 10], area=area)]})[0])
+    assert "image 5 segment 2" in line and f"area {area!r}" in line
+
+
+@pytest.mark.parametrize("key", ["width", "height"])
+@pytest.mark.parametrize("size", ["640", None, 0, True])
+def test_bad_image_size_is_an_error_naming_the_image_and_field(tmp_path, key, size):
+    data = panoptic({5: [seg(1, [0, 0, 10, 10])]})
+    data["images"][0][key] = size
+    line = one_line_error(run(tmp_path, json.dumps(data))[0])
+    assert "pix2cap_coco_train.json: images[0] (image 5)" in line and f"{key} {size!r}" in line
+
+
+@pytest.mark.parametrize("token", ["<bbox>", "<image>"])
+def test_description_holding_a_record_token_is_an_error_naming_the_segment_not_the_output(tmp_path, token):
+    data = {5: [seg(1, [0, 0, 10, 10]), seg(2, [0, 0, 10, 10], f"a {token} here")]}
+    line = one_line_error(run(tmp_path, data)[0])
+    assert "pix2cap_coco_train.json: image 5 segment 2" in line and f"description holds {token}" in line
+    assert "out.jsonl" not in line
+
+
+def test_description_holding_a_record_token_is_dropped_and_counted_with_skip_bad(tmp_path):
+    data = {5: [seg(1, [0, 0, 10, 10]), seg(2, [0, 0, 10, 10], "a <bbox> here")]}
+    _, records, stats = run(tmp_path, data, "--skip-bad")
+    assert [r["segment_id"] for r in records[0]["regions"]] == [1]
+    assert stats["dropped"] == {"token_in_description": 1}
+
+
 @pytest.mark.parametrize("text", ['{"images": [{"id": 1, "file_na', "not json at all", ""])
 def test_truncated_or_invalid_json_exits_2_with_one_line_naming_the_file(tmp_path, text):
     proc, records, stats = run(tmp_path, text)

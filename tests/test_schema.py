@@ -68,3 +68,9 @@ def test_converter_writer_refuses_a_record_that_breaks_the_schema_and_writes_not
     with pytest.raises(DataError, match=r"out.jsonl: record 2 \(vg/7/d0\): the text has 1 <bbox> token\(s\) but the record has 0"):
         write_jsonl(tmp_path / "out.jsonl", [record(), bad])
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_converter_writer_error_names_the_input_file_and_record_id_given_a_source(tmp_path):
+    bad = record(id="vg/7/d0", regions=[])
+    with pytest.raises(DataError, match=r"^train\.json: record vg/7/d0 \(out\.jsonl: record 1\): the text has"):
+        write_jsonl(tmp_path / "out.jsonl", [bad], source="train.json")
