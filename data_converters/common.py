@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from data_converters.templates import TEMPLATE_SETS, region_question
 from gpt4roi_sft.atomic import atomic_open, write_json_atomic
 from gpt4roi_sft.constants import GPT4ROI_PREAMBLE
-from gpt4roi_sft.data.schema import coco_box_to_xyxy, validate_record
+from gpt4roi_sft.data.schema import check_unique_id, coco_box_to_xyxy, validate_record
 from gpt4roi_sft.errors import BoxError, DataError, UserError
 
 log = logging.getLogger(__name__)
@@ -257,10 +257,12 @@ def write_jsonl(path: Path, records: Iterable[dict]) -> int:
     before it is written, so a converter cannot write a file the trainer would reject. If the iteration or a
     check raises, nothing is left at ``path`` (an older file there stays as it was).
     """
-    n = 0
+    n, seen = 0, {}
     with atomic_open(path, "w") as fh:
         for record in records:
-            validate_record(record, f"{path.name}: record {n + 1} ({record.get('id')})")
+            where = f"{path.name}: record {n + 1} ({record.get('id')})"
+            validate_record(record, where)
+            check_unique_id(record, where, seen)
             fh.write(json.dumps(record, ensure_ascii=False))
             fh.write("\n")
             n += 1

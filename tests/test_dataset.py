@@ -234,3 +234,15 @@ def test_item_equals_the_processor_encoding_of_the_rendered_conversation(tmp_pat
     out = processor(images=[Image.open(root / "img.png")], texts=[text], boxes=[[r["bbox"] for r in record["regions"]]])
     assert torch.equal(out["input_ids"][0], item["input_ids"])
     assert torch.equal(out["pixel_values"][0], item["pixel_values"]) and torch.equal(out["boxes"][0], item["boxes"])
+
+
+def test_duplicate_id_is_an_error_naming_both_lines(tmp_path, root, tokenizer):
+    ds = bad(tmp_path / "d.jsonl", root, tokenizer, [region_record("a"), region_record("b"), region_record("a")])
+    errors = ds.validate_all(raise_on_error=False)
+    assert errors == [f"{tmp_path / 'd.jsonl'} line 3: field 'id': 'a' is already the id of {tmp_path / 'd.jsonl'} line 1"]
+
+
+def test_the_same_id_in_two_files_is_not_a_duplicate(tmp_path, root, tokenizer):
+    a = write_jsonl(tmp_path / "a.jsonl", [region_record("x")])
+    b = write_jsonl(tmp_path / "b.jsonl", [region_record("x")])
+    assert make([a, b], root, tokenizer).validate_all() == []

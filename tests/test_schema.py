@@ -68,3 +68,8 @@ def test_converter_writer_refuses_a_record_that_breaks_the_schema_and_writes_not
     with pytest.raises(DataError, match=r"out.jsonl: record 2 \(vg/7/d0\): the text has 1 <bbox> token\(s\) but the record has 0"):
         write_jsonl(tmp_path / "out.jsonl", [record(), bad])
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_converter_writer_refuses_a_duplicate_id(tmp_path):
+    with pytest.raises(DataError, match=r"record 2 \(r/0\): field 'id': 'r/0' is already the id of out.jsonl: record 1"):
+        write_jsonl(tmp_path / "out.jsonl", [record(), record()])

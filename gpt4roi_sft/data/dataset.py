@@ -21,7 +21,7 @@ from gpt4roi_sft.constants import BBOX_TOKEN, IM_END_TOKEN, IM_START_TOKEN, IMAG
 from gpt4roi_sft.conversation import get_template, tokenize_conversation
 from gpt4roi_sft.data.image_transform import ImageTransform
 from gpt4roi_sft.data.model_inputs import LAYOUT_TOKENS, SampleEncoder
-from gpt4roi_sft.data.schema import validate_record
+from gpt4roi_sft.data.schema import check_unique_id, validate_record
 from gpt4roi_sft.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -243,18 +243,20 @@ class ConversationDataset(torch.utils.data.Dataset):
         return np.minimum(est, self.max_length).astype(np.int64)
 
     def validate_all(self, raise_on_error: bool = True, tokenize: bool = False) -> List[str]:
-        """Check every record (JSON, schema, regions, boxes, image files) without loading images.
+        """Check every record (JSON, schema, regions, boxes, image files, ids unique per file) without loading images.
 
         Returns the list of error messages; with ``raise_on_error`` a non-empty list raises one
         :class:`DataError` that counts them and shows the first few. ``tokenize`` also checks that each
         conversation's first pair fits ``max_length`` (slower).
         """
         errors = []
+        seen = {path: {} for path in self.paths}  # per file: id -> where it was first seen
         for i in range(len(self)):
             where = self.where(i)
             try:
                 record = self.read_record(i)
                 self.validate_record(record, where)
+                check_unique_id(record, where, seen[self._locate(i)[0].path])
                 if tokenize:
                     budget = self.max_length - (self._image_extra_tokens if record.get("image") else 0)
                     tokenize_conversation(self.tokenizer, record["conversations"], self.template, budget)

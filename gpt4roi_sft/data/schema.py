@@ -109,6 +109,20 @@ def validate_boxes(boxes, width: int, height: int, where: str = "", clip: bool =
 
 
 # ----------------------------------------------------------------------------------------------- record
+def check_unique_id(record: dict, where: str, seen: dict) -> None:
+    """Remember ``record``'s id in ``seen`` (id -> where it was first seen); a repeat is a :class:`DataError`.
+
+    Ids name items in logs, predictions and skipped-record warnings, so two records sharing one make a
+    file's results ambiguous; the message names both places.
+    """
+    record_id = record.get("id")
+    if not isinstance(record_id, str):
+        return
+    first = seen.setdefault(record_id, where)
+    if first != where:
+        raise DataError(f"{where}: field 'id': {record_id!r} is already the id of {first}")
+
+
 def validate_record(record: Any, where: str, *, image_root: Optional[str] = None, require_masks: bool = False) -> None:
     """Check one conversation record against the rules above; raise :class:`DataError` naming ``where``.
 
