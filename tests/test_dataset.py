@@ -246,3 +246,16 @@ def test_the_same_id_in_two_files_is_not_a_duplicate(tmp_path, root, tokenizer):
     a = write_jsonl(tmp_path / "a.jsonl", [region_record("x")])
     b = write_jsonl(tmp_path / "b.jsonl", [region_record("x")])
     assert make([a, b], root, tokenizer).validate_all() == []
+
+
+def test_image_with_another_aspect_ratio_than_the_record_size_is_an_error(tmp_path, root, tokenizer):
+    with pytest.raises(DataError, match=r"d\.jsonl line 1: fields 'width', 'height' say 64x24, but the image img\.png "
+                                        r"is 32x24, another aspect ratio"):
+        bad(tmp_path / "d.jsonl", root, tokenizer, [region_record(width=64)])[0]
+
+
+def test_uniformly_rescaled_image_scales_the_boxes(tmp_path, root, tokenizer):
+    Image.new("RGB", (16, 12), (200, 30, 30)).save(root / "half.png")
+    rec = region_record(n_pairs=1, image="half.png", width=31, height=24)  # 31 * 0.5 rounds to 16
+    item = make(write_jsonl(tmp_path / "d.jsonl", [rec]), root, tokenizer)[0]
+    assert torch.allclose(item["boxes"][0], torch.tensor([2 / 31, 4 / 24, 20 / 31, 16 / 24]), atol=1e-6)

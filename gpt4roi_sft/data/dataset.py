@@ -64,6 +64,19 @@ def index_jsonl(path: str) -> LineIndex:
     )
 
 
+def check_image_size(record: dict, width: int, height: int, where: str) -> None:
+    """The image file's ``width`` x ``height`` is the record's size, or that size uniformly rescaled.
+
+    Boxes follow a resized file by the ratio of the sizes; a file whose aspect ratio differs from the record's
+    would stretch them, so it is a :class:`DataError`. Each side may be off by a pixel (the rescale rounds).
+    """
+    rw, rh = float(record["width"]), float(record["height"])
+    if abs(width / rw * rh - height) <= 1.0 or abs(height / rh * rw - width) <= 1.0:
+        return
+    raise DataError(f"{where}: fields 'width', 'height' say {record['width']}x{record['height']}, but the image "
+                    f"{record['image']} is {width}x{height}, another aspect ratio (the boxes would be stretched)")
+
+
 def panoptic_segment_mask(png_path: str, segment_id: int) -> np.ndarray:
     """(H, W) bool mask of ``segment_id`` in a COCO-panoptic PNG (``id = R + 256*G + 256^2*B``)."""
     rgb = np.asarray(Image.open(png_path).convert("RGB"), dtype=np.int64)
@@ -199,6 +212,7 @@ class ConversationDataset(torch.utils.data.Dataset):
                 raise DataError(f"{where}: cannot read image {image_path} ({exc})") from None
             width, height = image.size
             if regions:  # boxes are in the record's pixel frame; follow the file if it was resized since
+                check_image_size(record, width, height, where)
                 sx, sy = width / float(record["width"]), height / float(record["height"])
                 boxes = np.asarray([r["bbox"] for r in regions], dtype=np.float64).reshape(-1, 4) * [sx, sy, sx, sy]
             if self.load_masks:
