@@ -163,7 +163,9 @@ def test_region_without_bbox_is_an_error(tmp_path, root, tokenizer):
         bad(tmp_path / "d.jsonl", root, tokenizer, [rec])[0]
 
 
-@pytest.mark.parametrize("box, match", [([100, 100, 120, 120], "entirely outside"), ([5, 5, 5, 9], "empty")])
+@pytest.mark.parametrize("box, match", [([100, 100, 120, 120], "entirely outside"), ([5, 5, 5, 9], "empty"),
+                                        ([1, 2, 30, 20, 5], r"regions\[0\]\.bbox .* is not \[x1, y1, x2, y2\]"),
+                                        (["2", "4", "20", "16"], r"regions\[0\]\.bbox .* is not \[x1, y1, x2, y2\]")])
 def test_bad_boxes_are_box_errors_naming_the_line(tmp_path, root, tokenizer, box, match):
     rec = region_record(n_pairs=1)
     rec["regions"][0]["bbox"] = box

@@ -42,6 +42,20 @@ def test_border_crossing_xyxy_box_is_an_error_unless_clipped():
     assert validate_boxes([[-1, 0, 10, 30]], 20, 20, clip=True).tolist() == [[0, 0, 10, 20]]
 
 
+@pytest.mark.parametrize("bbox", [["2", "3", "22", "13"], [2, 3, 22, 13, 5], [2, 3, 22], [True, 3, 22, 13], "2 3 22 13"])
+def test_region_bbox_that_is_not_four_numbers_names_the_line_and_the_field(bbox):
+    with pytest.raises(BoxError, match=r"^d\.jsonl line 1: regions\[0\]\.bbox .* is not \[x1, y1, x2, y2\] \(four numbers\)$"):
+        validate_record(record(regions=[{"bbox": bbox}]), "d.jsonl line 1")
+
+
+def test_boxes_given_as_an_array_or_tensor_are_accepted():
+    import numpy as np
+    import torch
+
+    for boxes in (np.asarray([[2, 3, 22, 13]]), torch.tensor([[2.0, 3.0, 22.0, 13.0]]), [np.asarray([2.0, 3.0, 22.0, 13.0])]):
+        assert validate_boxes(boxes, 64, 48).tolist() == [[2, 3, 22, 13]]
+
+
 def test_valid_record_passes():
     validate_record(record(), "d.jsonl line 1")
 

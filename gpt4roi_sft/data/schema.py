@@ -92,20 +92,42 @@ def coco_box_to_xyxy(bbox: Any, width: float, height: float, where: str) -> List
     return check_box(xyxy, width, height, f"{where}: bbox {list(bbox)}", clip=True)
 
 
-def validate_boxes(boxes, width: int, height: int, where: str = "", clip: bool = False) -> np.ndarray:
+def _is_coordinate(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _box_rows(boxes, prefix: str, label: str) -> np.ndarray:
+    """``boxes`` as float64 (N, 4); anything but four real numbers per box is a :class:`BoxError` (numpy would
+    turn ``"12"`` into 12.0, and fail on a fifth number with a shape error that names nothing)."""
+    if hasattr(boxes, "dtype"):  # an array or tensor: its dtype says whether it holds numbers
+        arr = np.asarray(boxes)
+        if arr.size == 0:
+            return np.zeros((0, 4))
+        if arr.dtype.kind not in "iuf" or arr.ndim != 2 or arr.shape[1] != 4:
+            raise BoxError(f"{prefix}boxes must be (N, 4) numbers [x1, y1, x2, y2], got {arr.dtype} of shape "
+                           f"{tuple(arr.shape)}")
+        return arr.astype(np.float64)
+    if not isinstance(boxes, (list, tuple)):
+        raise BoxError(f"{prefix}boxes must be a list of [x1, y1, x2, y2], got {type(boxes).__name__}")
+    rows = [box.tolist() if hasattr(box, "tolist") else box for box in boxes]
+    for i, row in enumerate(rows):
+        if not isinstance(row, (list, tuple)) or len(row) != 4 or not all(_is_coordinate(v) for v in row):
+            raise BoxError(f"{prefix}{label.format(i)} {row!r} is not [x1, y1, x2, y2] (four numbers)")
+    return np.asarray(rows, dtype=np.float64).reshape(-1, 4)
+
+
+def validate_boxes(boxes, width: int, height: int, where: str = "", clip: bool = False,
+                   label: str = "box {}") -> np.ndarray:
     """Check pixel xyxy boxes against a ``width`` x ``height`` image and return them as float32 (N, 4).
 
-    Each box goes through :func:`check_box`; errors name ``where`` and the box index (e.g.
-    ``"train.jsonl line 7: box 2 [...]"``).
+    Each box must be four real numbers and goes through :func:`check_box`; errors name ``where`` and the box as
+    ``label`` formats its index (e.g. ``"train.jsonl line 7: box 2 [...]"``).
     """
     prefix = f"{where}: " if where else ""
-    arr = np.asarray(boxes, dtype=np.float64)
-    if arr.size == 0:
-        return np.zeros((0, 4), dtype=np.float32)
-    if arr.ndim != 2 or arr.shape[1] != 4:
-        raise BoxError(f"{prefix}boxes must be a list of [x1, y1, x2, y2], got shape {tuple(arr.shape)}")
-    out = [check_box(b, width, height, f"{prefix}box {i} {[float(v) for v in b]}", clip) for i, b in enumerate(arr)]
-    return np.asarray(out, dtype=np.float32)
+    arr = _box_rows(boxes, prefix, label)
+    out = [check_box(b, width, height, f"{prefix}{label.format(i)} {[float(v) for v in b]}", clip)
+           for i, b in enumerate(arr)]
+    return np.asarray(out, dtype=np.float32).reshape(-1, 4)
 
 
 # ----------------------------------------------------------------------------------------------- record
@@ -166,4 +188,5 @@ def validate_record(record: Any, where: str, *, image_root: Optional[str] = None
         if require_masks and ("mask" not in region or "segment_id" not in region):
             raise DataError(f"{where}: region {k} needs 'mask' and 'segment_id' when masks are loaded")
     if regions:
-        validate_boxes([r["bbox"] for r in regions], record["width"], record["height"], where=where, clip=True)
+        validate_boxes([r["bbox"] for r in regions], record["width"], record["height"], where=where, clip=True,
+                       label="regions[{}].bbox")
