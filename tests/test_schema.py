@@ -60,6 +60,35 @@ def test_valid_record_passes():
     validate_record(record(), "d.jsonl line 1")
 
 
+def test_misspelt_field_is_an_error_naming_it_and_the_known_fields():
+    rec = record()
+    rec["regoins"] = rec.pop("regions")
+    with pytest.raises(DataError, match=r"^d\.jsonl line 1: unknown field 'regoins' \(a record's fields are id, image, "
+                                        r"width, height, regions, conversations, source\)$"):
+        validate_record(rec, "d.jsonl line 1")
+
+
+@pytest.mark.parametrize("changes", [{"id": 7}, {"id": ""}, {"id": None}])
+def test_record_id_must_be_a_non_empty_string(changes):
+    with pytest.raises(DataError, match=r"^d\.jsonl line 1: field 'id' must be a non-empty string"):
+        validate_record(record(**changes), "d.jsonl line 1")
+
+
+def test_record_without_id_is_an_error():
+    rec = record()
+    del rec["id"]
+    with pytest.raises(DataError, match=r"^d\.jsonl line 1: field 'id' must be a non-empty string \(got None\)"):
+        validate_record(rec, "d.jsonl line 1")
+
+
+@pytest.mark.parametrize("answer", ["", "  \n"])
+def test_empty_gpt_answer_names_the_message(answer):
+    rec = record()
+    rec["conversations"][1]["value"] = answer
+    with pytest.raises(DataError, match=r"^d\.jsonl line 1: conversations\[1\]\.value: a 'gpt' answer must not be empty"):
+        validate_record(rec, "d.jsonl line 1")
+
+
 def test_record_with_image_and_no_regions_may_leave_its_size_null():
     rec = record(regions=[], width=None, height=None)
     rec["conversations"][0]["value"] = "<image>\nWhat is here?"

@@ -2,7 +2,7 @@
 
 A record is one JSON object per line of a conversation JSONL::
 
-    {"id": "pix2cap/train/397133/d0",            unique, stable
+    {"id": "pix2cap/train/397133/d0",            a non-empty string, unique in its file
      "image": "train2017/000000397133.jpg",       relative to the image root given at train time (optional)
      "width": 640, "height": 427,                 original pixel size (required when there are regions)
      "regions": [{"bbox": [x1, y1, x2, y2],       absolute pixels of the original image, xyxy, float
@@ -13,8 +13,9 @@ A record is one JSON object per line of a conversation JSONL::
                        {"from": "gpt", "value": "A man in a dark suit ..."}],
      "source": "pix2cap_coco"}
 
-Rules (:func:`validate_record`): the k-th ``<bbox>`` in the text is ``regions[k]`` and the counts match;
-``<image>`` appears exactly once, in the first human turn, when there is an image, and never otherwise.
+Rules (:func:`validate_record`): no field beyond these (:data:`RECORD_FIELDS`); no gpt answer is empty; the
+k-th ``<bbox>`` in the text is ``regions[k]`` and the counts match; ``<image>`` appears exactly once, in the
+first human turn, when there is an image, and never otherwise.
 
 Boxes: source datasets give COCO ``[x, y, w, h]`` (:func:`xywh_to_xyxy`, :func:`coco_box_to_xyxy`); records
 and generation requests hold absolute pixel ``[x1, y1, x2, y2]`` of the original image; a box crossing the
@@ -131,15 +132,16 @@ def validate_boxes(boxes, width: int, height: int, where: str = "", clip: bool =
 
 
 # ----------------------------------------------------------------------------------------------- record
+RECORD_FIELDS = ("id", "image", "width", "height", "regions", "conversations", "source")
+
+
 def check_unique_id(record: dict, where: str, seen: dict) -> None:
     """Remember ``record``'s id in ``seen`` (id -> where it was first seen); a repeat is a :class:`DataError`.
 
-    Ids name items in logs, predictions and skipped-record warnings, so two records sharing one make a
-    file's results ambiguous; the message names both places.
+    ``record`` passed :func:`validate_record`. Ids name items in logs, predictions and skipped-record warnings,
+    so two records sharing one make a file's results ambiguous; the message names both places.
     """
-    record_id = record.get("id")
-    if not isinstance(record_id, str):
-        return
+    record_id = record["id"]
     first = seen.setdefault(record_id, where)
     if first != where:
         raise DataError(f"{where}: field 'id': {record_id!r} is already the id of {first}")
@@ -153,6 +155,11 @@ def validate_record(record: Any, where: str, *, image_root: Optional[str] = None
     """
     if not isinstance(record, dict):
         raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    unknown = sorted(set(record) - set(RECORD_FIELDS))
+    if unknown:  # most often a misspelt field, whose value would be ignored
+        raise DataError(f"{where}: unknown field {unknown[0]!r} (a record's fields are {', '.join(RECORD_FIELDS)})")
+    if not isinstance(record.get("id"), str) or not record["id"]:
+        raise DataError(f"{where}: field 'id' must be a non-empty string (got {record.get('id')!r})")
     if "conversations" not in record:
         raise DataError(f"{where}: missing field 'conversations'")
     messages = record["conversations"]
