@@ -261,3 +261,9 @@ def test_uniformly_rescaled_image_scales_the_boxes(tmp_path, root, tokenizer):
     rec = region_record(n_pairs=1, image="half.png", width=31, height=24)  # 31 * 0.5 rounds to 16
     item = make(write_jsonl(tmp_path / "d.jsonl", [rec]), root, tokenizer)[0]
     assert torch.allclose(item["boxes"][0], torch.tensor([2 / 31, 4 / 24, 20 / 31, 16 / 24]), atol=1e-6)
+
+
+def test_file_without_records_is_an_error_naming_it(tmp_path, root, tokenizer):
+    path = write_jsonl(tmp_path / "empty.jsonl", ["", "  "])
+    with pytest.raises(DataError, match=r"empty\.jsonl: no records \(the file is empty or holds only blank lines\)"):
+        make(path, root, tokenizer)

@@ -42,7 +42,11 @@ class LineIndex:
 
 
 def index_jsonl(path: str) -> LineIndex:
-    """Scan ``path`` once (line by line, as bytes) and record where each non-blank line starts."""
+    """Scan ``path`` once (line by line, as bytes) and record where each non-blank line starts.
+
+    A file without a record is a :class:`DataError` naming it: it is a conversion that wrote nothing or a wrong
+    path, and the sampler would only find out later, without the file's name.
+    """
     if not os.path.isfile(path):
         raise DataError(f"{path}: conversation file not found")
     offsets, sizes, lines, images = [], [], [], []
@@ -55,6 +59,8 @@ def index_jsonl(path: str) -> LineIndex:
                 lines.append(lineno)
                 images.append(b'"image"' in raw and b'"image": null' not in raw)
             pos += len(raw)
+    if not offsets:
+        raise DataError(f"{path}: no records (the file is empty or holds only blank lines)")
     return LineIndex(
         path,
         np.asarray(offsets, dtype=np.int64),
