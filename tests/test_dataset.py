@@ -267,3 +267,11 @@ def test_file_without_records_is_an_error_naming_it(tmp_path, root, tokenizer):
     path = write_jsonl(tmp_path / "empty.jsonl", ["", "  "])
     with pytest.raises(DataError, match=r"empty\.jsonl: no records \(the file is empty or holds only blank lines\)"):
         make(path, root, tokenizer)
+
+
+@pytest.mark.parametrize("segment_id", ["abc", 1.5, None, True, -1])
+def test_segment_id_that_is_not_an_integer_names_the_line_and_the_field(tmp_path, root, tokenizer, segment_id):
+    rec = region_record()
+    rec["regions"][1]["segment_id"] = segment_id
+    with pytest.raises(DataError, match=r"d\.jsonl line 1: regions\[1\]\.segment_id must be a non-negative integer"):
+        bad(tmp_path / "d.jsonl", root, tokenizer, [rec], load_masks=True)[0]

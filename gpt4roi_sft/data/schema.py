@@ -147,6 +147,17 @@ def check_unique_id(record: dict, where: str, seen: dict) -> None:
         raise DataError(f"{where}: field 'id': {record_id!r} is already the id of {first}")
 
 
+def _check_mask_fields(region: dict, where: str) -> None:
+    """What the mask-aware encoder reads of a region: a panoptic PNG path and the integer id of its segment."""
+    if "mask" not in region or "segment_id" not in region:
+        raise DataError(f"{where} needs 'mask' and 'segment_id' when masks are loaded")
+    if not isinstance(region["mask"], str) or not region["mask"]:
+        raise DataError(f"{where}.mask must be a panoptic PNG path (got {region['mask']!r})")
+    segment_id = region["segment_id"]
+    if not isinstance(segment_id, numbers.Integral) or isinstance(segment_id, bool) or segment_id < 0:
+        raise DataError(f"{where}.segment_id must be a non-negative integer (got {segment_id!r})")
+
+
 def validate_record(record: Any, where: str, *, image_root: Optional[str] = None, require_masks: bool = False) -> None:
     """Check one conversation record against the rules above; raise :class:`DataError` naming ``where``.
 
@@ -192,8 +203,8 @@ def validate_record(record: Any, where: str, *, image_root: Optional[str] = None
     for k, region in enumerate(regions):
         if not isinstance(region, dict) or "bbox" not in region:
             raise DataError(f"{where}: region {k} has no 'bbox'")
-        if require_masks and ("mask" not in region or "segment_id" not in region):
-            raise DataError(f"{where}: region {k} needs 'mask' and 'segment_id' when masks are loaded")
+        if require_masks:
+            _check_mask_fields(region, f"{where}: regions[{k}]")
     if regions:
         validate_boxes([r["bbox"] for r in regions], record["width"], record["height"], where=where, clip=True,
                        label="regions[{}].bbox")
