@@ -100,6 +100,13 @@ def test_record_with_regions_needs_its_size():
         validate_record(record(width=None), "d.jsonl line 1")
 
 
+@pytest.mark.parametrize("key", ["width", "height"])
+@pytest.mark.parametrize("value", ["64", None, 0, -3, True, False, float("nan"), float("inf")])
+def test_bad_record_size_names_the_field(key, value):
+    with pytest.raises(DataError, match=rf"^d\.jsonl line 1: field '{key}' must be a positive number \(got {value!r}\)$"):
+        validate_record(record(**{key: value}), "d.jsonl line 1")
+
+
 def test_record_checks_the_image_file_only_when_given_a_root(tmp_path):
     validate_record(record(), "d.jsonl line 1")
     with pytest.raises(DataError, match="image file not found"):

@@ -97,6 +97,11 @@ def _is_coordinate(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _is_size(value: Any) -> bool:
+    """A positive, finite pixel count (``True`` is a Python int, but no size)."""
+    return _is_coordinate(value) and math.isfinite(value) and value > 0
+
+
 def _box_rows(boxes, prefix: str, label: str) -> np.ndarray:
     """``boxes`` as float64 (N, 4); anything but four real numbers per box is a :class:`BoxError` (numpy would
     turn ``"12"`` into 12.0, and fail on a fifth number with a shape error that names nothing)."""
@@ -188,8 +193,7 @@ def validate_record(record: Any, where: str, *, image_root: Optional[str] = None
             )
         for key in ("width", "height"):
             # The size is the frame of the region boxes: a record without regions may leave it null.
-            if (regions or record.get(key) is not None) and (
-                    not isinstance(record.get(key), (int, float)) or record[key] <= 0):
+            if (regions or record.get(key) is not None) and not _is_size(record.get(key)):
                 raise DataError(f"{where}: field '{key}' must be a positive number (got {record.get(key)!r})")
         if image_root is not None and not os.path.isfile(os.path.join(image_root, image)):
             raise DataError(f"{where}: image file not found: {os.path.join(image_root, image)}")
