@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from data_converters.templates import TEMPLATE_SETS, region_question
 from gpt4roi_sft.atomic import atomic_open, write_json_atomic
 from gpt4roi_sft.constants import BBOX_TOKEN, GPT4ROI_PREAMBLE, IMAGE_TOKEN
-from gpt4roi_sft.data.schema import coco_box_to_xyxy, validate_record
+from gpt4roi_sft.data.schema import check_unique_id, coco_box_to_xyxy, validate_record
 from gpt4roi_sft.errors import BoxError, DataError, UserError
 
 log = logging.getLogger(__name__)
@@ -313,12 +313,14 @@ def write_jsonl(path: Path, records: Iterable[dict], source: str = "") -> int:
     ``source`` file and the record id (which holds the entry's id), as the user fixes the input, not the output.
     If the iteration or a check raises, nothing is left at ``path`` (an older file there stays as it was).
     """
-    n = 0
+    n, seen = 0, {}
     with atomic_open(path, "w") as fh:
         for record in records:
             written_as = f"{path.name}: record {n + 1}"
-            validate_record(record, f"{source}: record {record.get('id')} ({written_as})" if source
-                            else f"{written_as} ({record.get('id')})")
+            where = (f"{source}: record {record.get('id')} ({written_as})" if source
+                     else f"{written_as} ({record.get('id')})")
+            validate_record(record, where)
+            check_unique_id(record, where, seen)
             fh.write(json.dumps(record, ensure_ascii=False))
             fh.write("\n")
             n += 1

@@ -407,17 +407,19 @@ def check_first_images(cfg: Config, records: int = IMAGE_CHECK_RECORDS) -> None:
     """The images of the first ``records`` records of each ``data.train`` file exist under ``data.image_root``.
 
     A quick check, so a wrong image root fails at launch rather than after the model has loaded (the dataset's
-    ``validate_on_start`` scan checks every record later). Lines that do not parse are left to that scan.
+    ``validate_on_start`` scan checks every record later). Lines that do not parse, as JSON or as UTF-8, are left to
+    that scan, which names their file and line; the file is read as bytes, since a text-mode reader decodes ahead
+    and would fail on bad bytes anywhere in its first buffer, with a traceback.
     """
     import itertools
 
     root = Path(cfg.data.image_root) if cfg.data.image_root else Path(".")
     for path, _ in cfg.data_sources():
-        with open(path, encoding="utf-8") as fh:
+        with open(path, "rb") as fh:
             for lineno, line in enumerate(itertools.islice(fh, records), start=1):
                 try:
                     record = json.loads(line)
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, UnicodeDecodeError):
                     continue
                 image = record.get("image") if isinstance(record, dict) else None
                 if isinstance(image, str) and image and not (root / image).is_file():

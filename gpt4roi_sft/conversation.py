@@ -230,7 +230,8 @@ def get_template(name: str) -> ConversationTemplate:
 
 
 def validate_messages(messages: Sequence[dict], where: str = "conversations", require_answer: bool = True) -> None:
-    """Check that messages alternate human/gpt starting with human (and end with gpt if ``require_answer``)."""
+    """Check that messages alternate human/gpt starting with human (and, with ``require_answer``, end with gpt and
+    hold no empty answer)."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise DataError(f"{where}: must be a non-empty list of messages")
     for k, msg in enumerate(messages):
@@ -246,6 +247,9 @@ def validate_messages(messages: Sequence[dict], where: str = "conversations", re
             )
     if require_answer and messages[-1]["from"] != "gpt":
         raise DataError(f"{where}: the conversation must end with a 'gpt' message")
+    for k in range(1, len(messages), 2):
+        if require_answer and not messages[k]["value"].strip():  # an empty answer trains the model to say nothing
+            raise DataError(f"{where}[{k}].value: a 'gpt' answer must not be empty")
 
 
 def render_segments(template: str, messages: Sequence[dict], tokenizer=None) -> Segments:

@@ -222,6 +222,32 @@ def test_check_cli_names_the_missing_image_in_one_line(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "x.jpg" in proc.stderr, proc.stderr
 
 
+def test_check_names_an_empty_training_file(tmp_path):
+    from conftest import run_module
+
+    cfg = launchable_config(tmp_path)
+    (Path(cfg.model.path) / "config.json").write_text('{"model_type": "llama"}')  # checked without a processor
+    Path(cfg.data.train).write_text("")
+    proc = run_module("train_sft", "--check", f"model.path={cfg.model.path}", f"data.train={cfg.data.train}",
+                      f"train.output_dir={tmp_path / 'out'}")
+    assert proc.returncode == 2 and "config OK" not in proc.stdout
+    assert proc.stderr.strip() == f"error: {cfg.data.train}: no records (the file is empty or holds only blank lines)"
+
+
+def test_check_names_the_line_with_bad_utf8_in_one_line(tmp_path):
+    from conftest import run_module
+
+    cfg = launchable_config(tmp_path)
+    (Path(cfg.model.path) / "config.json").write_text('{"model_type": "llama"}')  # checked without a processor
+    good = json.dumps({"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]})
+    Path(cfg.data.train).write_bytes(good.encode() + b"\n" + good.replace('"yo"', '"\xff"').encode("latin-1") + b"\n")
+    validate_for_launch(cfg)  # the quick image check leaves the line to the record scan
+    proc = run_module("train_sft", "--check", f"model.path={cfg.model.path}", f"data.train={cfg.data.train}",
+                      f"train.output_dir={tmp_path / 'out'}")
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert proc.stderr.startswith(f"error: {cfg.data.train} line 2: invalid JSON ('utf-8' codec can't decode")
+
+
 def test_an_output_dir_that_is_a_file_is_named_at_launch(tmp_path):
     cfg = launchable_config(tmp_path)
     Path(cfg.train.output_dir).write_text("not a folder")

@@ -163,7 +163,9 @@ def test_region_without_bbox_is_an_error(tmp_path, root, tokenizer):
         bad(tmp_path / "d.jsonl", root, tokenizer, [rec])[0]
 
 
-@pytest.mark.parametrize("box, match", [([100, 100, 120, 120], "entirely outside"), ([5, 5, 5, 9], "empty")])
+@pytest.mark.parametrize("box, match", [([100, 100, 120, 120], "entirely outside"), ([5, 5, 5, 9], "empty"),
+                                        ([1, 2, 30, 20, 5], r"regions\[0\]\.bbox .* is not \[x1, y1, x2, y2\]"),
+                                        (["2", "4", "20", "16"], r"regions\[0\]\.bbox .* is not \[x1, y1, x2, y2\]")])
 def test_bad_boxes_are_box_errors_naming_the_line(tmp_path, root, tokenizer, box, match):
     rec = region_record(n_pairs=1)
     rec["regions"][0]["bbox"] = box
@@ -234,3 +236,42 @@ def test_item_equals_the_processor_encoding_of_the_rendered_conversation(tmp_pat
     out = processor(images=[Image.open(root / "img.png")], texts=[text], boxes=[[r["bbox"] for r in record["regions"]]])
     assert torch.equal(out["input_ids"][0], item["input_ids"])
     assert torch.equal(out["pixel_values"][0], item["pixel_values"]) and torch.equal(out["boxes"][0], item["boxes"])
+
+
+def test_duplicate_id_is_an_error_naming_both_lines(tmp_path, root, tokenizer):
+    ds = bad(tmp_path / "d.jsonl", root, tokenizer, [region_record("a"), region_record("b"), region_record("a")])
+    errors = ds.validate_all(raise_on_error=False)
+    assert errors == [f"{tmp_path / 'd.jsonl'} line 3: field 'id': 'a' is already the id of {tmp_path / 'd.jsonl'} line 1"]
+
+
+def test_the_same_id_in_two_files_is_not_a_duplicate(tmp_path, root, tokenizer):
+    a = write_jsonl(tmp_path / "a.jsonl", [region_record("x")])
+    b = write_jsonl(tmp_path / "b.jsonl", [region_record("x")])
+    assert make([a, b], root, tokenizer).validate_all() == []
+
+
+def test_image_with_another_aspect_ratio_than_the_record_size_is_an_error(tmp_path, root, tokenizer):
+    with pytest.raises(DataError, match=r"d\.jsonl line 1: fields 'width', 'height' say 64x24, but the image img\.png "
+                                        r"is 32x24, another aspect ratio"):
+        bad(tmp_path / "d.jsonl", root, tokenizer, [region_record(width=64)])[0]
+
+
+def test_uniformly_rescaled_image_scales_the_boxes(tmp_path, root, tokenizer):
+    Image.new("RGB", (16, 12), (200, 30, 30)).save(root / "half.png")
+    rec = region_record(n_pairs=1, image="half.png", width=31, height=24)  # 31 * 0.5 rounds to 16
+    item = make(write_jsonl(tmp_path / "d.jsonl", [rec]), root, tokenizer)[0]
+    assert torch.allclose(item["boxes"][0], torch.tensor([2 / 31, 4 / 24, 20 / 31, 16 / 24]), atol=1e-6)
+
+
+def test_file_without_records_is_an_error_naming_it(tmp_path, root, tokenizer):
+    path = write_jsonl(tmp_path / "empty.jsonl", ["", "  "])
+    with pytest.raises(DataError, match=r"empty\.jsonl: no records \(the file is empty or holds only blank lines\)"):
+        make(path, root, tokenizer)
+
+
+@pytest.mark.parametrize("segment_id", ["abc", 1.5, None, True, -1])
+def test_segment_id_that_is_not_an_integer_names_the_line_and_the_field(tmp_path, root, tokenizer, segment_id):
+    rec = region_record()
+    rec["regions"][1]["segment_id"] = segment_id
+    with pytest.raises(DataError, match=r"d\.jsonl line 1: regions\[1\]\.segment_id must be a non-negative integer"):
+        bad(tmp_path / "d.jsonl", root, tokenizer, [rec], load_masks=True)[0]

@@ -21,7 +21,7 @@ from gpt4roi_sft.constants import BBOX_TOKEN, IM_END_TOKEN, IM_START_TOKEN, IMAG
 from gpt4roi_sft.conversation import get_template, tokenize_conversation
 from gpt4roi_sft.data.image_transform import ImageTransform
 from gpt4roi_sft.data.model_inputs import LAYOUT_TOKENS, SampleEncoder
-from gpt4roi_sft.data.schema import validate_record
+from gpt4roi_sft.data.schema import check_unique_id, validate_record
 from gpt4roi_sft.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,11 @@ class LineIndex:
 
 
 def index_jsonl(path: str) -> LineIndex:
-    """Scan ``path`` once (line by line, as bytes) and record where each non-blank line starts."""
+    """Scan ``path`` once (line by line, as bytes) and record where each non-blank line starts.
+
+    A file without a record is a :class:`DataError` naming it: it is a conversion that wrote nothing or a wrong
+    path, and the sampler would only find out later, without the file's name.
+    """
     if not os.path.isfile(path):
         raise DataError(f"{path}: conversation file not found")
     offsets, sizes, lines, images = [], [], [], []
@@ -55,6 +59,8 @@ def index_jsonl(path: str) -> LineIndex:
                 lines.append(lineno)
                 images.append(b'"image"' in raw and b'"image": null' not in raw)
             pos += len(raw)
+    if not offsets:
+        raise DataError(f"{path}: no records (the file is empty or holds only blank lines)")
     return LineIndex(
         path,
         np.asarray(offsets, dtype=np.int64),
@@ -62,6 +68,19 @@ def index_jsonl(path: str) -> LineIndex:
         np.asarray(lines, dtype=np.int64),
         np.asarray(images, dtype=bool),
     )
+
+
+def check_image_size(record: dict, width: int, height: int, where: str) -> None:
+    """The image file's ``width`` x ``height`` is the record's size, or that size uniformly rescaled.
+
+    Boxes follow a resized file by the ratio of the sizes; a file whose aspect ratio differs from the record's
+    would stretch them, so it is a :class:`DataError`. Each side may be off by a pixel (the rescale rounds).
+    """
+    rw, rh = float(record["width"]), float(record["height"])
+    if abs(width / rw * rh - height) <= 1.0 or abs(height / rh * rw - width) <= 1.0:
+        return
+    raise DataError(f"{where}: fields 'width', 'height' say {record['width']}x{record['height']}, but the image "
+                    f"{record['image']} is {width}x{height}, another aspect ratio (the boxes would be stretched)")
 
 
 def panoptic_segment_mask(png_path: str, segment_id: int) -> np.ndarray:
@@ -199,6 +218,7 @@ class ConversationDataset(torch.utils.data.Dataset):
                 raise DataError(f"{where}: cannot read image {image_path} ({exc})") from None
             width, height = image.size
             if regions:  # boxes are in the record's pixel frame; follow the file if it was resized since
+                check_image_size(record, width, height, where)
                 sx, sy = width / float(record["width"]), height / float(record["height"])
                 boxes = np.asarray([r["bbox"] for r in regions], dtype=np.float64).reshape(-1, 4) * [sx, sy, sx, sy]
             if self.load_masks:
@@ -243,18 +263,20 @@ class ConversationDataset(torch.utils.data.Dataset):
         return np.minimum(est, self.max_length).astype(np.int64)
 
     def validate_all(self, raise_on_error: bool = True, tokenize: bool = False) -> List[str]:
-        """Check every record (JSON, schema, regions, boxes, image files) without loading images.
+        """Check every record (JSON, schema, regions, boxes, image files, ids unique per file) without loading images.
 
         Returns the list of error messages; with ``raise_on_error`` a non-empty list raises one
         :class:`DataError` that counts them and shows the first few. ``tokenize`` also checks that each
         conversation's first pair fits ``max_length`` (slower).
         """
         errors = []
+        seen = {path: {} for path in self.paths}  # per file: id -> where it was first seen
         for i in range(len(self)):
             where = self.where(i)
             try:
                 record = self.read_record(i)
                 self.validate_record(record, where)
+                check_unique_id(record, where, seen[self._locate(i)[0].path])
                 if tokenize:
                     budget = self.max_length - (self._image_extra_tokens if record.get("image") else 0)
                     tokenize_conversation(self.tokenizer, record["conversations"], self.template, budget)

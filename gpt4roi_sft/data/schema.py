@@ -2,7 +2,7 @@
 
 A record is one JSON object per line of a conversation JSONL::
 
-    {"id": "pix2cap/train/397133/d0",            unique, stable
+    {"id": "pix2cap/train/397133/d0",            a non-empty string, unique in its file
      "image": "train2017/000000397133.jpg",       relative to the image root given at train time (optional)
      "width": 640, "height": 427,                 original pixel size (required when there are regions)
      "regions": [{"bbox": [x1, y1, x2, y2],       absolute pixels of the original image, xyxy, float
@@ -13,8 +13,9 @@ A record is one JSON object per line of a conversation JSONL::
                        {"from": "gpt", "value": "A man in a dark suit ..."}],
      "source": "pix2cap_coco"}
 
-Rules (:func:`validate_record`): the k-th ``<bbox>`` in the text is ``regions[k]`` and the counts match;
-``<image>`` appears exactly once, in the first human turn, when there is an image, and never otherwise.
+Rules (:func:`validate_record`): no field beyond these (:data:`RECORD_FIELDS`); no gpt answer is empty; the
+k-th ``<bbox>`` in the text is ``regions[k]`` and the counts match; ``<image>`` appears exactly once, in the
+first human turn, when there is an image, and never otherwise.
 
 Boxes: source datasets give COCO ``[x, y, w, h]`` (:func:`xywh_to_xyxy`, :func:`coco_box_to_xyxy`); records
 and generation requests hold absolute pixel ``[x1, y1, x2, y2]`` of the original image; a box crossing the
@@ -92,23 +93,76 @@ def coco_box_to_xyxy(bbox: Any, width: float, height: float, where: str) -> List
     return check_box(xyxy, width, height, f"{where}: bbox {list(bbox)}", clip=True)
 
 
-def validate_boxes(boxes, width: int, height: int, where: str = "", clip: bool = False) -> np.ndarray:
+def _is_coordinate(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_size(value: Any) -> bool:
+    """A positive, finite pixel count (``True`` is a Python int, but no size)."""
+    return _is_coordinate(value) and math.isfinite(value) and value > 0
+
+
+def _box_rows(boxes, prefix: str, label: str) -> np.ndarray:
+    """``boxes`` as float64 (N, 4); anything but four real numbers per box is a :class:`BoxError` (numpy would
+    turn ``"12"`` into 12.0, and fail on a fifth number with a shape error that names nothing)."""
+    if hasattr(boxes, "dtype"):  # an array or tensor: its dtype says whether it holds numbers
+        arr = np.asarray(boxes)
+        if arr.size == 0:
+            return np.zeros((0, 4))
+        if arr.dtype.kind not in "iuf" or arr.ndim != 2 or arr.shape[1] != 4:
+            raise BoxError(f"{prefix}boxes must be (N, 4) numbers [x1, y1, x2, y2], got {arr.dtype} of shape "
+                           f"{tuple(arr.shape)}")
+        return arr.astype(np.float64)
+    if not isinstance(boxes, (list, tuple)):
+        raise BoxError(f"{prefix}boxes must be a list of [x1, y1, x2, y2], got {type(boxes).__name__}")
+    rows = [box.tolist() if hasattr(box, "tolist") else box for box in boxes]
+    for i, row in enumerate(rows):
+        if not isinstance(row, (list, tuple)) or len(row) != 4 or not all(_is_coordinate(v) for v in row):
+            raise BoxError(f"{prefix}{label.format(i)} {row!r} is not [x1, y1, x2, y2] (four numbers)")
+    return np.asarray(rows, dtype=np.float64).reshape(-1, 4)
+
+
+def validate_boxes(boxes, width: int, height: int, where: str = "", clip: bool = False,
+                   label: str = "box {}") -> np.ndarray:
     """Check pixel xyxy boxes against a ``width`` x ``height`` image and return them as float32 (N, 4).
 
-    Each box goes through :func:`check_box`; errors name ``where`` and the box index (e.g.
-    ``"train.jsonl line 7: box 2 [...]"``).
+    Each box must be four real numbers and goes through :func:`check_box`; errors name ``where`` and the box as
+    ``label`` formats its index (e.g. ``"train.jsonl line 7: box 2 [...]"``).
     """
     prefix = f"{where}: " if where else ""
-    arr = np.asarray(boxes, dtype=np.float64)
-    if arr.size == 0:
-        return np.zeros((0, 4), dtype=np.float32)
-    if arr.ndim != 2 or arr.shape[1] != 4:
-        raise BoxError(f"{prefix}boxes must be a list of [x1, y1, x2, y2], got shape {tuple(arr.shape)}")
-    out = [check_box(b, width, height, f"{prefix}box {i} {[float(v) for v in b]}", clip) for i, b in enumerate(arr)]
-    return np.asarray(out, dtype=np.float32)
+    arr = _box_rows(boxes, prefix, label)
+    out = [check_box(b, width, height, f"{prefix}{label.format(i)} {[float(v) for v in b]}", clip)
+           for i, b in enumerate(arr)]
+    return np.asarray(out, dtype=np.float32).reshape(-1, 4)
 
 
 # ----------------------------------------------------------------------------------------------- record
+RECORD_FIELDS = ("id", "image", "width", "height", "regions", "conversations", "source")
+
+
+def check_unique_id(record: dict, where: str, seen: dict) -> None:
+    """Remember ``record``'s id in ``seen`` (id -> where it was first seen); a repeat is a :class:`DataError`.
+
+    ``record`` passed :func:`validate_record`. Ids name items in logs, predictions and skipped-record warnings,
+    so two records sharing one make a file's results ambiguous; the message names both places.
+    """
+    record_id = record["id"]
+    first = seen.setdefault(record_id, where)
+    if first != where:
+        raise DataError(f"{where}: field 'id': {record_id!r} is already the id of {first}")
+
+
+def _check_mask_fields(region: dict, where: str) -> None:
+    """What the mask-aware encoder reads of a region: a panoptic PNG path and the integer id of its segment."""
+    if "mask" not in region or "segment_id" not in region:
+        raise DataError(f"{where} needs 'mask' and 'segment_id' when masks are loaded")
+    if not isinstance(region["mask"], str) or not region["mask"]:
+        raise DataError(f"{where}.mask must be a panoptic PNG path (got {region['mask']!r})")
+    segment_id = region["segment_id"]
+    if not isinstance(segment_id, numbers.Integral) or isinstance(segment_id, bool) or segment_id < 0:
+        raise DataError(f"{where}.segment_id must be a non-negative integer (got {segment_id!r})")
+
+
 def validate_record(record: Any, where: str, *, image_root: Optional[str] = None, require_masks: bool = False) -> None:
     """Check one conversation record against the rules above; raise :class:`DataError` naming ``where``.
 
@@ -117,6 +171,11 @@ def validate_record(record: Any, where: str, *, image_root: Optional[str] = None
     """
     if not isinstance(record, dict):
         raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    unknown = sorted(set(record) - set(RECORD_FIELDS))
+    if unknown:  # most often a misspelt field, whose value would be ignored
+        raise DataError(f"{where}: unknown field {unknown[0]!r} (a record's fields are {', '.join(RECORD_FIELDS)})")
+    if not isinstance(record.get("id"), str) or not record["id"]:
+        raise DataError(f"{where}: field 'id' must be a non-empty string (got {record.get('id')!r})")
     if "conversations" not in record:
         raise DataError(f"{where}: missing field 'conversations'")
     messages = record["conversations"]
@@ -134,8 +193,7 @@ def validate_record(record: Any, where: str, *, image_root: Optional[str] = None
             )
         for key in ("width", "height"):
             # The size is the frame of the region boxes: a record without regions may leave it null.
-            if (regions or record.get(key) is not None) and (
-                    not isinstance(record.get(key), (int, float)) or record[key] <= 0):
+            if (regions or record.get(key) is not None) and not _is_size(record.get(key)):
                 raise DataError(f"{where}: field '{key}' must be a positive number (got {record.get(key)!r})")
         if image_root is not None and not os.path.isfile(os.path.join(image_root, image)):
             raise DataError(f"{where}: image file not found: {os.path.join(image_root, image)}")
@@ -149,7 +207,8 @@ def validate_record(record: Any, where: str, *, image_root: Optional[str] = None
     for k, region in enumerate(regions):
         if not isinstance(region, dict) or "bbox" not in region:
             raise DataError(f"{where}: region {k} has no 'bbox'")
-        if require_masks and ("mask" not in region or "segment_id" not in region):
-            raise DataError(f"{where}: region {k} needs 'mask' and 'segment_id' when masks are loaded")
+        if require_masks:
+            _check_mask_fields(region, f"{where}: regions[{k}]")
     if regions:
-        validate_boxes([r["bbox"] for r in regions], record["width"], record["height"], where=where, clip=True)
+        validate_boxes([r["bbox"] for r in regions], record["width"], record["height"], where=where, clip=True,
+                       label="regions[{}].bbox")

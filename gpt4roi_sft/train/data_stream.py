@@ -211,7 +211,7 @@ def check_data(cfg: Config, items_per_file: int = CHECK_ITEMS) -> list:
     import json
 
     from gpt4roi_sft.data.dataset import ConversationDataset, index_jsonl
-    from gpt4roi_sft.data.schema import validate_record
+    from gpt4roi_sft.data.schema import check_unique_id, validate_record
     from gpt4roi_sft.errors import DataError
     from gpt4roi_sft.model.loading import load_processor
 
@@ -232,6 +232,7 @@ def check_data(cfg: Config, items_per_file: int = CHECK_ITEMS) -> list:
                          f"training items with {cfg.data.template} OK")
             continue
         index = index_jsonl(path)
+        seen = {}
         with open(path, "rb") as f:
             for offset, size, lineno in zip(index.offsets, index.sizes, index.line_numbers):
                 f.seek(int(offset))
@@ -241,6 +242,7 @@ def check_data(cfg: Config, items_per_file: int = CHECK_ITEMS) -> list:
                 except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                     raise DataError(f"{where}: invalid JSON ({exc})") from None
                 validate_record(record, where, image_root=cfg.data.image_root or None, require_masks=cfg.data.load_masks)
+                check_unique_id(record, where, seen)
         lines.append(f"{path}: {len(index.offsets)} records, schema and images OK (tokenization is checked at "
                      "load time for this model layout)")
     return lines
