@@ -324,19 +324,39 @@ def _set_path(tree: Dict[str, Any], parts: List[str], value: Any, where: str, se
     node[parts[-1]] = value
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: Dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, typing.Hashable):
+                continue  # SafeLoader itself refuses an unhashable key, with its position
+            if key in seen:
+                raise ConfigError(f"{self.name}: line {line}: duplicate key {key!r} (first given on line {seen[key]})")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_recipe(path: str) -> Dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(p, encoding="utf-8") as fh:
+            data = yaml.load(fh, Loader=_RecipeLoader) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
     """Read a YAML recipe (or start from defaults), apply ``key=value`` overrides, and type-check it all."""
-    data: Dict[str, Any] = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    data: Dict[str, Any] = _read_recipe(path) if path else {}
     for item in overrides or []:
         parts, value = parse_override(item)
         _set_path(data, parts, value, f"override {item!r}")
