@@ -432,6 +432,15 @@ def test_resume_is_refused_naming_the_file_when_every_complete_checkpoint_is_dam
         ckpt.find_latest(tmp_path)
 
 
+@pytest.mark.parametrize("text, reason", [('{"step": 2, "consu', "invalid JSON at line 1 column 13"),
+                                          ("[1]", "not a client state")])
+def test_resume_from_a_damaged_client_state_names_the_file(tmp_path, text, reason):
+    path = _complete_checkpoint(tmp_path, 2) / ckpt.CLIENT_STATE_FILE
+    path.write_text(text)
+    with pytest.raises(ckpt.UserError, match=rf"^{path}: {reason}"):
+        ckpt.read_client_state(path.parent)
+
+
 def _one_batch(model_dir, data, n=2):
     from gpt4roi_sft import load_model
     from gpt4roi_sft.data.collator import PaddingCollator

@@ -38,7 +38,8 @@ import numpy as np
 import torch
 
 from gpt4roi_sft.atomic import apply_default_mode, write_json_atomic, write_text_atomic
-from gpt4roi_sft.errors import UserError
+from gpt4roi_sft.errors import DataError, UserError
+from gpt4roi_sft.json_io import load_json
 
 if TYPE_CHECKING:
     from gpt4roi_sft.config import Config
@@ -225,7 +226,13 @@ def write_client_state(step_dir: Path, state: Dict[str, Any]) -> None:
 
 
 def read_client_state(step_dir: Path) -> Dict[str, Any]:
-    return json.loads((Path(step_dir) / CLIENT_STATE_FILE).read_text(encoding="utf-8"))
+    """The step and world size a checkpoint was saved at; a damaged file is a one-line error naming it."""
+    path = Path(step_dir) / CLIENT_STATE_FILE
+    state = load_json(path)
+    missing = [key for key in ("step", "world_size") if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise DataError(f"{path}: not a client state (no {' or '.join(missing)}); this checkpoint cannot be resumed")
+    return state
 
 
 def mark_complete_and_publish(root: Path, step_dir: Path, keep_last: int) -> None:
