@@ -160,13 +160,16 @@ def load_vipbench(root: Path, split: str, mode: str = "region") -> List[VipQuest
     problems: List[str] = []
     questions: List[VipQuestion] = []
     labelme_cache: Dict[Path, Dict[str, List[float]]] = {}
-    for lineno, line in enumerate(questions_path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
+    for lineno, raw in enumerate(questions_path.read_bytes().splitlines(), start=1):
+        if not raw.strip():
             continue
         where = f"{questions_path} line {lineno}"
         try:
-            q = json.loads(line)
+            q = json.loads(raw.decode("utf-8"))
             qnum, image, text = int(q["question_id"]), q["image"], q["text"]
+        except UnicodeDecodeError as exc:
+            problems.append(f"{where}: not UTF-8 text (byte {exc.start} of the line: {raw[exc.start]:#04x})")
+            continue
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             problems.append(f"{where}: not a question record ({exc})")
             continue

@@ -344,11 +344,20 @@ def _read_recipe(path: str) -> Dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {path}")
+    raw = p.read_bytes()
     try:
-        with open(p, encoding="utf-8") as fh:
-            data = yaml.load(fh, Loader=_RecipeLoader) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 text (byte {exc.start}: {raw[exc.start]:#04x})") from None
+    loader = _RecipeLoader(text)
+    loader.name = str(path)  # what its messages name, as for a file stream
+    try:
+        data = loader.get_single_data() or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
+    finally:
+        loader.dispose()
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return data

@@ -56,6 +56,13 @@ def test_duplicate_key_inside_a_section_is_rejected(tmp_path):
         load_config(str(recipe))
 
 
+def test_a_recipe_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_bytes(b"train:\n  max_steps: 2\n  # caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"recipe\.yaml: line 3: not UTF-8 text \(byte 29: 0xe9\)"):
+        load_config(str(recipe))
+
+
 def test_unknown_override_section_is_rejected():
     with pytest.raises(ConfigError, match="trainn"):
         load_config(None, ["trainn.max_steps=3"])

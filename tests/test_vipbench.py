@@ -75,6 +75,15 @@ def test_question_naming_a_missing_shape_is_an_error_naming_it(data):
         vipbench.load_vipbench(data, "bbox")
 
 
+def test_a_question_line_that_is_not_utf8_is_named_with_its_file_and_line(data):
+    path = data / "bbox" / "questions.jsonl"
+    lines = path.read_bytes().splitlines()
+    lines[1] = lines[1].replace(b'"text": "', b'"text": "\xff', 1)
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataError, match=rf"1 problem\(s\).*{path} line 2: not UTF-8 text \(byte \d+ of the line: 0xff\)"):
+        vipbench.load_vipbench(data, "bbox")
+
+
 def test_question_missing_from_meta_and_missing_image_are_all_reported(data):
     meta = json.loads((data / "vip-bench-meta-data.json").read_text())
     del meta["v1_1"]
