@@ -38,6 +38,13 @@ def test_polygon_shape_becomes_its_enclosing_box(tmp_path):
     assert vipbench.labelme_boxes(tmp_path / "s.json") == {"obj1": [10.0, 5.0, 30.0, 40.0]}
 
 
+def test_a_shape_with_string_coordinates_is_an_error_naming_the_file_and_shape(tmp_path):
+    write_labelme(tmp_path, "s.json", [{"label": "obj1", "shape_type": "rectangle", "points": [["10", "5"], [30, 40]]}])
+    with pytest.raises(DataError, match=r"s\.json: shape 0 \(obj1\) needs at least 2 \[x, y\] points of numbers, "
+                                        r"got \[\['10', '5'\], \[30, 40\]\]"):
+        vipbench.labelme_boxes(tmp_path / "s.json")
+
+
 def test_each_obj_n_gets_its_own_shape_box_in_text_order(tmp_path):
     write_labelme(tmp_path, "s.json", [
         {"label": "obj1", "shape_type": "rectangle", "points": [[50, 60], [10, 20]]},
