@@ -8,7 +8,8 @@ Layout under ``OUTPUT_DIR/checkpoints/``::
         client_state.json     step, consumed micro-batches, config snapshot
         rng_state_rank<r>.pt  each rank's torch / numpy / python RNG states
         data_position_rank<r>.json  each rank's next sample, for streams that need more than the micro-batch count
-        COMPLETE              written last, after every rank finished writing
+        COMPLETE              written last, after every rank finished writing (resume and export also need
+                              trainable.safetensors to be as long as its header says; a copy can cut it short)
     latest                    the tag of the newest COMPLETE checkpoint, replaced atomically
 
 DeepSpeed's own ``latest`` write is disabled (``save_latest=False``): ours is written only once the
@@ -106,6 +107,13 @@ def trainable_problem(step_dir: Path) -> Optional[str]:
     return None
 
 
+def check_trainable(step_dir: Path) -> None:
+    """Refuse, in one line naming the file, a checkpoint whose :func:`trainable_problem` is not None."""
+    problem = trainable_problem(step_dir)
+    if problem is not None:
+        raise UserError(f"{problem}; this checkpoint cannot be loaded")
+
+
 def find_latest(output_dir) -> Optional[Path]:
     """The checkpoint to resume from: the one ``latest`` names if complete and loadable, else the newest that is.
 
@@ -142,9 +150,7 @@ def resolve_step_dir(path) -> Path:
     if _STEP_DIR.match(p.name):
         if not is_complete(p):
             raise UserError(f"{p}: not a complete checkpoint (no {COMPLETE_MARKER} marker; the save was interrupted)")
-        problem = trainable_problem(p)
-        if problem is not None:
-            raise UserError(f"{problem}; this checkpoint cannot be loaded")
+        check_trainable(p)
         return p
     latest = find_latest(p.parent if p.name == "checkpoints" else p)
     if latest is not None:
@@ -215,9 +221,7 @@ def save_trainable(step_dir: Path, state_dict: Dict[str, torch.Tensor]) -> None:
 def load_trainable(step_dir: Path) -> Dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    problem = trainable_problem(step_dir)
-    if problem is not None:
-        raise UserError(f"{problem}; this checkpoint cannot be loaded")
+    check_trainable(step_dir)
     return load_file(str(Path(step_dir) / TRAINABLE_FILE))
 
 
