@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
+import numbers
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from eval.harness import HarnessConfig
 from eval.prediction_store import PredictionStore
 from gpt4roi_sft.atomic import write_json_atomic, write_text_atomic
 from gpt4roi_sft.constants import GPT4ROI_PREAMBLE, VG_EVAL_QUESTION
-from gpt4roi_sft.data.schema import xywh_to_xyxy
+from gpt4roi_sft.data.schema import check_box, xywh_to_xyxy
 from gpt4roi_sft.errors import ConfigError, DataError, run_cli
 from gpt4roi_sft.json_io import load_json
 from gpt4roi_sft.infer import Captioner, DecodeSettings, RegionRequest
@@ -69,10 +70,11 @@ def load_vg_test(annotations: Path, image_root: Optional[Path], skip_bad: bool =
     """Read and validate a GLaMM-format test file; return ``(samples, skipped)``.
 
     Every problem is found before returning: an image entry without the annotation of the same id (or one
-    whose ``image_id`` points elsewhere), a bad bbox, an empty reference caption, a missing image file
+    whose ``image_id`` points elsewhere), a bad bbox or one wholly outside its image (the entry's ``width``
+    and ``height``, else the image file's size), a caption that is empty or not a string, a missing image file
     (checked only when ``image_root`` is given). Without ``skip_bad`` any problem raises a
-    :class:`DataError` naming the file, the sample id and the total count; with it those samples are left
-    out and described in ``skipped``.
+    :class:`DataError` naming the file, the 1-based images entry, the sample id and the total count; with it
+    those samples are left out and described in ``skipped``.
     """
     annotations = Path(annotations)
     data = load_json(annotations)
@@ -88,19 +90,19 @@ def load_vg_test(annotations: Path, image_root: Optional[Path], skip_bad: bool =
     samples: List[VGSample] = []
     problems: List[str] = []
     seen = set()
-    for entry in data["images"]:
+    for n, entry in enumerate(data["images"], start=1):
         if not isinstance(entry, dict) or "id" not in entry or "file_name" not in entry:
-            problems.append(f"images entry {str(entry)[:80]} lacks 'id' or 'file_name'")
+            problems.append(f"images entry {n} lacks 'id' or 'file_name': {str(entry)[:80]}")
             continue
         sid = entry["id"]
         if sid in seen:
-            problems.append(f"sample {sid}: image id appears twice")
+            problems.append(f"images entry {n}, sample {sid}: image id appears twice")
             continue
         seen.add(sid)
         try:
             samples.append(_sample(entry, anns_by_id.get(sid), image_root))
         except DataError as exc:
-            problems.append(f"sample {sid}: {exc}")
+            problems.append(f"images entry {n}, sample {sid}: {exc}")
 
     orphans = [aid for aid in anns_by_id if aid not in seen]
     if orphans:
@@ -127,13 +129,34 @@ def _sample(entry: dict, ann: Optional[dict], image_root: Optional[Path]) -> VGS
         raise DataError(f"annotation {sid} has image_id {ann['image_id']} (annotation ids must equal image ids)")
     box = xywh_to_xyxy(ann.get("bbox"))
     caption = ann.get("caption")
-    if not isinstance(caption, str) or not caption.strip():
+    if not isinstance(caption, str):
+        raise DataError(f"annotation field 'caption' must be a string (got {type(caption).__name__} {caption!r})")
+    if not caption.strip():
         raise DataError("empty reference caption")
     path = (Path(image_root) / entry["file_name"]) if image_root is not None else Path(entry["file_name"])
     if image_root is not None and not path.is_file():
         raise DataError(f"image file {path} not found")
+    size = _image_size(entry, path)
+    if size is not None:  # the captioner clips a border-crossing box, as here, and refuses one wholly outside
+        check_box(box, *size, f"bbox {ann['bbox']}", clip=True)
     attrs = ann.get("attributes")
     return VGSample(sid, path, box, caption.strip(), attrs if isinstance(attrs, dict) else None)
+
+
+def _image_size(entry: dict, path: Path) -> Optional[Tuple[float, float]]:
+    """``(width, height)`` the box is checked against: the entry's, else the image file's (its header only)."""
+    if "width" in entry or "height" in entry:
+        for key in ("width", "height"):
+            value = entry.get(key)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value > 0:
+                raise DataError(f"images field '{key}' must be a positive number (got {type(value).__name__} {value!r})")
+        return entry["width"], entry["height"]
+    if not path.is_file():
+        return None
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.size
 
 
 # ---------------------------------------------------------------- generation

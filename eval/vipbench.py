@@ -30,6 +30,7 @@ import csv
 import io
 import json
 import logging
+import numbers
 import os
 import re
 from dataclasses import dataclass, field
@@ -88,6 +89,10 @@ def enclosing_box(points: Sequence[Sequence[float]]) -> List[float]:
     return [min(xs), min(ys), max(xs), max(ys)]
 
 
+def _is_point(p) -> bool:
+    return isinstance(p, list) and len(p) == 2 and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in p)
+
+
 def labelme_boxes(path: Path) -> Dict[str, List[float]]:
     """``{label: xyxy}`` from a labelme file; several shapes with one label give the box around all of them."""
     data = load_json(path)
@@ -97,8 +102,9 @@ def labelme_boxes(path: Path) -> Dict[str, List[float]]:
         need = 2 if kind == "rectangle" else 3
         if kind not in ("rectangle", "polygon"):
             raise DataError(f"{path}: shape {i} ({label}) has shape_type {kind!r}; expected rectangle or polygon")
-        if not isinstance(points, list) or len(points) < need or not all(isinstance(p, list) and len(p) == 2 for p in points):
-            raise DataError(f"{path}: shape {i} ({label}) needs at least {need} [x, y] points")
+        if not isinstance(points, list) or len(points) < need or not all(map(_is_point, points)):
+            raise DataError(f"{path}: shape {i} ({label}) needs at least {need} [x, y] points of numbers, "
+                            f"got {str(points)[:80]}")
         box = enclosing_box(points)
         if box[2] <= box[0] or box[3] <= box[1]:
             raise DataError(f"{path}: shape {i} ({label}) encloses no area: {box}")
@@ -160,13 +166,16 @@ def load_vipbench(root: Path, split: str, mode: str = "region") -> List[VipQuest
     problems: List[str] = []
     questions: List[VipQuestion] = []
     labelme_cache: Dict[Path, Dict[str, List[float]]] = {}
-    for lineno, line in enumerate(questions_path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
+    for lineno, raw in enumerate(questions_path.read_bytes().splitlines(), start=1):
+        if not raw.strip():
             continue
         where = f"{questions_path} line {lineno}"
         try:
-            q = json.loads(line)
+            q = json.loads(raw.decode("utf-8"))
             qnum, image, text = int(q["question_id"]), q["image"], q["text"]
+        except UnicodeDecodeError as exc:
+            problems.append(f"{where}: not UTF-8 text (byte {exc.start} of the line: {raw[exc.start]:#04x})")
+            continue
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             problems.append(f"{where}: not a question record ({exc})")
             continue

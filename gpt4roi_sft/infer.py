@@ -28,6 +28,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Union
 from PIL import Image
 
 from gpt4roi_sft.constants import GPT4ROI_PREAMBLE
+from gpt4roi_sft.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -510,11 +511,30 @@ def load_captioner(model_dir: str, template: str = "gpt4roi_v0", settings: Optio
     dtype = inference_dtype(device, torch_dtype)
     # With an adapter the base loads in fp32, the adapter is added in fp32 and the sum is rounded once to `dtype`:
     # the weights an fp32 merged export gives when it is loaded in `dtype`.
+    if adapter_dir:
+        check_lora_adapter(adapter_dir)  # before the base model loads, not as a peft traceback after
     model, processor = load_model(model_dir, torch_dtype=torch.float32 if adapter_dir else dtype)
     if adapter_dir:
         model = merge_adapter(model, adapter_dir).to(dtype)
     model = model.to(device).eval()
     return RegionCaptioner(model, processor, template=template, settings=settings, fast=fast)
+
+
+def check_lora_adapter(adapter_dir: str) -> None:
+    """Refuse, in one line naming what is missing, a directory ``peft`` cannot load as a LoRA adapter."""
+    from gpt4roi_sft.json_io import load_json
+
+    root = Path(adapter_dir)
+    config = root / "adapter_config.json"
+    if not config.is_file():
+        hint = " (it holds a full model: load it as the model, without an adapter)" if (root / "config.json").is_file() else ""
+        raise ConfigError(f"{adapter_dir}: not a LoRA adapter: no adapter_config.json{hint}")
+    settings = load_json(config)
+    peft_type = settings.get("peft_type") if isinstance(settings, dict) else None
+    if peft_type != "LORA":
+        raise ConfigError(f"{config}: peft_type is {peft_type!r}, not 'LORA'")
+    if not any((root / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise ConfigError(f"{adapter_dir}: not a LoRA adapter: no adapter_model.safetensors (its weights)")
 
 
 def merge_adapter(model, adapter_dir: str):

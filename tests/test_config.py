@@ -44,6 +44,25 @@ def test_unknown_key_names_the_dotted_key(tmp_path):
         load_config(str(recipe))
 
 
+def test_duplicate_section_names_the_file_line_and_key(tmp_path):
+    recipe = write_recipe(tmp_path, "train:\n  max_steps: 2\nlora:\n  enabled: false\ntrain:\n  max_steps: 5\n")
+    with pytest.raises(ConfigError, match=r"recipe\.yaml: line 5: duplicate key 'train' \(first given on line 1\)"):
+        load_config(str(recipe))
+
+
+def test_duplicate_key_inside_a_section_is_rejected(tmp_path):
+    recipe = write_recipe(tmp_path, "train:\n  max_steps: 2\n  seed: 1\n  max_steps: 5\n")
+    with pytest.raises(ConfigError, match=r"recipe\.yaml: line 4: duplicate key 'max_steps'"):
+        load_config(str(recipe))
+
+
+def test_a_recipe_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_bytes(b"train:\n  max_steps: 2\n  # caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"recipe\.yaml: line 3: not UTF-8 text \(byte 29: 0xe9\)"):
+        load_config(str(recipe))
+
+
 def test_unknown_override_section_is_rejected():
     with pytest.raises(ConfigError, match="trainn"):
         load_config(None, ["trainn.max_steps=3"])

@@ -86,6 +86,52 @@ def test_empty_reference_caption_is_an_error_naming_the_sample(tmp_path):
         vg.load_vg_test(ann, images)
 
 
+def _box_outside(data):
+    data["annotations"][2]["bbox"] = [70, 3, 10, 10]  # the images are 64x48
+
+
+def test_a_box_outside_the_image_is_refused_before_generation_naming_the_file_and_1_based_entry(tmp_path):
+    ann, images = write_test_file(tmp_path, mutate=_box_outside)
+    captioner = RecordingCaptioner()
+    with pytest.raises(DataError, match=rf"^{ann}: 1 bad sample\(s\): images entry 3, sample 3: "
+                                        rf"bbox \[70, 3, 10, 10\] lies entirely outside the 64x48 image"):
+        vg.evaluate(config(tmp_path, ann, images), captioner)
+    assert captioner.asked == []
+
+
+def test_skip_bad_leaves_out_a_box_outside_the_image(tmp_path):
+    ann, images = write_test_file(tmp_path, mutate=_box_outside)
+    samples, skipped = vg.load_vg_test(ann, images, skip_bad=True)
+    assert [s.sample_id for s in samples] == [1, 2, 4, 5, 6] and len(skipped) == 1
+
+
+def test_a_box_is_checked_against_the_image_file_when_the_entry_has_no_size(tmp_path):
+    def no_size(data):
+        _box_outside(data)
+        for entry in data["images"]:
+            del entry["width"], entry["height"]
+    ann, images = write_test_file(tmp_path, mutate=no_size)
+    with pytest.raises(DataError, match=r"sample 3: bbox \[70, 3, 10, 10\] lies entirely outside the 64x48 image"):
+        vg.load_vg_test(ann, images)
+
+
+def test_a_width_given_as_a_string_is_an_error_naming_the_field(tmp_path):
+    def string_width(data):
+        data["images"][1]["width"] = "64"
+    ann, images = write_test_file(tmp_path, mutate=string_width)
+    with pytest.raises(DataError, match=r"images entry 2, sample 2: images field 'width' must be a positive number "
+                                        r"\(got str '64'\)"):
+        vg.load_vg_test(ann, images)
+
+
+def test_a_caption_that_is_not_a_string_is_an_error_naming_the_field_and_type(tmp_path):
+    def number_caption(data):
+        data["annotations"][3]["caption"] = 7
+    ann, images = write_test_file(tmp_path, mutate=number_caption)
+    with pytest.raises(DataError, match=r"sample 4: annotation field 'caption' must be a string \(got int 7\)"):
+        vg.load_vg_test(ann, images)
+
+
 def test_skip_bad_counts_and_leaves_out_bad_samples(tmp_path):
     def two_bad(data):
         data["annotations"][1]["caption"] = ""

@@ -65,6 +65,19 @@ def test_export_onto_a_model_directory_is_refused_in_one_line_and_the_directory_
     assert sorted(p.name for p in target.iterdir()) == before
 
 
+def test_a_truncated_trainable_file_is_named_and_the_output_dir_exports_the_previous_checkpoint(tiny_model_dir, tmp_path):
+    run = write_checkpoint(write_checkpoint(tmp_path / "run", tiny_model_dir, 3), tiny_model_dir, 7)
+    broken = ckpt.checkpoints_root(run) / "step_7" / ckpt.TRAINABLE_FILE
+    os.truncate(broken, broken.stat().st_size // 2)
+    proc = export(broken.parent, tmp_path / "out")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {broken}: truncated ({broken.stat().st_size} bytes, its header describes "
+        f"{2 * broken.stat().st_size}); this checkpoint cannot be loaded"]
+    assert export(run, tmp_path / "out").returncode == 0
+    assert json.loads((tmp_path / "out" / "export_info.json").read_text())["step"] == 3
+
+
 def test_overwrite_moves_a_directory_the_export_did_not_write_aside_and_deletes_nothing(checkpoint, tiny_model_dir, tmp_path):
     target = tmp_path / "model"
     shutil.copytree(tiny_model_dir, target)

@@ -8,7 +8,7 @@ from PIL import Image
 
 from gpt4roi_sft.constants import GPT4ROI_PREAMBLE
 from gpt4roi_sft.conversation import build_prompt
-from gpt4roi_sft.errors import DataError
+from gpt4roi_sft.errors import ConfigError, DataError, UserError
 from gpt4roi_sft.infer import DecodeSettings, RegionCaptioner, RegionRequest, chat_request, load_captioner
 
 BOXES = [[10, 10, 60, 60], [70, 20, 150, 110], [5, 80, 40, 115]]
@@ -169,6 +169,20 @@ def test_stream_raises_the_decoding_error(captioner, image, monkeypatch):
     req = RegionRequest(image, GPT4ROI_PREAMBLE + "What is region1 <bbox>?", [BOXES[0]])
     with pytest.raises(RuntimeError, match="device lost"):
         list(captioner.stream(req))
+
+
+def test_a_model_directory_given_as_adapter_is_refused_naming_the_missing_adapter_config(tiny_model_dir):
+    with pytest.raises(ConfigError, match=rf"^{tiny_model_dir}: not a LoRA adapter: no adapter_config.json \(it holds a full model"):
+        load_captioner(tiny_model_dir, adapter_dir=tiny_model_dir, device="cpu")
+
+
+@pytest.mark.parametrize("config, reason", [('{"peft_type": "IA3"}', "adapter_config.json: peft_type is 'IA3', not 'LORA'"),
+                                            ('{"peft_type": "LORA"}', "not a LoRA adapter: no adapter_model.safetensors"),
+                                            ('{"peft_type": ', "adapter_config.json: invalid JSON")])
+def test_an_adapter_directory_peft_cannot_load_is_refused_naming_what_is_wrong(tiny_model_dir, tmp_path, config, reason):
+    (tmp_path / "adapter_config.json").write_text(config)
+    with pytest.raises(UserError, match=reason):
+        load_captioner(tiny_model_dir, adapter_dir=str(tmp_path), device="cpu")
 
 
 def test_an_adapter_is_merged_in_memory_and_its_files_are_left_as_they_were(tiny_model_dir, image, tmp_path):

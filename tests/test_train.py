@@ -390,13 +390,20 @@ def test_missing_data_file_is_reported_in_one_line_before_launch(tiny_model_dir,
     assert proc.stderr.strip() == f"error: data.train: file not found: {tmp_path / 'missing.jsonl'}"
 
 
+def _complete_checkpoint(root, step):
+    from safetensors.torch import save_file
+
+    step_dir = root / f"step_{step}"
+    step_dir.mkdir(parents=True)
+    save_file({"w": torch.zeros(64)}, str(step_dir / ckpt.TRAINABLE_FILE))
+    (step_dir / ckpt.COMPLETE_MARKER).write_text("ok\n")
+    return step_dir
+
+
 def test_an_interrupted_save_never_becomes_the_resume_point(tmp_path):
     root = tmp_path / "checkpoints"
-    for step, complete in ((4, True), (8, False)):
-        d = root / f"step_{step}"
-        d.mkdir(parents=True)
-        if complete:
-            (d / ckpt.COMPLETE_MARKER).write_text("ok\n")
+    _complete_checkpoint(root, 4)
+    (root / "step_8").mkdir()
     (root / "latest").write_text("step_8")
     assert ckpt.find_latest(tmp_path) == root / "step_4"
     (root / "latest").unlink()
@@ -405,6 +412,33 @@ def test_an_interrupted_save_never_becomes_the_resume_point(tmp_path):
     assert ckpt.resolve_step_dir(tmp_path) == ckpt.resolve_step_dir(root) == root / "step_4"
     with pytest.raises(Exception, match="not a complete checkpoint"):
         ckpt.resolve_step_dir(root / "step_8")
+
+
+def test_resume_passes_over_a_complete_checkpoint_whose_trainable_file_is_truncated(tmp_path, caplog):
+    root = tmp_path / "checkpoints"
+    _complete_checkpoint(root, 4)
+    broken = _complete_checkpoint(root, 8) / ckpt.TRAINABLE_FILE
+    (root / "latest").write_text("step_8")
+    broken.write_bytes(broken.read_bytes()[:-10])
+    assert ckpt.find_latest(tmp_path) == root / "step_4"
+    assert f"{broken}: truncated (318 bytes, its header describes 328)" in caplog.text
+
+
+def test_resume_is_refused_naming_the_file_when_every_complete_checkpoint_is_damaged(tmp_path):
+    root = tmp_path / "checkpoints"
+    broken = _complete_checkpoint(root, 4) / ckpt.TRAINABLE_FILE
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    with pytest.raises(ckpt.UserError, match=rf"^{broken}: not a safetensors file .*move {root} aside"):
+        ckpt.find_latest(tmp_path)
+
+
+@pytest.mark.parametrize("text, reason", [('{"step": 2, "consu', "invalid JSON at line 1 column 13"),
+                                          ("[1]", "not a client state")])
+def test_resume_from_a_damaged_client_state_names_the_file(tmp_path, text, reason):
+    path = _complete_checkpoint(tmp_path, 2) / ckpt.CLIENT_STATE_FILE
+    path.write_text(text)
+    with pytest.raises(ckpt.UserError, match=rf"^{path}: {reason}"):
+        ckpt.read_client_state(path.parent)
 
 
 def _one_batch(model_dir, data, n=2):

@@ -38,6 +38,13 @@ def test_polygon_shape_becomes_its_enclosing_box(tmp_path):
     assert vipbench.labelme_boxes(tmp_path / "s.json") == {"obj1": [10.0, 5.0, 30.0, 40.0]}
 
 
+def test_a_shape_with_string_coordinates_is_an_error_naming_the_file_and_shape(tmp_path):
+    write_labelme(tmp_path, "s.json", [{"label": "obj1", "shape_type": "rectangle", "points": [["10", "5"], [30, 40]]}])
+    with pytest.raises(DataError, match=r"s\.json: shape 0 \(obj1\) needs at least 2 \[x, y\] points of numbers, "
+                                        r"got \[\['10', '5'\], \[30, 40\]\]"):
+        vipbench.labelme_boxes(tmp_path / "s.json")
+
+
 def test_each_obj_n_gets_its_own_shape_box_in_text_order(tmp_path):
     write_labelme(tmp_path, "s.json", [
         {"label": "obj1", "shape_type": "rectangle", "points": [[50, 60], [10, 20]]},
@@ -72,6 +79,15 @@ def test_question_naming_a_missing_shape_is_an_error_naming_it(data):
     meta["v1_2"]["question"] = "What is <obj7>?"
     (data / "vip-bench-meta-data.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match=r"v1_2: question names <obj7>"):
+        vipbench.load_vipbench(data, "bbox")
+
+
+def test_a_question_line_that_is_not_utf8_is_named_with_its_file_and_line(data):
+    path = data / "bbox" / "questions.jsonl"
+    lines = path.read_bytes().splitlines()
+    lines[1] = lines[1].replace(b'"text": "', b'"text": "\xff', 1)
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataError, match=rf"1 problem\(s\).*{path} line 2: not UTF-8 text \(byte \d+ of the line: 0xff\)"):
         vipbench.load_vipbench(data, "bbox")
 
 

@@ -8,7 +8,8 @@ Layout under ``OUTPUT_DIR/checkpoints/``::
         client_state.json     step, consumed micro-batches, config snapshot
         rng_state_rank<r>.pt  each rank's torch / numpy / python RNG states
         data_position_rank<r>.json  each rank's next sample, for streams that need more than the micro-batch count
-        COMPLETE              written last, after every rank finished writing
+        COMPLETE              written last, after every rank finished writing (resume and export also need
+                              trainable.safetensors to be as long as its header says; a copy can cut it short)
     latest                    the tag of the newest COMPLETE checkpoint, replaced atomically
 
 DeepSpeed's own ``latest`` write is disabled (``save_latest=False``): ours is written only once the
@@ -38,7 +39,8 @@ import numpy as np
 import torch
 
 from gpt4roi_sft.atomic import apply_default_mode, write_json_atomic, write_text_atomic
-from gpt4roi_sft.errors import UserError
+from gpt4roi_sft.errors import DataError, UserError
+from gpt4roi_sft.json_io import load_json
 
 if TYPE_CHECKING:
     from gpt4roi_sft.config import Config
@@ -79,18 +81,67 @@ def complete_checkpoints(root: Path) -> List[Tuple[int, Path]]:
     return sorted(found)
 
 
+def trainable_problem(step_dir: Path) -> Optional[str]:
+    """Why ``step_dir``'s trainable.safetensors cannot be loaded (missing, truncated, not safetensors), else None.
+
+    Read from the header alone (the tensors' byte ranges against the file's length), so it costs no read of the
+    weights and holds for checkpoints written by any version. A crash cannot leave this file short (it is
+    renamed into place before ``COMPLETE``); a copy, a sync or a full disk afterwards can.
+    """
+    path = Path(step_dir) / TRAINABLE_FILE
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            if size < 8 or 8 + header_len > size:
+                return f"{path}: truncated ({size} bytes, shorter than its safetensors header)"
+            header = json.loads(fh.read(header_len))
+        expected = 8 + header_len + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"),
+                                        default=0)
+    except FileNotFoundError:
+        return f"{path}: missing"
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):  # bad JSON or not a safetensors header
+        return f"{path}: not a safetensors file (unreadable header)"
+    if size != expected:
+        return f"{path}: {'truncated' if size < expected else 'damaged'} ({size} bytes, its header describes {expected})"
+    return None
+
+
+def check_trainable(step_dir: Path) -> None:
+    """Refuse, in one line naming the file, a checkpoint whose :func:`trainable_problem` is not None."""
+    problem = trainable_problem(step_dir)
+    if problem is not None:
+        raise UserError(f"{problem}; this checkpoint cannot be loaded")
+
+
 def find_latest(output_dir) -> Optional[Path]:
-    """The checkpoint to resume from: the one ``latest`` names if complete, else the newest complete one."""
+    """The checkpoint to resume from: the one ``latest`` names if complete and loadable, else the newest that is.
+
+    A complete checkpoint whose trainable.safetensors is damaged is passed over with a warning naming the file,
+    as a ``latest`` that names an interrupted save is; when every complete checkpoint is damaged, the run is
+    refused rather than started over on top of them.
+    """
     root = checkpoints_root(output_dir)
     latest_file = root / "latest"
+    candidates = [step_dir for _, step_dir in reversed(complete_checkpoints(root))]
     if latest_file.is_file():
         tag = latest_file.read_text(encoding="utf-8").strip()
         candidate = root / tag
         if tag and is_complete(candidate):
-            return candidate
-        log.warning("%s names %r, which is not a complete checkpoint; using the newest complete one", latest_file, tag)
-    done = complete_checkpoints(root)
-    return done[-1][1] if done else None
+            candidates.insert(0, candidate)
+        else:
+            log.warning("%s names %r, which is not a complete checkpoint; using the newest complete one", latest_file, tag)
+    damaged: List[str] = []
+    for step_dir in dict.fromkeys(candidates):
+        problem = trainable_problem(step_dir)
+        if problem is None:
+            return step_dir
+        log.warning("%s; passing over %s for the previous complete checkpoint", problem, step_dir.name)
+        damaged.append(problem)
+    if damaged:
+        raise UserError(f"{damaged[0]}; no earlier complete checkpoint under {root} is loadable either: "
+                        f"move {root} aside to start over, or choose another train.output_dir")
+    return None
 
 
 def resolve_step_dir(path) -> Path:
@@ -99,6 +150,7 @@ def resolve_step_dir(path) -> Path:
     if _STEP_DIR.match(p.name):
         if not is_complete(p):
             raise UserError(f"{p}: not a complete checkpoint (no {COMPLETE_MARKER} marker; the save was interrupted)")
+        check_trainable(p)
         return p
     latest = find_latest(p.parent if p.name == "checkpoints" else p)
     if latest is not None:
@@ -169,6 +221,7 @@ def save_trainable(step_dir: Path, state_dict: Dict[str, torch.Tensor]) -> None:
 def load_trainable(step_dir: Path) -> Dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    check_trainable(step_dir)
     return load_file(str(Path(step_dir) / TRAINABLE_FILE))
 
 
@@ -177,7 +230,13 @@ def write_client_state(step_dir: Path, state: Dict[str, Any]) -> None:
 
 
 def read_client_state(step_dir: Path) -> Dict[str, Any]:
-    return json.loads((Path(step_dir) / CLIENT_STATE_FILE).read_text(encoding="utf-8"))
+    """The step and world size a checkpoint was saved at; a damaged file is a one-line error naming it."""
+    path = Path(step_dir) / CLIENT_STATE_FILE
+    state = load_json(path)
+    missing = [key for key in ("step", "world_size") if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise DataError(f"{path}: not a client state (no {' or '.join(missing)}); this checkpoint cannot be resumed")
+    return state
 
 
 def mark_complete_and_publish(root: Path, step_dir: Path, keep_last: int) -> None:

@@ -375,6 +375,8 @@ def train(cfg: Config, local_rank: int = 0) -> Dict[str, Any]:
                   "data_order_world_size": order_world}
         if stream.global_position:
             client["data_position"] = stream.position()
+        if is_rank0:  # a damaged checkpoint passed over at resume is rewritten: it is not complete until re-marked
+            (step_dir / ckpt.COMPLETE_MARKER).unlink(missing_ok=True)
         engine.save_checkpoint(str(root), tag=step_dir.name, client_state=client, save_latest=False)
         trainable = ckpt.gather_trainable_state_dict(engine.module, stage, is_rank0)
         ckpt.save_rng_state(step_dir, rank, device)
