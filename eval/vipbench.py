@@ -97,7 +97,7 @@ def labelme_boxes(path: Path) -> Dict[str, List[float]]:
     """``{label: xyxy}`` from a labelme file; several shapes with one label give the box around all of them."""
     data = load_json(path)
     boxes: Dict[str, List[float]] = {}
-    for i, shape in enumerate(data.get("shapes") or []):
+    for i, shape in enumerate(data.get("shapes") or [], start=1):  # "shape 1": the first, as an annotator counts
         label, kind, points = shape.get("label"), shape.get("shape_type", "polygon"), shape.get("points")
         need = 2 if kind == "rectangle" else 3
         if kind not in ("rectangle", "polygon"):
@@ -112,11 +112,22 @@ def labelme_boxes(path: Path) -> Dict[str, List[float]]:
             old = boxes[label]
             box = [min(old[0], box[0]), min(old[1], box[1]), max(old[2], box[2]), max(old[3], box[3])]
         boxes[label] = box
-    width, height = data.get("imageWidth"), data.get("imageHeight")
-    if isinstance(width, (int, float)) and isinstance(height, (int, float)):
+    width, height = (_image_size_field(data, key, path) for key in ("imageWidth", "imageHeight"))
+    if width is not None and height is not None:
         for label, box in boxes.items():  # border-crossing boxes are clipped at generation, as in training
             validate_boxes([box], width, height, where=f"{path}: {label}", clip=True)
     return boxes
+
+
+def _image_size_field(data: dict, key: str, path: Path) -> Optional[float]:
+    """labelme's ``imageWidth``/``imageHeight``: absent (no box check), or a positive number; anything else
+    would silently skip the check of every box against the image."""
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+        raise DataError(f"{path}: {key} must be a positive number (got {value!r})")
+    return value
 
 
 def _box_for(label_digits: str, boxes: Dict[str, List[float]]) -> Optional[List[float]]:

@@ -28,8 +28,8 @@ class FakeCaptioner:
         return [f"answer {len(self.requests) - len(requests) + i}" for i in range(len(requests))]
 
 
-def write_labelme(folder, name, shapes):
-    (folder / name).write_text(json.dumps({"shapes": shapes, "imagePath": name.replace(".json", ".png")}))
+def write_labelme(folder, name, shapes, **fields):
+    (folder / name).write_text(json.dumps({"shapes": shapes, "imagePath": name.replace(".json", ".png"), **fields}))
 
 
 def test_polygon_shape_becomes_its_enclosing_box(tmp_path):
@@ -40,8 +40,26 @@ def test_polygon_shape_becomes_its_enclosing_box(tmp_path):
 
 def test_a_shape_with_string_coordinates_is_an_error_naming_the_file_and_shape(tmp_path):
     write_labelme(tmp_path, "s.json", [{"label": "obj1", "shape_type": "rectangle", "points": [["10", "5"], [30, 40]]}])
-    with pytest.raises(DataError, match=r"s\.json: shape 0 \(obj1\) needs at least 2 \[x, y\] points of numbers, "
+    with pytest.raises(DataError, match=r"s\.json: shape 1 \(obj1\) needs at least 2 \[x, y\] points of numbers, "
                                         r"got \[\['10', '5'\], \[30, 40\]\]"):
+        vipbench.labelme_boxes(tmp_path / "s.json")
+
+
+@pytest.mark.parametrize("field", ["imageWidth", "imageHeight"])
+@pytest.mark.parametrize("value", ["640", 0, True, [640]])
+def test_an_image_size_that_is_not_a_positive_number_is_an_error_naming_the_field(tmp_path, field, value):
+    """A string size used to skip the check of every box against the image without a word."""
+    sizes = {"imageWidth": 640, "imageHeight": 480, field: value}
+    write_labelme(tmp_path, "s.json", [{"label": "obj1", "shape_type": "rectangle", "points": [[10, 5], [30, 40]]}],
+                  **sizes)
+    with pytest.raises(DataError, match=rf"s\.json: {field} must be a positive number"):
+        vipbench.labelme_boxes(tmp_path / "s.json")
+
+
+def test_a_box_outside_the_labelme_image_size_is_an_error(tmp_path):
+    write_labelme(tmp_path, "s.json", [{"label": "obj1", "shape_type": "rectangle", "points": [[700, 5], [730, 40]]}],
+                  imageWidth=640, imageHeight=480)
+    with pytest.raises(DataError, match=r"s\.json: obj1"):
         vipbench.labelme_boxes(tmp_path / "s.json")
 
 
