@@ -69,6 +69,18 @@ def kept_unique(seen: dict, key: Any, *, where: str, at: str, field: str, skip_b
     return False
 
 
+def listed_images(images: list, *, source_file: str, skip_bad: bool, stats: ConversionStats) -> dict:
+    """``{image id: image entry}``, each entry checked; a repeated id is refused (see :func:`kept_unique`)."""
+    listed: dict = {}
+    seen: dict = {}
+    for k, img in enumerate(images):
+        require_image(img, f"{source_file}: images[{k}]")
+        if kept_unique(seen, img["id"], where=source_file, at=f"images[{k}]", field="image id", skip_bad=skip_bad,
+                       stats=stats):
+            listed[img["id"]] = img
+    return listed
+
+
 def skip_or_raise(message: str, reason: str, *, skip_bad: bool, stats: "ConversionStats") -> None:
     """The ``--skip-bad`` policy for a bad entry: count it as ``reason``, or stop with ``message``."""
     if not skip_bad:

@@ -22,8 +22,7 @@ from typing import Iterator
 
 from data_converters.common import (ConversionStats, Region, add_box_filter_argument, add_output_arguments, finish,
                                     image_rng, infer_split, join_image_path, kept_box, kept_caption, kept_unique,
-                                    region_records, require_image, require_keys, skip_or_raise,
-                                    templates_by_name)
+                                    listed_images, region_records, require_keys, skip_or_raise, templates_by_name)
 from gpt4roi_sft.errors import DataError, run_cli
 from gpt4roi_sft.json_io import load_json
 
@@ -66,18 +65,6 @@ def segment_regions(seg: dict, *, where: str, width: int, height: int, categorie
     if isinstance(seg.get("attributes"), dict):
         extra["attributes"] = seg["attributes"]
     return Region(bbox=bbox, caption=description, extra=extra)
-
-
-def listed_images(images: list, *, source_file: str, skip_bad: bool, stats: ConversionStats) -> dict:
-    """``{image id: image entry}``, each entry checked; a repeated id is refused (see :func:`kept_unique`)."""
-    listed: dict = {}
-    seen: dict = {}
-    for k, img in enumerate(images):
-        require_image(img, f"{source_file}: images[{k}]")
-        if kept_unique(seen, img["id"], where=source_file, at=f"images[{k}]", field="image id", skip_bad=skip_bad,
-                       stats=stats):
-            listed[img["id"]] = img
-    return listed
 
 
 def convert_pix2cap(data: dict, *, source_file: str, split: str, image_dir_prefix: str, panoptic_dir: str,

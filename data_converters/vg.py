@@ -16,8 +16,8 @@ from typing import Iterator
 
 from data_converters.common import (ConversionStats, Region, add_box_filter_argument, add_output_arguments,
                                     annotations_by_image, finish,
-                                    image_rng, join_image_path, kept_box, kept_caption, region_records,
-                                    require_image, templates_by_name)
+                                    image_rng, join_image_path, kept_box, kept_caption, listed_images,
+                                    region_records, templates_by_name)
 from gpt4roi_sft.errors import DataError, run_cli
 from gpt4roi_sft.json_io import load_json
 
@@ -42,11 +42,8 @@ def convert_vg(data: dict, *, source_file: str, image_dir_prefix: str = "", max_
     stats = stats if stats is not None else ConversionStats()
     templates = templates or templates_by_name("gpt4roi_vg")
     by_image = annotations_by_image(data, source_file)
-    listed = set()
-    for k, img in enumerate(data["images"]):
-        require_image(img, f"{source_file}: images[{k}]")
-        image_id = img["id"]
-        listed.add(image_id)
+    listed = listed_images(data["images"], source_file=source_file, skip_bad=skip_bad, stats=stats)
+    for image_id, img in listed.items():
         stats.images += 1
         regions = []
         for j, ann in by_image.get(image_id, ()):

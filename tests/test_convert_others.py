@@ -79,6 +79,15 @@ def test_vg_bad_image_size_is_an_error_naming_the_image_and_field(tmp_path):
     assert "input.json: images[1] (image 8): height '100'" in proc.stderr
 
 
+def test_vg_image_listed_twice_is_an_error_naming_both_entries(tmp_path):
+    """Its annotations would go to two sets of dialogues with the same record ids."""
+    data = vg_file(1)
+    data["images"][1]["id"] = data["images"][0]["id"]
+    proc, _, _ = run(tmp_path, "vg", data)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "input.json: image id 7 appears twice (images[0] and images[1])" in proc.stderr
+
+
 def test_vg_caption_holding_a_record_token_is_an_error_naming_the_annotation_not_the_output(tmp_path):
     data = vg_file(2)
     data["annotations"][1]["caption"] = "<image> of a dog"
