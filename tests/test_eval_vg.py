@@ -62,28 +62,29 @@ def test_valid_file_gives_one_sample_per_image_entry_with_xyxy_box(tmp_path):
     assert samples[1].image_path == images / "b.jpg"
 
 
+def assert_load_refused(tmp_path, mutate, match):
+    """The test file changed by ``mutate`` is refused by load_vg_test with an error matching ``match``."""
+    ann, images = write_test_file(tmp_path, mutate=mutate)
+    with pytest.raises(DataError, match=match):
+        vg.load_vg_test(ann, images)
+
+
 def test_annotation_ids_not_matching_image_ids_is_an_error_naming_the_sample(tmp_path):
     def shift(data):
         data["annotations"][2]["id"] = 99
-    ann, images = write_test_file(tmp_path, mutate=shift)
-    with pytest.raises(DataError, match=r"sample 3: no annotation with id 3"):
-        vg.load_vg_test(ann, images)
+    assert_load_refused(tmp_path, shift, r"sample 3: no annotation with id 3")
 
 
 def test_missing_image_file_is_an_error_naming_the_sample(tmp_path):
     def missing(data):
         data["images"][4]["file_name"] = "gone.jpg"
-    ann, images = write_test_file(tmp_path, mutate=missing)
-    with pytest.raises(DataError, match=r"sample 5: image file .*gone.jpg not found"):
-        vg.load_vg_test(ann, images)
+    assert_load_refused(tmp_path, missing, r"sample 5: image file .*gone.jpg not found")
 
 
 def test_empty_reference_caption_is_an_error_naming_the_sample(tmp_path):
     def empty(data):
         data["annotations"][1]["caption"] = "  "
-    ann, images = write_test_file(tmp_path, mutate=empty)
-    with pytest.raises(DataError, match=r"sample 2: empty reference caption"):
-        vg.load_vg_test(ann, images)
+    assert_load_refused(tmp_path, empty, r"sample 2: empty reference caption")
 
 
 def _box_outside(data):
@@ -110,26 +111,20 @@ def test_a_box_is_checked_against_the_image_file_when_the_entry_has_no_size(tmp_
         _box_outside(data)
         for entry in data["images"]:
             del entry["width"], entry["height"]
-    ann, images = write_test_file(tmp_path, mutate=no_size)
-    with pytest.raises(DataError, match=r"sample 3: bbox \[70, 3, 10, 10\] lies entirely outside the 64x48 image"):
-        vg.load_vg_test(ann, images)
+    assert_load_refused(tmp_path, no_size, r"sample 3: bbox \[70, 3, 10, 10\] lies entirely outside the 64x48 image")
 
 
 def test_a_width_given_as_a_string_is_an_error_naming_the_field(tmp_path):
     def string_width(data):
         data["images"][1]["width"] = "64"
-    ann, images = write_test_file(tmp_path, mutate=string_width)
-    with pytest.raises(DataError, match=r"images entry 2, sample 2: images field 'width' must be a positive number "
-                                        r"\(got str '64'\)"):
-        vg.load_vg_test(ann, images)
+    assert_load_refused(tmp_path, string_width, r"images entry 2, sample 2: images field 'width' must be a positive number "
+                                        r"\(got str '64'\)")
 
 
 def test_a_caption_that_is_not_a_string_is_an_error_naming_the_field_and_type(tmp_path):
     def number_caption(data):
         data["annotations"][3]["caption"] = 7
-    ann, images = write_test_file(tmp_path, mutate=number_caption)
-    with pytest.raises(DataError, match=r"sample 4: annotation field 'caption' must be a string \(got int 7\)"):
-        vg.load_vg_test(ann, images)
+    assert_load_refused(tmp_path, number_caption, r"sample 4: annotation field 'caption' must be a string \(got int 7\)")
 
 
 def test_skip_bad_counts_and_leaves_out_bad_samples(tmp_path):
