@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from data_converters.templates import TEMPLATE_SETS, region_question
 from gpt4roi_sft.atomic import atomic_open, write_json_atomic
 from gpt4roi_sft.constants import BBOX_TOKEN, GPT4ROI_PREAMBLE, IMAGE_TOKEN
-from gpt4roi_sft.data.schema import check_unique_id, coco_box_to_xyxy, validate_record
+from gpt4roi_sft.data.schema import check_unique_id, coco_box_to_xyxy, is_coordinate, is_pixel_size, validate_record
 from gpt4roi_sft.errors import BoxError, DataError, UserError
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def require_image(img: Any, where: str, extra: Sequence[str] = ()) -> None:
     require_keys(img, IMAGE_KEYS + tuple(extra), where)
     for key in ("width", "height"):
         size = img[key]
-        if isinstance(size, bool) or not isinstance(size, (int, float)) or not math.isfinite(size) or size <= 0:
+        if not is_pixel_size(size):
             raise DataError(f"{where} (image {img['id']}): {key} {size!r} must be a positive number")
 
 
@@ -111,7 +111,7 @@ def kept_box(ann: dict, *, where: str, width: float, height: float, skip_bad: bo
             return None
         raise DataError(f"{where}: no bbox")
     area = ann.get("area", 1)
-    if isinstance(area, bool) or not isinstance(area, (int, float)) or not math.isfinite(area):
+    if not is_coordinate(area) or not math.isfinite(area):
         skip_or_raise(f"{where}: area {area!r} is not a finite number", "bad_area", skip_bad=skip_bad, stats=stats)
         return None
     if area <= 0:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
-import numbers
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from eval.harness import HarnessConfig
 from eval.prediction_store import PredictionStore
 from gpt4roi_sft.atomic import write_json_atomic, write_text_atomic
 from gpt4roi_sft.constants import GPT4ROI_PREAMBLE, VG_EVAL_QUESTION
-from gpt4roi_sft.data.schema import check_box, xywh_to_xyxy
+from gpt4roi_sft.data.schema import check_box, is_pixel_size, xywh_to_xyxy
 from gpt4roi_sft.errors import ConfigError, DataError, run_cli
 from gpt4roi_sft.json_io import load_json
 from gpt4roi_sft.infer import Captioner, DecodeSettings, RegionRequest
@@ -148,7 +147,7 @@ def _image_size(entry: dict, path: Path) -> Optional[Tuple[float, float]]:
     if "width" in entry or "height" in entry:
         for key in ("width", "height"):
             value = entry.get(key)
-            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value > 0:
+            if not is_pixel_size(value):
                 raise DataError(f"images field '{key}' must be a positive number (got {type(value).__name__} {value!r})")
         return entry["width"], entry["height"]
     if not path.is_file():

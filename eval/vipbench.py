@@ -30,7 +30,6 @@ import csv
 import io
 import json
 import logging
-import numbers
 import os
 import re
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from eval.judge import ChatCompletionsJudge, GradeCache, Judge, JudgeItem, Judge
 from eval.prediction_store import PredictionStore
 from gpt4roi_sft.atomic import write_json_atomic, write_text_atomic
 from gpt4roi_sft.constants import GPT4ROI_PREAMBLE
-from gpt4roi_sft.data.schema import validate_boxes
+from gpt4roi_sft.data.schema import is_coordinate, is_pixel_size, validate_boxes
 from gpt4roi_sft.errors import ConfigError, DataError, run_cli
 from gpt4roi_sft.json_io import load_json
 from gpt4roi_sft.infer import Captioner, DecodeSettings, RegionRequest
@@ -90,7 +89,7 @@ def enclosing_box(points: Sequence[Sequence[float]]) -> List[float]:
 
 
 def _is_point(p) -> bool:
-    return isinstance(p, list) and len(p) == 2 and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in p)
+    return isinstance(p, list) and len(p) == 2 and all(map(is_coordinate, p))
 
 
 def labelme_boxes(path: Path) -> Dict[str, List[float]]:
@@ -125,7 +124,7 @@ def _image_size_field(data: dict, key: str, path: Path) -> Optional[float]:
     value = data.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+    if not is_pixel_size(value):
         raise DataError(f"{path}: {key} must be a positive number (got {value!r})")
     return value
 

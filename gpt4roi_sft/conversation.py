@@ -245,10 +245,12 @@ def validate_messages(messages: Sequence[dict], where: str = "conversations", re
                 f"{where}[{k}].from: expected {expected!r} (turns must alternate human/gpt, starting with human), "
                 f"got {msg['from']!r}"
             )
-    if require_answer and messages[-1]["from"] != "gpt":
+    if not require_answer:
+        return
+    if messages[-1]["from"] != "gpt":
         raise DataError(f"{where}: the conversation must end with a 'gpt' message")
     for k in range(1, len(messages), 2):
-        if require_answer and not messages[k]["value"].strip():  # an empty answer trains the model to say nothing
+        if not messages[k]["value"].strip():  # an empty answer trains the model to say nothing
             raise DataError(f"{where}[{k}].value: a 'gpt' answer must not be empty")
 
 

@@ -93,13 +93,14 @@ def coco_box_to_xyxy(bbox: Any, width: float, height: float, where: str) -> List
     return check_box(xyxy, width, height, f"{where}: bbox {list(bbox)}", clip=True)
 
 
-def _is_coordinate(value: Any) -> bool:
+def is_coordinate(value: Any) -> bool:
+    """A real number that is not a bool (JSON's true/false are Python ints)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _is_size(value: Any) -> bool:
-    """A positive, finite pixel count (``True`` is a Python int, but no size)."""
-    return _is_coordinate(value) and math.isfinite(value) and value > 0
+def is_pixel_size(value: Any) -> bool:
+    """A positive, finite pixel count (``True`` is a Python int, but no size): an image's width or height."""
+    return is_coordinate(value) and math.isfinite(value) and value > 0
 
 
 def _box_rows(boxes, prefix: str, label: str) -> np.ndarray:
@@ -117,7 +118,7 @@ def _box_rows(boxes, prefix: str, label: str) -> np.ndarray:
         raise BoxError(f"{prefix}boxes must be a list of [x1, y1, x2, y2], got {type(boxes).__name__}")
     rows = [box.tolist() if hasattr(box, "tolist") else box for box in boxes]
     for i, row in enumerate(rows):
-        if not isinstance(row, (list, tuple)) or len(row) != 4 or not all(_is_coordinate(v) for v in row):
+        if not isinstance(row, (list, tuple)) or len(row) != 4 or not all(is_coordinate(v) for v in row):
             raise BoxError(f"{prefix}{label.format(i)} {row!r} is not [x1, y1, x2, y2] (four numbers)")
     return np.asarray(rows, dtype=np.float64).reshape(-1, 4)
 
@@ -193,7 +194,7 @@ def validate_record(record: Any, where: str, *, image_root: Optional[str] = None
             )
         for key in ("width", "height"):
             # The size is the frame of the region boxes: a record without regions may leave it null.
-            if (regions or record.get(key) is not None) and not _is_size(record.get(key)):
+            if (regions or record.get(key) is not None) and not is_pixel_size(record.get(key)):
                 raise DataError(f"{where}: field '{key}' must be a positive number (got {record.get(key)!r})")
         if image_root is not None and not os.path.isfile(os.path.join(image_root, image)):
             raise DataError(f"{where}: image file not found: {os.path.join(image_root, image)}")

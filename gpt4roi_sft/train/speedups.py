@@ -151,10 +151,9 @@ def compile_health() -> Dict[str, object]:
     must see before trusting a compiled run's speed)."""
     from torch._dynamo.utils import counters
 
-    gave_up = sorted(k.split("\n")[0] for k in counters["unimplemented"] if "recompile limit" in k.lower())
     return {"unique_graphs": int(counters["stats"]["unique_graphs"]),
             "graph_breaks": int(sum(counters["graph_break"].values())),
-            "recompile_limit_hit": bool(gave_up)}
+            "recompile_limit_hit": any("recompile limit" in reason.lower() for reason in counters["unimplemented"])}
 
 
 def warn_if_compile_gave_up() -> bool:
@@ -165,7 +164,7 @@ def warn_if_compile_gave_up() -> bool:
 
         log.warning("torch.compile: dynamo hit its recompile limit (%d) and runs part of the model eagerly from "
                     "there on; TORCH_LOGS=recompiles names the guard that keeps failing", torch._dynamo.config.recompile_limit)
-    return bool(health["recompile_limit_hit"])
+    return health["recompile_limit_hit"]
 
 
 def vision_layers(model: nn.Module, key: str) -> List[nn.Module]:
