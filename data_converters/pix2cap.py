@@ -30,13 +30,22 @@ SOURCE = "pix2cap_coco"
 
 
 def categories_by_id(data: dict, source_file: str) -> dict:
-    """``{category id: category}`` of the file's ``categories`` (each needs ``id`` and ``name``)."""
+    """``{category id: category}`` of the file's ``categories`` (each needs ``id`` and ``name``; an id listed twice
+    would make a segment's category name depend on which entry wins, so it is an error, never skipped)."""
     categories = data.get("categories") or []
     if not isinstance(categories, list):
         raise DataError(f"{source_file}: categories must be a list, got {type(categories).__name__}")
+    by_id: dict = {}
     for k, category in enumerate(categories):
         require_keys(category, ("id", "name"), f"{source_file}: categories[{k}]")
-    return {c["id"]: c for c in categories}
+        if not isinstance(category["id"], (int, str)) or isinstance(category["id"], bool):
+            raise DataError(f"{source_file}: categories[{k}]: id must be an integer or a string, got {category['id']!r}")
+        first = by_id.setdefault(category["id"], (k, category))[0]
+        if first != k:
+            raise DataError(f"{source_file}: categories[{k}]: id {category['id']!r} repeats categories[{first}] "
+                            f"({by_id[category['id']][1]['name']!r} and {category['name']!r}); each category id "
+                            "must be listed once")
+    return {cid: category for cid, (_, category) in by_id.items()}
 
 
 def segment_regions(seg: dict, *, where: str, width: int, height: int, categories: dict, things_only: bool,

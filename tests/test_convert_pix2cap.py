@@ -29,7 +29,7 @@ def seg(sid, bbox, description="a thing", category_id=1, iscrowd=0, area=100, **
 def panoptic(images: dict[int, list[dict]], size=(640, 427)) -> dict:
     return {"images": [{"id": i, "file_name": f"{i:012d}.jpg", "width": size[0], "height": size[1]} for i in images],
             "annotations": [{"image_id": i, "file_name": f"{i:012d}.png", "segments_info": s} for i, s in images.items()],
-            "categories": CATEGORIES}
+            "categories": [dict(c) for c in CATEGORIES]}
 
 
 def run(tmp_path: Path, data, *args: str, name="pix2cap_coco_train.json"):
@@ -225,6 +225,21 @@ def test_unlisted_category_id_is_dropped_and_counted_with_skip_bad(tmp_path):
     data = {5: [seg(1, [0, 0, 10, 10]), seg(2, [0, 0, 10, 10], category_id=999)]}
     _, records, stats = run(tmp_path, data, "--skip-bad")
     assert [r["segment_id"] for r in records[0]["regions"]] == [1] and stats["dropped"] == {"unknown_category": 1}
+
+
+def test_category_id_listed_twice_is_an_error_naming_both_entries_even_with_skip_bad(tmp_path):
+    data = panoptic({5: [seg(1, [0, 0, 10, 10])]})
+    data["categories"].append({"id": 1, "name": "rider", "isthing": 1})
+    line = one_line_error(run(tmp_path, json.dumps(data), "--skip-bad")[0])
+    assert "categories[2]" in line and "categories[0]" in line and "'person'" in line and "'rider'" in line
+
+
+@pytest.mark.parametrize("cid", [[1], None, True, 1.5])
+def test_category_id_that_is_not_an_integer_is_an_error_naming_the_entry(tmp_path, cid):
+    data = panoptic({5: [seg(1, [0, 0, 10, 10])]})
+    data["categories"][1]["id"] = cid
+    line = one_line_error(run(tmp_path, json.dumps(data))[0])
+    assert "categories[1]" in line and "id must be an integer or a string" in line
 
 
 @pytest.mark.parametrize("iscrowd", ["0", "1", 2, None, 0.5])
